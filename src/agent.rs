@@ -1,0 +1,642 @@
+//! The agent loop: observe (local Postgres, etcd) -> decide (pure core) ->
+//! execute, then publish this member's status and the API snapshot, and wait
+//! for an etcd watch event, a finished job, the next tick or shutdown.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::dcs::{Etcd, HistoryEntry};
+use crate::ha::{
+    self, Action, DataDir, DcsView, DynamicConfig, HeldLease, Job, LocalPostgres, MemberRole, MemberStatus,
+    Observation, OrphanSlot, PgRole, Settings, Step, Tick,
+};
+use crate::postgres::{LocalPg, Upstream};
+
+/// What the API serves: the last observation and decision, never a live query.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub taken_at: Instant,
+    pub scope: String,
+    pub me: MemberStatus,
+    pub leader: Option<String>,
+    /// Term of the current leader: the revision its key was written at.
+    pub leader_revision: Option<i64>,
+    pub members: Vec<MemberStatus>,
+    pub history: Vec<HistoryEntry>,
+    pub config: Option<DynamicConfig>,
+    pub dcs_reachable: bool,
+    /// Seconds left before this node's leader lease may expire, if it leads.
+    pub lease_remaining: Option<Duration>,
+    pub last_error: Option<String>,
+}
+
+/// Safety margin between the fencing deadline and the lease's expiry.
+pub const FENCING_MARGIN: Duration = Duration::from_secs(2);
+
+fn epoch_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub fn settings_for(cfg: &Config) -> Settings {
+    let margin = FENCING_MARGIN.min(cfg.timing.ttl / 3);
+    Settings { ttl_ms: cfg.timing.ttl.as_millis() as u64, fencing_margin_ms: margin.as_millis() as u64 }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("refusing to continue: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+struct RunningJob {
+    kind: Job,
+    handle: JoinHandle<Result<(), String>>,
+}
+
+pub struct Agent {
+    cfg: Config,
+    settings: Settings,
+    pg: Arc<LocalPg>,
+    etcd: Etcd,
+    started: Instant,
+    leader_lease: Option<HeldLease>,
+    member_lease: Option<i64>,
+    job: Option<RunningJob>,
+    data_dir: Option<DataDir>,
+    pg_down_since: Option<Tick>,
+    following: Option<String>,
+    orphan_since: BTreeMap<String, Tick>,
+    last_view: Option<DcsView>,
+    history: Vec<HistoryEntry>,
+    last_error: Option<String>,
+    last_local: LocalPostgres,
+    etcd_failures: u32,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    job_done: mpsc::Sender<()>,
+    job_done_rx: mpsc::Receiver<()>,
+}
+
+impl Agent {
+    pub async fn new(cfg: Config) -> Result<(Agent, watch::Receiver<Arc<Snapshot>>), AgentError> {
+        let pg = LocalPg::new(cfg.postgresql.clone(), cfg.name.clone()).map_err(|e| AgentError::Setup(e.to_string()))?;
+        let etcd = Etcd::connect(&cfg.etcd, cfg.timing.retry_timeout).await.map_err(|e| AgentError::Setup(e.to_string()))?;
+        let me = MemberStatus {
+            name: cfg.name.clone(),
+            role: MemberRole::Uninitialized,
+            state: "starting".into(),
+            timeline: None,
+            wal_position: None,
+            receive_lsn: None,
+            replay_lsn: None,
+            pg_host: cfg.postgresql.advertise_host.clone(),
+            pg_port: cfg.postgresql.advertise_port,
+            api_url: cfg.api.advertise_url.clone(),
+            nofailover: cfg.tags.nofailover,
+            noloadbalance: cfg.tags.noloadbalance,
+            nosync: cfg.tags.nosync,
+            failover_priority: cfg.tags.failover_priority,
+            tags: cfg.tags.extra.clone(),
+            basebackup: None,
+            updated_at_ms: epoch_ms(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let snapshot = Snapshot {
+            taken_at: Instant::now(),
+            scope: cfg.scope.clone(),
+            me,
+            leader: None,
+            leader_revision: None,
+            members: Vec::new(),
+            history: Vec::new(),
+            config: None,
+            dcs_reachable: false,
+            lease_remaining: None,
+            last_error: None,
+        };
+        let (tx, rx) = watch::channel(Arc::new(snapshot));
+        let (job_done, job_done_rx) = mpsc::channel(4);
+        Ok((
+            Agent {
+                settings: settings_for(&cfg),
+                pg: Arc::new(pg),
+                etcd,
+                started: Instant::now(),
+                leader_lease: None,
+                member_lease: None,
+                job: None,
+                data_dir: None,
+                pg_down_since: None,
+                following: None,
+                orphan_since: BTreeMap::new(),
+                last_view: None,
+                history: Vec::new(),
+                last_error: None,
+                last_local: LocalPostgres::default(),
+                etcd_failures: 0,
+                snapshot: tx,
+                job_done,
+                job_done_rx,
+                cfg,
+            },
+            rx,
+        ))
+    }
+
+    fn now(&self) -> Tick {
+        Tick(self.started.elapsed().as_millis() as u64)
+    }
+
+    /// Runs until `shutdown` is cancelled (then stops Postgres and releases
+    /// what this node holds) or a refusal ends it.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        info!(node = %self.cfg.name, scope = %self.cfg.scope, "agent starting");
+        let (wake_tx, mut wake_rx) = mpsc::channel(16);
+        let watcher = tokio::spawn(watch_cluster(self.etcd.clone(), wake_tx, shutdown.clone()));
+        let result = loop {
+            let loop_started = Instant::now();
+            if let Err(e) = self.pass().await {
+                break Err(e);
+            }
+            debug!(node = %self.cfg.name, elapsed_ms = loop_started.elapsed().as_millis() as u64, "loop pass");
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = wake_rx.recv() => {
+                    // Coalesce a burst of events into one pass.
+                    while wake_rx.try_recv().is_ok() {}
+                }
+                _ = self.job_done_rx.recv() => {}
+                _ = tokio::time::sleep(self.cfg.timing.loop_wait) => {}
+            }
+        };
+        watcher.abort();
+        self.shut_down().await;
+        result
+    }
+
+    /// One observe -> decide -> execute pass.
+    async fn pass(&mut self) -> Result<(), AgentError> {
+        self.reap_job().await;
+        let obs = self.observe().await;
+        let now = self.now();
+        let steps = ha::decide(&obs, &self.settings, now);
+        for step in steps {
+            self.execute(step, &obs).await?;
+        }
+        self.publish(&obs).await;
+        Ok(())
+    }
+
+    async fn reap_job(&mut self) {
+        let finished = self.job.as_ref().is_some_and(|j| j.handle.is_finished());
+        if !finished {
+            return;
+        }
+        let job = self.job.take().expect("checked");
+        match job.handle.await {
+            Ok(Ok(())) => {
+                info!(node = %self.cfg.name, job = ?job.kind, "job finished");
+                self.last_error = None;
+            }
+            Ok(Err(e)) => {
+                error!(node = %self.cfg.name, job = ?job.kind, error = %e, "job failed");
+                self.last_error = Some(format!("{:?}: {e}", job.kind));
+            }
+            Err(e) => error!(node = %self.cfg.name, job = ?job.kind, error = %e, "job panicked"),
+        }
+        // Whatever the job did to the data directory, look again.
+        self.data_dir = None;
+    }
+
+    async fn observe(&mut self) -> Observation {
+        let now = self.now();
+        if let Some(status) = self.pg.child_exited().await {
+            warn!(node = %self.cfg.name, %status, "postgres exited");
+            self.following = None;
+        }
+        let local = if self.job.as_ref().is_some_and(|j| matches!(j.kind, Job::InitDb | Job::Clone | Job::Rewind)) {
+            LocalPostgres::default()
+        } else {
+            self.pg.probe().await
+        };
+        if local.running {
+            self.pg_down_since = None;
+        } else {
+            self.pg_down_since.get_or_insert(now);
+        }
+        if self.data_dir.is_none() || !local.running {
+            match self.pg.inspect_data_dir().await {
+                Ok(d) => self.data_dir = Some(d),
+                Err(e) => warn!(node = %self.cfg.name, error = %e, "cannot inspect data directory"),
+            }
+        }
+        let data_dir = self.data_dir.unwrap_or(DataDir::Unusable);
+        let last_role = match (local.running, data_dir) {
+            (false, DataDir::Initialized { .. }) if self.job.is_none() => self.pg.last_role().await.unwrap_or(None),
+            _ => None,
+        };
+        let dcs = match self.etcd.load().await {
+            Ok((view, history)) => {
+                if self.etcd_failures > 0 {
+                    info!(node = %self.cfg.name, after_failures = self.etcd_failures, "etcd reachable again");
+                }
+                self.etcd_failures = 0;
+                self.history = history;
+                Some(view)
+            }
+            Err(e) => {
+                self.etcd_failures += 1;
+                warn!(node = %self.cfg.name, attempt = self.etcd_failures, error = %e, "etcd unreachable");
+                None
+            }
+        };
+        // The lease we renew must be the one the key is bound to.
+        if let (Some(view), Some(lease)) = (&dcs, self.leader_lease) {
+            let still_ours = view.leader.as_ref().is_some_and(|k| k.name == self.cfg.name && k.lease_id == lease.lease_id);
+            if !still_ours {
+                info!(node = %self.cfg.name, "leader key no longer ours");
+                self.leader_lease = None;
+            }
+        }
+        let mut orphan_slots = Vec::new();
+        if let (Some(view), Some(PgRole::Primary)) = (&dcs, local.role) {
+            let wanted: Vec<String> = view.members.iter().map(|m| ha::slot_name(&m.name)).collect();
+            self.orphan_since.retain(|s, _| local.slots.contains(s) && !wanted.contains(s));
+            for slot in local.slots.iter().filter(|s| !wanted.contains(s)) {
+                let since = *self.orphan_since.entry(slot.clone()).or_insert(now);
+                orphan_slots.push(OrphanSlot { name: slot.clone(), missing_since: since });
+            }
+        }
+        let mut local = local;
+        local.following = self.following.clone();
+        self.last_local = local.clone();
+        if let Some(v) = &dcs {
+            self.last_view = Some(v.clone());
+        }
+        Observation {
+            node: self.cfg.name.clone(),
+            tags: self.cfg.tags.clone(),
+            data_dir,
+            local,
+            dcs,
+            leader_lease: self.leader_lease,
+            job: self.job.as_ref().map(|j| j.kind),
+            pg_down_since: self.pg_down_since,
+            orphan_slots,
+            last_role,
+        }
+    }
+
+    fn upstream(&self, name: &str) -> Option<Upstream> {
+        let m = self.last_view.as_ref()?.member(name)?;
+        Some(Upstream { name: m.name.clone(), host: m.pg_host.clone(), port: m.pg_port })
+    }
+
+    fn spawn_job<F>(&mut self, kind: Job, fut: F)
+    where
+        F: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let done = self.job_done.clone();
+        let handle = tokio::spawn(async move {
+            let r = fut.await;
+            let _ = done.send(()).await;
+            r
+        });
+        self.job = Some(RunningJob { kind, handle });
+    }
+
+    async fn execute(&mut self, step: Step, obs: &Observation) -> Result<(), AgentError> {
+        let node = self.cfg.name.clone();
+        let term = obs.dcs.as_ref().and_then(|d| d.leader.as_ref()).map(|l| l.mod_revision).unwrap_or(0);
+        if matches!(step.action, Action::RenewLeader { .. }) {
+            debug!(node = %node, term, action = %step.action, reason = %step.reason, "step");
+        } else {
+            info!(node = %node, term, action = %step.action, reason = %step.reason, "step");
+        }
+        let start_timeout = Duration::from_secs(300);
+        match step.action {
+            Action::Refuse { problem } => {
+                error!(node = %node, %problem, "refusing to run");
+                return Err(AgentError::Refused(problem));
+            }
+            Action::ClaimInitialize { system_identifier } => {
+                match self.etcd.claim_initialize(&node, system_identifier).await {
+                    Ok(true) => {
+                        info!(node = %node, "won the initialize race");
+                        let seed = DynamicConfig {
+                            maximum_lag_on_failover: self.cfg.cluster.maximum_lag_on_failover,
+                            primary_start_timeout_ms: self.cfg.cluster.primary_start_timeout.as_millis() as u64,
+                            member_slot_grace_ms: self.cfg.cluster.member_slot_grace.as_millis() as u64,
+                        };
+                        if let Err(e) = self.etcd.seed_config(&seed).await {
+                            warn!(node = %node, error = %e, "could not seed the dynamic config");
+                        }
+                    }
+                    Ok(false) => info!(node = %node, "another node initializes the cluster"),
+                    Err(e) => warn!(node = %node, error = %e, "initialize race failed"),
+                }
+            }
+            Action::InitDb => {
+                let pg = self.pg.clone();
+                self.spawn_job(Job::InitDb, async move {
+                    pg.initdb().await.map_err(|e| e.to_string())?;
+                    pg.write_config(false, None).map_err(|e| e.to_string())?;
+                    pg.start(start_timeout).await.map_err(|e| e.to_string())?;
+                    pg.ensure_replication_role().await.map_err(|e| e.to_string())
+                });
+            }
+            Action::PublishSystemIdentifier { system_identifier } => {
+                if let Err(e) = self.etcd.publish_system_identifier(&node, system_identifier).await {
+                    warn!(node = %node, error = %e, "could not publish the system identifier");
+                }
+            }
+            Action::Clone { from } => {
+                let Some(up) = self.upstream(&from) else { return Ok(()) };
+                let pg = self.pg.clone();
+                self.spawn_job(Job::Clone, async move {
+                    match pg.basebackup(&up).await {
+                        Ok(()) => pg.write_config(true, Some(&up)).map_err(|e| e.to_string()),
+                        Err(e) => {
+                            // The directory was empty before this clone: remove
+                            // only what the failed clone wrote, so it can retry.
+                            let _ = std::fs::remove_dir_all(&pg.cfg.data_dir);
+                            Err(e.to_string())
+                        }
+                    }
+                });
+            }
+            Action::Rewind { from } => {
+                let Some(up) = self.upstream(&from) else { return Ok(()) };
+                let pg = self.pg.clone();
+                self.spawn_job(Job::Rewind, async move { pg.rewind(&up).await.map_err(|e| e.to_string()) });
+            }
+            Action::StartPrimary => {
+                let pg = self.pg.clone();
+                self.spawn_job(Job::Start, async move {
+                    pg.write_config(false, None).map_err(|e| e.to_string())?;
+                    pg.start(start_timeout).await.map_err(|e| e.to_string())
+                });
+            }
+            Action::StartReplica { upstream } => {
+                let up = upstream.as_deref().and_then(|u| self.upstream(u));
+                self.following = up.as_ref().map(|u| u.name.clone());
+                let pg = self.pg.clone();
+                self.spawn_job(Job::Start, async move {
+                    pg.write_config(true, up.as_ref()).map_err(|e| e.to_string())?;
+                    pg.start(start_timeout).await.map_err(|e| e.to_string())
+                });
+            }
+            Action::Follow { upstream } => {
+                let Some(up) = self.upstream(&upstream) else { return Ok(()) };
+                let result = match self.pg.write_config(true, Some(&up)) {
+                    Ok(()) => self.pg.reload().await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => self.following = Some(upstream),
+                    Err(e) => warn!(node = %node, error = %e, "could not repoint replication"),
+                }
+            }
+            Action::AcquireLeader => self.acquire_leader().await,
+            Action::RenewLeader { lease_id } => {
+                let sent_at = self.now();
+                match self.etcd.keep_alive(lease_id).await {
+                    Ok(true) => self.leader_lease = Some(HeldLease { lease_id, renewed_at: sent_at }),
+                    Ok(false) => {
+                        warn!(node = %node, lease_id, "leader lease expired");
+                        self.leader_lease = None;
+                    }
+                    Err(e) => warn!(node = %node, error = %e, "leader lease renewal failed"),
+                }
+            }
+            Action::ReleaseLeader => self.release_leader().await,
+            Action::Promote => {
+                let old_leader = self.history.last().map(|h| h.new_leader.clone());
+                match self.pg.promote().await {
+                    Ok(()) => {
+                        self.following = None;
+                        let local = self.pg.probe().await;
+                        let entry = HistoryEntry {
+                            timeline: local.timeline,
+                            lsn: local.wal_position,
+                            at_ms: epoch_ms(),
+                            old_leader: old_leader.filter(|o| *o != node),
+                            new_leader: node.clone(),
+                            reason: step.reason.clone(),
+                        };
+                        info!(node = %node, term, timeline = ?local.timeline, "promoted");
+                        if let Err(e) = self.etcd.append_history(entry).await {
+                            warn!(node = %node, error = %e, "could not record the promotion in history");
+                        }
+                    }
+                    Err(e) => warn!(node = %node, error = %e, "promotion failed"),
+                }
+            }
+            Action::Stop => {
+                let pg = self.pg.clone();
+                self.following = None;
+                self.spawn_job(Job::Stop, async move { pg.stop(Duration::from_secs(30)).await.map_err(|e| e.to_string()) });
+            }
+            Action::CreateSlots { names } => {
+                for name in names {
+                    if let Err(e) = self.pg.create_slot(&name).await {
+                        warn!(node = %node, slot = %name, error = %e, "could not create slot");
+                    }
+                }
+            }
+            Action::DropSlots { names } => {
+                for name in names {
+                    if let Err(e) = self.pg.drop_slot(&name).await {
+                        warn!(node = %node, slot = %name, error = %e, "could not drop slot");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn acquire_leader(&mut self) {
+        let node = self.cfg.name.clone();
+        let sent_at = self.now();
+        let lease_id = match self.etcd.grant_lease(self.cfg.timing.ttl).await {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(node = %node, error = %e, "could not grant a leader lease");
+                return;
+            }
+        };
+        match self.etcd.acquire_leader(&node, lease_id).await {
+            Ok(true) => {
+                info!(node = %node, lease_id, "acquired the leader key");
+                self.leader_lease = Some(HeldLease { lease_id, renewed_at: sent_at });
+            }
+            Ok(false) => {
+                info!(node = %node, "another node took the leader key first");
+                let _ = self.etcd.revoke_lease(lease_id).await;
+            }
+            Err(e) => {
+                warn!(node = %node, error = %e, "leader key acquisition failed");
+                let _ = self.etcd.revoke_lease(lease_id).await;
+            }
+        }
+    }
+
+    async fn release_leader(&mut self) {
+        let node = self.cfg.name.clone();
+        let lease_id = self.leader_lease.map(|l| l.lease_id).or_else(|| {
+            self.last_view.as_ref()?.leader.as_ref().filter(|k| k.name == node).map(|k| k.lease_id)
+        });
+        if let Some(id) = lease_id {
+            match self.etcd.release_leader(&node, id).await {
+                Ok(true) => info!(node = %node, "released the leader key"),
+                Ok(false) => info!(node = %node, "leader key was no longer ours"),
+                Err(e) => warn!(node = %node, error = %e, "could not release the leader key"),
+            }
+            let _ = self.etcd.revoke_lease(id).await;
+        }
+        self.leader_lease = None;
+    }
+
+    fn member_status(&self, obs: &Observation) -> MemberStatus {
+        let local = &obs.local;
+        let role = match (local.role, obs.last_role, obs.data_dir) {
+            (Some(PgRole::Primary), ..) => MemberRole::Primary,
+            (Some(PgRole::Replica), ..) => MemberRole::Replica,
+            (None, Some(PgRole::Primary), _) => MemberRole::Primary,
+            (None, _, DataDir::Initialized { .. }) => MemberRole::Replica,
+            _ => MemberRole::Uninitialized,
+        };
+        let state = match self.job.as_ref().map(|j| j.kind) {
+            Some(Job::InitDb) => "initializing",
+            Some(Job::Clone) => "cloning",
+            Some(Job::Rewind) => "rewinding",
+            Some(Job::Start) => "starting",
+            Some(Job::Stop) => "stopping",
+            None if local.running && local.role == Some(PgRole::Replica) && local.streaming_from.is_some() => "streaming",
+            None if local.running => "running",
+            None => "stopped",
+        };
+        MemberStatus {
+            name: self.cfg.name.clone(),
+            role,
+            state: state.into(),
+            timeline: local.timeline,
+            wal_position: local.wal_position,
+            receive_lsn: local.receive_lsn,
+            replay_lsn: local.replay_lsn,
+            pg_host: self.cfg.postgresql.advertise_host.clone(),
+            pg_port: self.cfg.postgresql.advertise_port,
+            api_url: self.cfg.api.advertise_url.clone(),
+            nofailover: self.cfg.tags.nofailover,
+            noloadbalance: self.cfg.tags.noloadbalance,
+            nosync: self.cfg.tags.nosync,
+            failover_priority: self.cfg.tags.failover_priority,
+            tags: self.cfg.tags.extra.clone(),
+            basebackup: if state == "cloning" { *self.pg.clone_progress.lock().expect("not poisoned") } else { None },
+            updated_at_ms: epoch_ms(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    /// Publishes this member's status in etcd and the snapshot for the API.
+    async fn publish(&mut self, obs: &Observation) {
+        let me = self.member_status(obs);
+        if obs.dcs.is_some() {
+            if let Err(e) = self.put_member(&me).await {
+                warn!(node = %self.cfg.name, error = %e, "could not publish member status");
+            }
+            if let (Some(lease), Some(PgRole::Primary), Some(lsn)) = (self.leader_lease, obs.local.role, obs.local.wal_position) {
+                if let Err(e) = self.etcd.publish_leader_status(&self.cfg.name, lease.lease_id, lsn, obs.local.timeline).await {
+                    debug!(node = %self.cfg.name, error = %e, "could not publish leader status");
+                }
+            }
+        }
+        let view = obs.dcs.as_ref().or(self.last_view.as_ref());
+        let mut members: Vec<MemberStatus> = view.map(|v| v.members.clone()).unwrap_or_default();
+        match members.iter_mut().find(|m| m.name == me.name) {
+            Some(m) => *m = me.clone(),
+            None => members.push(me.clone()),
+        }
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        let now = self.now();
+        let snapshot = Snapshot {
+            taken_at: Instant::now(),
+            scope: self.cfg.scope.clone(),
+            me,
+            leader: view.and_then(|v| v.leader.as_ref()).map(|l| l.name.clone()),
+            leader_revision: view.and_then(|v| v.leader.as_ref()).map(|l| l.mod_revision),
+            members,
+            history: self.history.clone(),
+            config: view.map(|v| v.config.clone()),
+            dcs_reachable: obs.dcs.is_some(),
+            lease_remaining: self.leader_lease.map(|l| {
+                Duration::from_millis(l.renewed_at.plus_ms(self.settings.ttl_ms).since(now))
+            }),
+            last_error: self.last_error.clone(),
+        };
+        self.snapshot.send_replace(Arc::new(snapshot));
+    }
+
+    async fn put_member(&mut self, me: &MemberStatus) -> Result<(), crate::dcs::DcsError> {
+        if let Some(id) = self.member_lease {
+            if !self.etcd.keep_alive(id).await? {
+                self.member_lease = None;
+            }
+        }
+        let id = match self.member_lease {
+            Some(id) => id,
+            None => {
+                let id = self.etcd.grant_lease(self.cfg.timing.ttl).await?;
+                self.member_lease = Some(id);
+                id
+            }
+        };
+        self.etcd.put_member(me, id).await
+    }
+
+    /// Stops Postgres, gives up the leader key and the member key.
+    async fn shut_down(&mut self) {
+        let node = self.cfg.name.clone();
+        info!(node = %node, "shutting down");
+        if let Some(job) = self.job.take() {
+            job.handle.abort();
+        }
+        if let Err(e) = self.pg.stop(Duration::from_secs(30)).await {
+            warn!(node = %node, error = %e, "stopping postgres failed");
+        }
+        if self.leader_lease.is_some() {
+            self.release_leader().await;
+        }
+        if let Some(id) = self.member_lease.take() {
+            let _ = self.etcd.delete_member(&node).await;
+            let _ = self.etcd.revoke_lease(id).await;
+        }
+        info!(node = %node, "stopped");
+    }
+}
+
+/// Wakes the loop on every change under the cluster prefix; reconnects.
+async fn watch_cluster(etcd: Etcd, wake: mpsc::Sender<()>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = etcd.watch(0, wake.clone()) => {
+                if let Err(e) = r {
+                    debug!(error = %e, "etcd watch ended");
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! etcd adapter: the cluster's keys under one prefix, leases, transactions
+//! that compare what a decision was made under, and a watch that wakes the
+//! agent loop. Thin by design: every policy lives in `ha`.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::EtcdConfig;
+use crate::ha::{DcsView, DynamicConfig, InitializeKey, LeaderKey, Lsn, MemberStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DcsError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("etcd key {key}: {problem}")]
+    BadValue { key: String, problem: String },
+}
+
+pub type Result<T> = std::result::Result<T, DcsError>;
+
+/// One entry of the `history` key: a change of leadership.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub timeline: Option<u32>,
+    pub lsn: Option<Lsn>,
+    pub at_ms: u64,
+    pub old_leader: Option<String>,
+    pub new_leader: String,
+    pub reason: String,
+}
+
+/// Position the leader publishes every loop, outliving its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct LeaderStatus {
+    lsn: Lsn,
+    timeline: Option<u32>,
+}
+
+/// Key layout of one cluster.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub prefix: String,
+}
+
+impl Keys {
+    pub fn initialize(&self) -> String {
+        format!("{}initialize", self.prefix)
+    }
+    pub fn leader(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+    pub fn members(&self) -> String {
+        format!("{}members/", self.prefix)
+    }
+    pub fn member(&self, name: &str) -> String {
+        format!("{}members/{name}", self.prefix)
+    }
+    pub fn config(&self) -> String {
+        format!("{}config", self.prefix)
+    }
+    pub fn history(&self) -> String {
+        format!("{}history", self.prefix)
+    }
+    pub fn status(&self) -> String {
+        format!("{}status", self.prefix)
+    }
+}
+
+/// A connection to etcd scoped to one cluster.
+#[derive(Clone)]
+pub struct Etcd {
+    client: Client,
+    pub keys: Keys,
+    timeout: Duration,
+}
+
+async fn within<T>(timeout: Duration, f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>) -> Result<T> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(DcsError::Timeout(timeout)),
+    }
+}
+
+impl Etcd {
+    /// Connects (lazily: the first request reveals an unreachable etcd).
+    pub async fn connect(cfg: &EtcdConfig, timeout: Duration) -> Result<Etcd> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(cfg.dial_timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(2), timeout);
+        if let (Some(user), Some(pw)) = (&cfg.username, &cfg.password) {
+            opts = opts.with_user(user.clone(), pw.expose().to_string());
+        }
+        let client = within(cfg.dial_timeout + timeout, Client::connect(&cfg.endpoints, Some(opts))).await?;
+        Ok(Etcd { client, keys: Keys { prefix: cfg.prefix.clone() }, timeout })
+    }
+
+    /// Reads every key of the cluster in one range request.
+    pub async fn load(&self) -> Result<(DcsView, Vec<HistoryEntry>)> {
+        let mut c = self.client.clone();
+        let resp = within(self.timeout, c.get(self.keys.prefix.as_str(), Some(GetOptions::new().with_prefix()))).await?;
+        let mut view = DcsView { revision: resp.header().map(|h| h.revision()).unwrap_or(0), ..DcsView::default() };
+        let mut history = Vec::new();
+        let members_prefix = self.keys.members();
+        for kv in resp.kvs() {
+            let key = kv.key_str().unwrap_or_default();
+            let value = kv.value();
+            let bad = |e: serde_json::Error| DcsError::BadValue { key: key.to_string(), problem: e.to_string() };
+            if key == self.keys.initialize() {
+                view.initialize = Some(serde_json::from_slice::<InitializeKey>(value).map_err(bad)?);
+            } else if key == self.keys.leader() {
+                view.leader = Some(LeaderKey {
+                    name: String::from_utf8_lossy(value).into_owned(),
+                    lease_id: kv.lease(),
+                    mod_revision: kv.mod_revision(),
+                });
+            } else if key == self.keys.config() {
+                view.config = serde_json::from_slice::<DynamicConfig>(value).map_err(bad)?;
+            } else if key == self.keys.history() {
+                history = serde_json::from_slice(value).map_err(bad)?;
+            } else if key == self.keys.status() {
+                if let Ok(st) = serde_json::from_slice::<LeaderStatus>(value) {
+                    view.last_leader_lsn = Some(st.lsn);
+                }
+            } else if key.starts_with(&members_prefix) {
+                match serde_json::from_slice::<MemberStatus>(value) {
+                    Ok(m) => view.members.push(m),
+                    Err(e) => tracing::warn!(key, error = %e, "ignoring unreadable member key"),
+                }
+            }
+        }
+        view.members.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok((view, history))
+    }
+
+    /// Create-if-absent; true when this call created the key.
+    async fn create(&self, key: String, value: Vec<u8>, lease: Option<i64>) -> Result<bool> {
+        let opts = lease.map(|id| PutOptions::new().with_lease(id));
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), value, opts)]);
+        let mut c = self.client.clone();
+        Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
+    }
+
+    /// Races for the initialize key; true when we won.
+    pub async fn claim_initialize(&self, node: &str, system_identifier: Option<u64>) -> Result<bool> {
+        let v = serde_json::to_vec(&InitializeKey { node: node.to_string(), system_identifier }).expect("serializable");
+        self.create(self.keys.initialize(), v, None).await
+    }
+
+    /// Completes our own initialize claim with the system identifier.
+    pub async fn publish_system_identifier(&self, node: &str, system_identifier: u64) -> Result<bool> {
+        let key = self.keys.initialize();
+        let pending = serde_json::to_vec(&InitializeKey { node: node.to_string(), system_identifier: None }).expect("serializable");
+        let done = serde_json::to_vec(&InitializeKey { node: node.to_string(), system_identifier: Some(system_identifier) }).expect("serializable");
+        let txn = Txn::new()
+            .when([Compare::value(key.as_str(), CompareOp::Equal, pending)])
+            .and_then([TxnOp::put(key.as_str(), done, None)]);
+        let mut c = self.client.clone();
+        Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
+    }
+
+    /// Writes the dynamic config unless one exists.
+    pub async fn seed_config(&self, config: &DynamicConfig) -> Result<bool> {
+        self.create(self.keys.config(), serde_json::to_vec(config).expect("serializable"), None).await
+    }
+
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
+        let mut c = self.client.clone();
+        Ok(within(self.timeout, c.lease_grant(ttl.as_secs().max(1) as i64, None)).await?.id())
+    }
+
+    /// One keepalive round trip; false when the lease no longer exists.
+    pub async fn keep_alive(&self, lease_id: i64) -> Result<bool> {
+        let mut c = self.client.clone();
+        let fut = async move {
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease_id).await?;
+            keeper.keep_alive().await?;
+            Ok::<_, etcd_client::Error>(stream.message().await?.map(|r| r.ttl() > 0).unwrap_or(false))
+        };
+        within(self.timeout, fut).await
+    }
+
+    pub async fn revoke_lease(&self, lease_id: i64) -> Result<()> {
+        let mut c = self.client.clone();
+        within(self.timeout, c.lease_revoke(lease_id)).await.map(|_| ())
+    }
+
+    /// Takes the leader key if nobody holds it; true when we got it.
+    pub async fn acquire_leader(&self, node: &str, lease_id: i64) -> Result<bool> {
+        self.create(self.keys.leader(), node.as_bytes().to_vec(), Some(lease_id)).await
+    }
+
+    /// Deletes the leader key if it is still ours under this lease.
+    pub async fn release_leader(&self, node: &str, lease_id: i64) -> Result<bool> {
+        let key = self.keys.leader();
+        let txn = Txn::new()
+            .when([
+                Compare::value(key.as_str(), CompareOp::Equal, node.as_bytes()),
+                Compare::lease(key.as_str(), CompareOp::Equal, lease_id),
+            ])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        let mut c = self.client.clone();
+        Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
+    }
+
+    /// Publishes the leader's WAL position, only while the key is ours under this lease.
+    pub async fn publish_leader_status(&self, node: &str, lease_id: i64, lsn: Lsn, timeline: Option<u32>) -> Result<bool> {
+        let key = self.keys.leader();
+        let v = serde_json::to_vec(&LeaderStatus { lsn, timeline }).expect("serializable");
+        let txn = Txn::new()
+            .when([
+                Compare::value(key.as_str(), CompareOp::Equal, node.as_bytes()),
+                Compare::lease(key.as_str(), CompareOp::Equal, lease_id),
+            ])
+            .and_then([TxnOp::put(self.keys.status(), v, None)]);
+        let mut c = self.client.clone();
+        Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
+    }
+
+    /// Appends to the history, compare-and-swap on the history key's revision.
+    pub async fn append_history(&self, entry: HistoryEntry) -> Result<()> {
+        let key = self.keys.history();
+        for _ in 0..5 {
+            let mut c = self.client.clone();
+            let resp = within(self.timeout, c.get(key.as_str(), None)).await?;
+            let (mut list, rev): (Vec<HistoryEntry>, i64) = match resp.kvs().first() {
+                Some(kv) => (serde_json::from_slice(kv.value()).unwrap_or_default(), kv.mod_revision()),
+                None => (Vec::new(), 0),
+            };
+            list.push(entry.clone());
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)])
+                .and_then([TxnOp::put(key.as_str(), serde_json::to_vec(&list).expect("serializable"), None)]);
+            if within(self.timeout, c.txn(txn)).await?.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(DcsError::BadValue { key, problem: "history changed concurrently five times".into() })
+    }
+
+    /// Writes this member's status on its own lease.
+    pub async fn put_member(&self, status: &MemberStatus, lease_id: i64) -> Result<()> {
+        let mut c = self.client.clone();
+        let v = serde_json::to_vec(status).expect("serializable");
+        within(self.timeout, c.put(self.keys.member(&status.name), v, Some(PutOptions::new().with_lease(lease_id))))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn delete_member(&self, name: &str) -> Result<()> {
+        let mut c = self.client.clone();
+        within(self.timeout, c.delete(self.keys.member(name), None)).await.map(|_| ())
+    }
+
+    /// Watches the cluster prefix from `revision` and sends a unit on every
+    /// change that can alter a decision (leader, initialize, config), until
+    /// the receiver is dropped; returns when the stream ends. Member and
+    /// status keys change every loop and are read on the next tick instead.
+    pub async fn watch(&self, revision: i64, wake: tokio::sync::mpsc::Sender<()>) -> Result<()> {
+        let mut c = self.client.clone();
+        let opts = WatchOptions::new().with_prefix().with_start_revision(revision);
+        let (_watcher, mut stream) = within(self.timeout, c.watch(self.keys.prefix.as_str(), Some(opts))).await?;
+        while let Some(resp) = stream.message().await? {
+            if resp.canceled() {
+                break;
+            }
+            let relevant = resp.events().iter().any(|ev| {
+                ev.kv().and_then(|kv| kv.key_str().ok()).is_some_and(|k| {
+                    k == self.keys.leader() || k == self.keys.initialize() || k == self.keys.config()
+                })
+            });
+            if relevant && wake.send(()).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}

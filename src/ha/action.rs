@@ -1,0 +1,78 @@
+//! What `decide` asks the executor to do. Every step carries the reason it was
+//! chosen; the agent logs it and keeps it for the history.
+
+use std::fmt;
+
+/// One thing to do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Race for the `initialize` key (create-if-absent transaction).
+    ClaimInitialize { system_identifier: Option<u64> },
+    /// Run initdb into the empty data directory (we won the initialize race).
+    InitDb,
+    /// Record the new cluster's system identifier in our `initialize` key.
+    PublishSystemIdentifier { system_identifier: u64 },
+    /// pg_basebackup from this member into the empty data directory.
+    Clone { from: String },
+    /// pg_rewind the stopped former primary against this member.
+    Rewind { from: String },
+    /// Start Postgres as a primary (no standby.signal).
+    StartPrimary,
+    /// Start Postgres as a standby following `upstream` (or none yet).
+    StartReplica { upstream: Option<String> },
+    /// Point the running standby at another upstream.
+    Follow { upstream: String },
+    /// Take the leader key with a fresh lease (create-if-absent transaction).
+    AcquireLeader,
+    /// Keep our leader lease alive.
+    RenewLeader { lease_id: i64 },
+    /// Delete our leader key (compare: it is still ours) and revoke its lease.
+    ReleaseLeader,
+    /// Promote the local standby; we hold the leader key.
+    Promote,
+    /// Stop Postgres now (fast shutdown: sessions are cut).
+    Stop,
+    /// Create physical replication slots for these members.
+    CreateSlots { names: Vec<String> },
+    /// Drop these slots: their members have been gone longer than the grace period.
+    DropSlots { names: Vec<String> },
+    /// A condition the agent must not act on: log it, publish it, exit non-zero.
+    Refuse { problem: String },
+}
+
+/// An action and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub action: Action,
+    pub reason: String,
+}
+
+impl Step {
+    pub fn new(action: Action, reason: impl Into<String>) -> Step {
+        Step { action, reason: reason.into() }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::ClaimInitialize { .. } => f.write_str("claim_initialize"),
+            Action::InitDb => f.write_str("initdb"),
+            Action::PublishSystemIdentifier { .. } => f.write_str("publish_system_identifier"),
+            Action::Clone { from } => write!(f, "clone from {from}"),
+            Action::Rewind { from } => write!(f, "rewind from {from}"),
+            Action::StartPrimary => f.write_str("start primary"),
+            Action::StartReplica { upstream: Some(u) } => write!(f, "start replica of {u}"),
+            Action::StartReplica { upstream: None } => f.write_str("start replica"),
+            Action::Follow { upstream } => write!(f, "follow {upstream}"),
+            Action::AcquireLeader => f.write_str("acquire leader key"),
+            Action::RenewLeader { .. } => f.write_str("renew leader lease"),
+            Action::ReleaseLeader => f.write_str("release leader key"),
+            Action::Promote => f.write_str("promote"),
+            Action::Stop => f.write_str("stop postgres"),
+            Action::CreateSlots { names } => write!(f, "create slots {}", names.join(",")),
+            Action::DropSlots { names } => write!(f, "drop slots {}", names.join(",")),
+            Action::Refuse { .. } => f.write_str("refuse"),
+        }
+    }
+}

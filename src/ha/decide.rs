@@ -1,0 +1,252 @@
+//! `decide(observation, settings, now) -> steps`: the whole HA policy of one
+//! node as a pure function. The agent and the tests call the same code.
+
+use super::action::{Action, Step};
+use super::state::*;
+
+/// The parts of the configuration the core needs, as plain numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Leader lease TTL in milliseconds.
+    pub ttl_ms: u64,
+    /// The primary stops taking writes this long before its lease can expire.
+    pub fencing_margin_ms: u64,
+}
+
+impl Settings {
+    /// Instant from which a primary renewed at `renewed_at` must no longer take writes.
+    pub fn fencing_deadline(&self, renewed_at: Tick) -> Tick {
+        renewed_at.plus_ms(self.ttl_ms.saturating_sub(self.fencing_margin_ms))
+    }
+}
+
+/// Name of the physical replication slot the primary keeps for a member.
+pub fn slot_name(member: &str) -> String {
+    member
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .collect()
+}
+
+/// Decides what this node does now. Steps run in the order returned.
+pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let fence_due = is_fence_due(obs, settings, now);
+    let running_primary = obs.local.running && obs.local.role == Some(PgRole::Primary);
+
+    if running_primary && fence_due {
+        steps.push(Step::new(
+            Action::Stop,
+            "fencing: leader lease not renewed before the fencing deadline; stop taking writes",
+        ));
+        return steps;
+    }
+
+    let Some(dcs) = &obs.dcs else {
+        if running_primary && obs.leader_lease.is_none() {
+            steps.push(Step::new(Action::Stop, "etcd unreachable and no leader lease held: a primary without a lease must not take writes"));
+        } else if let Some(lease) = obs.leader_lease {
+            steps.push(Step::new(Action::RenewLeader { lease_id: lease.lease_id }, "etcd unreachable: keep trying to renew before the fencing deadline"));
+        }
+        return steps;
+    };
+
+    let i_lead = dcs.leader.as_ref().is_some_and(|l| l.name == obs.node);
+    if i_lead {
+        let key = dcs.leader.as_ref().expect("checked above");
+        steps.push(Step::new(Action::RenewLeader { lease_id: key.lease_id }, "we hold the leader key"));
+    }
+    if obs.job.is_some() {
+        return steps;
+    }
+
+    // Bootstrap and identity: nothing else happens until the data directory
+    // is known to belong to this cluster.
+    let Some(init) = &dcs.initialize else {
+        let claim = match obs.data_dir {
+            DataDir::Empty => Action::ClaimInitialize { system_identifier: None },
+            DataDir::Initialized { system_identifier } => Action::ClaimInitialize { system_identifier: Some(system_identifier) },
+            DataDir::Unusable => return refuse_unusable(steps),
+        };
+        steps.push(Step::new(claim, "cluster not initialized in etcd: race for the initialize key"));
+        return steps;
+    };
+    let Some(cluster_sysid) = init.system_identifier else {
+        if init.node == obs.node {
+            match obs.data_dir {
+                DataDir::Empty => steps.push(Step::new(Action::InitDb, "we won the initialize race")),
+                DataDir::Initialized { system_identifier } => steps.push(Step::new(
+                    Action::PublishSystemIdentifier { system_identifier },
+                    "initdb done: publish the system identifier",
+                )),
+                DataDir::Unusable => return refuse_unusable(steps),
+            }
+        }
+        return steps;
+    };
+    match obs.data_dir {
+        DataDir::Unusable => return refuse_unusable(steps),
+        DataDir::Initialized { system_identifier } if system_identifier != cluster_sysid => {
+            steps.push(Step::new(
+                Action::Refuse {
+                    problem: format!(
+                        "data directory belongs to another cluster: system identifier {system_identifier}, cluster {cluster_sysid}"
+                    ),
+                },
+                "foreign data directory is never started or overwritten",
+            ));
+            return steps;
+        }
+        DataDir::Empty => {
+            if let Some(leader) = running_leader(dcs, &obs.node) {
+                steps.push(Step::new(Action::Clone { from: leader.to_string() }, "empty data directory: clone the leader"));
+            }
+            return steps;
+        }
+        DataDir::Initialized { .. } => {}
+    }
+
+    match &dcs.leader {
+        Some(key) if key.name == obs.node => lead(obs, dcs, now, &mut steps),
+        Some(key) => follow(obs, dcs, &key.name, &mut steps),
+        None => elect(obs, dcs, &mut steps),
+    }
+    steps
+}
+
+fn refuse_unusable(mut steps: Vec<Step>) -> Vec<Step> {
+    steps.push(Step::new(
+        Action::Refuse { problem: "data directory is not empty and holds no Postgres cluster".into() },
+        "an unknown data directory is never overwritten",
+    ));
+    steps
+}
+
+fn is_fence_due(obs: &Observation, settings: &Settings, now: Tick) -> bool {
+    match obs.leader_lease {
+        Some(lease) => now >= settings.fencing_deadline(lease.renewed_at),
+        None => false,
+    }
+}
+
+/// The leader, when its member key says its Postgres runs as primary.
+fn running_leader<'a>(dcs: &'a DcsView, me: &str) -> Option<&'a str> {
+    let key = dcs.leader.as_ref()?;
+    let member = dcs.member(&key.name)?;
+    (key.name != me && member.role == MemberRole::Primary && member.state == "running").then_some(key.name.as_str())
+}
+
+/// We hold the leader key.
+fn lead(obs: &Observation, dcs: &DcsView, now: Tick, steps: &mut Vec<Step>) {
+    let local = &obs.local;
+    if !local.running {
+        let down_ms = obs.pg_down_since.map(|t| now.since(t)).unwrap_or(0);
+        if down_ms >= dcs.config.primary_start_timeout_ms && obs.pg_down_since.is_some() {
+            steps.push(Step::new(
+                Action::ReleaseLeader,
+                format!("postgres down for {down_ms} ms, past primary_start_timeout: hand leadership to a replica"),
+            ));
+        } else {
+            steps.push(Step::new(Action::StartPrimary, "we hold the leader key and postgres is down: start it as primary"));
+        }
+        return;
+    }
+    let wanted: Vec<String> =
+        dcs.members.iter().filter(|m| m.name != obs.node).map(|m| slot_name(&m.name)).collect();
+    let missing: Vec<String> = wanted.iter().filter(|s| !local.slots.contains(s)).cloned().collect();
+    if !missing.is_empty() {
+        // Before a promotion too: the replicas repoint at once and must find their slots.
+        steps.push(Step::new(Action::CreateSlots { names: missing }, "every member gets a physical replication slot"));
+    }
+    if local.role == Some(PgRole::Replica) {
+        steps.push(Step::new(Action::Promote, "we hold the leader key: promote"));
+        return;
+    }
+    let expired: Vec<String> = obs
+        .orphan_slots
+        .iter()
+        .filter(|s| !wanted.contains(&s.name) && now.since(s.missing_since) >= dcs.config.member_slot_grace_ms)
+        .map(|s| s.name.clone())
+        .collect();
+    if !expired.is_empty() {
+        steps.push(Step::new(Action::DropSlots { names: expired }, "member gone from etcd longer than member_slot_grace"));
+    }
+}
+
+/// Another node holds the leader key.
+fn follow(obs: &Observation, dcs: &DcsView, leader: &str, steps: &mut Vec<Step>) {
+    let local = &obs.local;
+    if local.running {
+        match local.role {
+            Some(PgRole::Primary) => steps.push(Step::new(
+                Action::Stop,
+                format!("{leader} holds the leader key: a second primary must not run"),
+            )),
+            _ if local.following.as_deref() != Some(leader) => {
+                steps.push(Step::new(Action::Follow { upstream: leader.to_string() }, format!("{leader} is the leader")))
+            }
+            _ => {}
+        }
+        return;
+    }
+    let leader_up = running_leader(dcs, &obs.node).is_some();
+    if obs.last_role == Some(PgRole::Primary) {
+        if leader_up {
+            steps.push(Step::new(
+                Action::Rewind { from: leader.to_string() },
+                format!("former primary rejoins {leader}: rewind any diverged WAL first"),
+            ));
+        }
+        return;
+    }
+    let upstream = leader_up.then(|| leader.to_string());
+    steps.push(Step::new(Action::StartReplica { upstream }, format!("{leader} is the leader: run as its replica")));
+}
+
+/// No node holds the leader key.
+fn elect(obs: &Observation, dcs: &DcsView, steps: &mut Vec<Step>) {
+    let local = &obs.local;
+    if !local.running {
+        steps.push(Step::new(Action::StartReplica { upstream: None }, "no leader: start read-only to report our WAL position"));
+        return;
+    }
+    match local.role {
+        Some(PgRole::Primary) => {
+            steps.push(Step::new(Action::AcquireLeader, "no leader and we run the primary: take the key back"))
+        }
+        _ => match candidacy(obs, dcs) {
+            Ok(()) => steps.push(Step::new(Action::AcquireLeader, "leader key gone and we are the most advanced eligible replica")),
+            Err(_) => {}
+        },
+    }
+}
+
+/// Whether this replica may take the leader key now, and if not why.
+pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
+    if obs.tags.nofailover {
+        return Err("tagged nofailover".into());
+    }
+    let mine = position(&obs.local);
+    if let Some(last) = dcs.last_leader_lsn {
+        let lag = last.0.saturating_sub(mine.0);
+        if lag > dcs.config.maximum_lag_on_failover {
+            return Err(format!("{lag} bytes behind the last leader position, above maximum_lag_on_failover"));
+        }
+    }
+    // Positions compare only on the same timeline: a newer timeline wins.
+    let me = (obs.local.timeline.unwrap_or(0), mine, obs.tags.failover_priority);
+    for m in &dcs.members {
+        if m.name == obs.node || m.nofailover || m.state != "running" || m.role != MemberRole::Replica {
+            continue;
+        }
+        let theirs = (m.timeline.unwrap_or(0), m.receive_lsn.max(m.replay_lsn).unwrap_or_default(), m.failover_priority);
+        if theirs > me || (theirs == me && m.name < obs.node) {
+            return Err(format!("{} is a better candidate", m.name));
+        }
+    }
+    Ok(())
+}
+
+fn position(local: &LocalPostgres) -> Lsn {
+    local.receive_lsn.max(local.replay_lsn).or(local.wal_position).unwrap_or_default()
+}

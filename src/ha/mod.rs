@@ -1,0 +1,10 @@
+//! The pure decision core: observation in, steps out. No I/O, no async, no
+//! clock reads; the agent loop feeds it and carries out what it returns.
+
+pub mod action;
+pub mod decide;
+pub mod state;
+
+pub use action::{Action, Step};
+pub use decide::{decide, slot_name, Settings};
+pub use state::*;

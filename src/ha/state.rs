@@ -1,0 +1,242 @@
+//! What the agent observed, as plain data: the local Postgres, the etcd view
+//! and this node's own lease bookkeeping. `decide` reads only this, so every
+//! decision can be replayed from a recorded observation.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Tags;
+
+/// Milliseconds on the agent's monotonic clock. The core never reads a clock;
+/// the caller passes `now` and every deadline in this unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct Tick(pub u64);
+
+impl Tick {
+    pub fn plus_ms(self, ms: u64) -> Tick {
+        Tick(self.0.saturating_add(ms))
+    }
+    pub fn since(self, earlier: Tick) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+/// A WAL position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    /// Parses Postgres' `X/Y` notation.
+    pub fn parse(s: &str) -> Option<Lsn> {
+        let (hi, lo) = s.split_once('/')?;
+        let hi = u64::from_str_radix(hi, 16).ok()?;
+        let lo = u64::from_str_radix(lo, 16).ok()?;
+        if hi > u32::MAX as u64 || lo > u32::MAX as u64 {
+            return None;
+        }
+        Some(Lsn(hi << 32 | lo))
+    }
+}
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// Role of a running Postgres, as Postgres itself reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PgRole {
+    Primary,
+    Replica,
+}
+
+/// The local Postgres as last probed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalPostgres {
+    /// A postmaster runs and answers queries.
+    pub running: bool,
+    pub role: Option<PgRole>,
+    pub timeline: Option<u32>,
+    /// Primary: current write position. Replica: last replayed position.
+    pub wal_position: Option<Lsn>,
+    pub receive_lsn: Option<Lsn>,
+    pub replay_lsn: Option<Lsn>,
+    /// Replica: the WAL receiver streams from this `host:port`.
+    pub streaming_from: Option<String>,
+    /// Replica: `primary_conninfo` names this member as its upstream.
+    pub following: Option<String>,
+    /// Primary: names of the physical replication slots that exist.
+    pub slots: Vec<String>,
+}
+
+/// What is in the data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataDir {
+    /// Missing or empty: safe to initdb or clone into.
+    Empty,
+    /// A Postgres cluster with this system identifier.
+    Initialized { system_identifier: u64 },
+    /// Not empty and not a usable Postgres cluster: never touched.
+    Unusable,
+}
+
+/// The `initialize` key: who bootstraps the cluster, and once done, its system identifier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitializeKey {
+    pub node: String,
+    pub system_identifier: Option<u64>,
+}
+
+/// The `leader` key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderKey {
+    pub name: String,
+    pub lease_id: i64,
+    /// Revision of the key's last modification: the fencing token of this term.
+    pub mod_revision: i64,
+}
+
+/// Role a member publishes about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberRole {
+    Primary,
+    Replica,
+    Uninitialized,
+}
+
+impl fmt::Display for MemberRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MemberRole::Primary => "primary",
+            MemberRole::Replica => "replica",
+            MemberRole::Uninitialized => "uninitialized",
+        })
+    }
+}
+
+/// Progress of a running clone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// The JSON every member keeps under `members/<name>`, bound to its own lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub role: MemberRole,
+    /// `running`, `stopped`, `starting`, `initializing`, `cloning`, `crashed`, ...
+    pub state: String,
+    pub timeline: Option<u32>,
+    pub wal_position: Option<Lsn>,
+    pub receive_lsn: Option<Lsn>,
+    pub replay_lsn: Option<Lsn>,
+    pub pg_host: String,
+    pub pg_port: u16,
+    pub api_url: String,
+    #[serde(default)]
+    pub nofailover: bool,
+    #[serde(default)]
+    pub noloadbalance: bool,
+    #[serde(default)]
+    pub nosync: bool,
+    #[serde(default)]
+    pub failover_priority: i32,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Set while a clone is running.
+    #[serde(default)]
+    pub basebackup: Option<Progress>,
+    /// Milliseconds since the Unix epoch of this status.
+    pub updated_at_ms: u64,
+    pub version: String,
+}
+
+/// Cluster-wide settings kept in the `config` key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DynamicConfig {
+    pub maximum_lag_on_failover: u64,
+    pub primary_start_timeout_ms: u64,
+    pub member_slot_grace_ms: u64,
+}
+
+impl Default for DynamicConfig {
+    fn default() -> Self {
+        DynamicConfig {
+            maximum_lag_on_failover: 1024 * 1024,
+            primary_start_timeout_ms: 30_000,
+            member_slot_grace_ms: 30_000,
+        }
+    }
+}
+
+/// Everything read from etcd in one consistent range read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DcsView {
+    pub revision: i64,
+    pub initialize: Option<InitializeKey>,
+    pub leader: Option<LeaderKey>,
+    pub members: Vec<MemberStatus>,
+    pub config: DynamicConfig,
+    /// WAL position the leader last published under `status`.
+    pub last_leader_lsn: Option<Lsn>,
+}
+
+impl DcsView {
+    pub fn member(&self, name: &str) -> Option<&MemberStatus> {
+        self.members.iter().find(|m| m.name == name)
+    }
+}
+
+/// A leader lease this agent holds and keeps alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldLease {
+    pub lease_id: i64,
+    /// When the last successful keepalive (or the grant) was *sent*.
+    pub renewed_at: Tick,
+}
+
+/// A long-running job the executor runs in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    InitDb,
+    Clone,
+    Start,
+    Stop,
+    Rewind,
+}
+
+/// A slot on the primary whose member is no longer in etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanSlot {
+    pub name: String,
+    pub missing_since: Tick,
+}
+
+/// One observation: the only input of `decide` besides config and `now`.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub node: String,
+    pub tags: Tags,
+    pub data_dir: DataDir,
+    pub local: LocalPostgres,
+    /// `None` when etcd could not be read in this pass.
+    pub dcs: Option<DcsView>,
+    /// The leader lease this agent keeps alive, if any.
+    pub leader_lease: Option<HeldLease>,
+    /// A background job still running.
+    pub job: Option<Job>,
+    /// The local Postgres was last seen running at this instant (for crash timeouts).
+    pub pg_down_since: Option<Tick>,
+    pub orphan_slots: Vec<OrphanSlot>,
+    /// Role the stopped data directory last ran in (standby.signal, control data).
+    pub last_role: Option<PgRole>,
+}

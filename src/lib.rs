@@ -1,0 +1,13 @@
+//! pgha: a PostgreSQL high-availability agent. One agent per Postgres host
+//! elects a leader through an etcd lease, supervises and replicates its local
+//! Postgres, and reports health over HTTP.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod api;
+pub mod config;
+pub mod ctl;
+pub mod dcs;
+pub mod ha;
+pub mod net;
+pub mod postgres;

@@ -1,0 +1,138 @@
+//! Rendering of the files the agent owns in the data directory:
+//! postgresql.conf (which includes the initdb original), pg_hba.conf,
+//! pg_ident.conf and the standby signal. Pure functions, unit-tested.
+
+use std::collections::BTreeMap;
+
+use crate::config::PostgresConfig;
+
+/// Where this Postgres gets its WAL from, when it runs as a standby.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Quotes a value for postgresql.conf.
+pub fn quote_conf(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// Quotes a value for a libpq conninfo string.
+pub fn quote_conninfo(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// The conninfo a standby uses to stream from `up`.
+pub fn primary_conninfo(cfg: &PostgresConfig, node: &str, up: &Upstream) -> String {
+    let mut s = format!(
+        "host={} port={} user={} application_name={} dbname=replication target_session_attrs=any",
+        quote_conninfo(&up.host),
+        up.port,
+        quote_conninfo(&cfg.replication.username),
+        quote_conninfo(node),
+    );
+    if let Some(pw) = &cfg.replication.password {
+        s.push_str(&format!(" password={}", quote_conninfo(pw.expose())));
+    }
+    s
+}
+
+/// Parameters the agent sets; user parameters may add to them, and override
+/// all but the ones replication depends on.
+pub fn managed_parameters(
+    cfg: &PostgresConfig,
+    node: &str,
+    upstream: Option<&Upstream>,
+) -> BTreeMap<String, String> {
+    let mut p = BTreeMap::new();
+    let mut set = |k: &str, v: String| {
+        p.insert(k.to_string(), v);
+    };
+    set("max_connections", "100".into());
+    set("max_wal_senders", "10".into());
+    set("max_replication_slots", "10".into());
+    set("wal_keep_size", quote_conf("128MB"));
+    set("hot_standby_feedback", "on".into());
+    for (k, v) in &cfg.parameters {
+        set(k, quote_conf(v));
+    }
+    // Replication depends on these: a user value does not win.
+    set("listen_addresses", quote_conf(&cfg.listen_addresses));
+    set("port", cfg.port.to_string());
+    set("unix_socket_directories", quote_conf(&cfg.socket_dir.display().to_string()));
+    set("wal_level", "replica".into());
+    set("hot_standby", "on".into());
+    set("wal_log_hints", "on".into());
+    set("cluster_name", quote_conf(node));
+    set("hba_file", quote_conf(&cfg.data_dir.join("pg_hba.conf").display().to_string()));
+    set("ident_file", quote_conf(&cfg.data_dir.join("pg_ident.conf").display().to_string()));
+    set("recovery_target_timeline", quote_conf("latest"));
+    match upstream {
+        Some(up) => {
+            set("primary_conninfo", quote_conf(&primary_conninfo(cfg, node, up)));
+            set("primary_slot_name", quote_conf(&crate::ha::slot_name(node)));
+        }
+        None => {
+            set("primary_conninfo", quote_conf(""));
+            set("primary_slot_name", quote_conf(""));
+        }
+    }
+    p
+}
+
+/// postgresql.conf as the agent writes it.
+pub fn render_postgresql_conf(params: &BTreeMap<String, String>) -> String {
+    let mut s = String::from(
+        "# Written by pgha on every start: edits here are overwritten.\n\
+         # Put settings in the pgha config ([postgresql.parameters]).\n\
+         include_if_exists 'postgresql.base.conf'\n\n",
+    );
+    for (k, v) in params {
+        s.push_str(&format!("{k} = {v}\n"));
+    }
+    s
+}
+
+/// pg_hba.conf: operator lines first, then local superuser access through
+/// the `pgha` ident map, then replication and clients with passwords.
+pub fn render_pg_hba(cfg: &PostgresConfig) -> String {
+    let mut s = String::from("# Written by pgha: edits here are overwritten. Use postgresql.pg_hba in the pgha config.\n");
+    for line in &cfg.pg_hba {
+        s.push_str(line);
+        s.push('\n');
+    }
+    s.push_str("local   all          all                  peer map=pgha\n");
+    let repl = &cfg.replication.username;
+    for net in ["0.0.0.0/0", "::/0"] {
+        s.push_str(&format!("host    replication  {repl:<12} {net:<20} scram-sha-256\n"));
+    }
+    for net in ["0.0.0.0/0", "::/0"] {
+        s.push_str(&format!("host    all          all          {net:<20} scram-sha-256\n"));
+    }
+    s
+}
+
+/// pg_ident.conf: the agent's OS user (and root) may connect as the superuser.
+pub fn render_pg_ident(cfg: &PostgresConfig, agent_os_user: &str) -> String {
+    let su = &cfg.superuser.username;
+    let mut s = String::from("# Written by pgha: edits here are overwritten.\n");
+    s.push_str("pgha  /^(.*)$  \\1\n");
+    for os in [agent_os_user, "root", cfg.os_user.as_str()] {
+        s.push_str(&format!("pgha  {os}  {su}\n"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_escapes_quotes_and_backslashes() {
+        assert_eq!(quote_conf("it's"), "'it''s'");
+        assert_eq!(quote_conf(r"a\b"), r"'a\\b'");
+        assert_eq!(quote_conninfo("p'w"), r"'p\'w'");
+    }
+}

@@ -1,0 +1,10 @@
+//! The local Postgres: data directory inspection, the files the agent owns,
+//! process control (initdb, start, stop, pg_basebackup, pg_rewind) and SQL
+//! probes. Postgres runs as the agent's child so a crash is seen at once.
+
+pub mod conf;
+mod probe;
+mod process;
+
+pub use conf::Upstream;
+pub use process::{LocalPg, PgError};

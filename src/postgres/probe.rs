@@ -1,0 +1,165 @@
+//! SQL against the local Postgres over its Unix socket: the probe that fills
+//! `LocalPostgres`, and the few statements the executor runs.
+
+use std::time::Duration;
+
+use tokio_postgres::NoTls;
+
+use super::process::{LocalPg, PgError, Result};
+use crate::ha::{LocalPostgres, Lsn, PgRole};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn lsn(s: Option<String>) -> Option<Lsn> {
+    s.as_deref().and_then(Lsn::parse)
+}
+
+impl LocalPg {
+    /// A fresh connection over the Unix socket as the superuser.
+    pub(super) async fn connect(&self) -> Result<tokio_postgres::Client> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host_path(&self.cfg.socket_dir)
+            .port(self.cfg.port)
+            .user(&self.cfg.superuser.username)
+            .dbname("postgres")
+            .application_name("pgha")
+            .connect_timeout(CONNECT_TIMEOUT);
+        let (client, conn) = cfg.connect(NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// Runs `f` on the cached connection, reconnecting once if it was closed.
+    async fn with_client<T>(
+        &self,
+        f: impl for<'c> Fn(&'c tokio_postgres::Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>> + Send + 'c>>,
+    ) -> Result<T> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            *guard = Some(self.connect().await?);
+        }
+        let client = guard.as_ref().expect("just connected");
+        match f(client).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if client.is_closed() {
+                    *guard = None;
+                }
+                Err(PgError::Sql(e))
+            }
+        }
+    }
+
+    /// Observes the running Postgres. `running = false` when it does not answer.
+    pub async fn probe(&self) -> LocalPostgres {
+        let row = self
+            .with_client(|c| {
+                Box::pin(c.query_one(
+                    "SELECT pg_is_in_recovery(),
+                            CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END,
+                            pg_last_wal_receive_lsn()::text,
+                            pg_last_wal_replay_lsn()::text,
+                            CASE WHEN pg_is_in_recovery()
+                                 THEN (SELECT received_tli FROM pg_stat_wal_receiver)
+                                 ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
+                            (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'),
+                            NULL::text,
+                            (SELECT timeline_id FROM pg_control_checkpoint()),
+                            ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical')",
+                    &[],
+                ))
+            })
+            .await;
+        let row = match row {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(node = %self.node, error = %e, "postgres probe failed");
+                return LocalPostgres::default();
+            }
+        };
+        let in_recovery: bool = row.get(0);
+        let current = lsn(row.get(1));
+        let receive = lsn(row.get(2));
+        let replay = lsn(row.get(3));
+        let tli: Option<i32> = row.get(4);
+        let checkpoint_tli: Option<i32> = row.get(7);
+        LocalPostgres {
+            running: true,
+            role: Some(if in_recovery { PgRole::Replica } else { PgRole::Primary }),
+            timeline: tli.or(checkpoint_tli).map(|t| t as u32),
+            wal_position: if in_recovery { replay } else { current },
+            receive_lsn: receive,
+            replay_lsn: replay,
+            streaming_from: row.get(5),
+            // Which member we follow is the agent's own bookkeeping.
+            following: None,
+            slots: row.get(8),
+        }
+    }
+
+    pub async fn promote(&self) -> Result<()> {
+        let ok: bool = self.with_client(|c| Box::pin(async move { c.query_one("SELECT pg_promote(true, 60)", &[]).await.map(|r| r.get(0)) })).await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(PgError::Other("pg_promote returned false".into()))
+        }
+    }
+
+    pub async fn reload(&self) -> Result<()> {
+        self.with_client(|c| Box::pin(async move { c.execute("SELECT pg_reload_conf()", &[]).await })).await.map(|_| ())
+    }
+
+    pub async fn create_slot(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.with_client(move |c| {
+            let name = name.clone();
+            Box::pin(async move {
+                c.execute(
+                    "SELECT pg_create_physical_replication_slot($1, true) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                    &[&name],
+                )
+                .await
+            })
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn drop_slot(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.with_client(move |c| {
+            let name = name.clone();
+            Box::pin(async move {
+                c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active", &[&name]).await
+            })
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Creates or updates the replication role (on the bootstrap primary).
+    pub async fn ensure_replication_role(&self) -> Result<()> {
+        let user = self.cfg.replication.username.replace('"', "\"\"");
+        let password = self.cfg.replication.password.as_ref().map(|p| p.expose().replace('\'', "''"));
+        let pw_clause = password.map(|p| format!(" PASSWORD '{p}'")).unwrap_or_default();
+        let sql = format!(
+            "DO $$BEGIN
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{u}') THEN
+                 CREATE ROLE \"{user}\" WITH LOGIN REPLICATION{pw};
+               ELSE
+                 ALTER ROLE \"{user}\" WITH LOGIN REPLICATION{pw};
+               END IF;
+             END$$",
+            u = self.cfg.replication.username.replace('\'', "''"),
+            pw = pw_clause
+        );
+        self.with_client(move |c| {
+            let sql = sql.clone();
+            Box::pin(async move { c.batch_execute(&sql).await })
+        })
+        .await
+    }
+}

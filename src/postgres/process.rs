@@ -1,0 +1,419 @@
+//! Process control of the local Postgres.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{Pid, User};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+
+use super::conf::{self, Upstream};
+use crate::config::PostgresConfig;
+use crate::ha::{DataDir, PgRole, Progress};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("{command} failed ({status}): {stderr}")]
+    Command { command: String, status: String, stderr: String },
+    #[error("postgres: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> PgError {
+    let what = what.into();
+    move |source| PgError::Io { what, source }
+}
+
+pub type Result<T> = std::result::Result<T, PgError>;
+
+/// Owner of the local Postgres: its files, its process, its connection.
+pub struct LocalPg {
+    pub cfg: PostgresConfig,
+    pub node: String,
+    /// uid/gid Postgres runs as when the agent is root.
+    run_as: Option<(u32, u32)>,
+    agent_os_user: String,
+    child: Mutex<Option<Child>>,
+    pub(super) client: Mutex<Option<tokio_postgres::Client>>,
+    /// Progress of a running clone, shared with the status publisher.
+    pub clone_progress: Arc<std::sync::Mutex<Option<Progress>>>,
+}
+
+impl LocalPg {
+    pub fn new(cfg: PostgresConfig, node: String) -> Result<LocalPg> {
+        let euid = nix::unistd::geteuid();
+        let agent_os_user = User::from_uid(euid).ok().flatten().map(|u| u.name).unwrap_or_else(|| euid.to_string());
+        let run_as = if euid.is_root() {
+            let user = User::from_name(&cfg.os_user)
+                .map_err(|e| PgError::Other(format!("looking up OS user {}: {e}", cfg.os_user)))?
+                .ok_or_else(|| PgError::Other(format!("OS user {} (postgresql.os_user) does not exist", cfg.os_user)))?;
+            Some((user.uid.as_raw(), user.gid.as_raw()))
+        } else {
+            None
+        };
+        Ok(LocalPg {
+            cfg,
+            node,
+            run_as,
+            agent_os_user,
+            child: Mutex::new(None),
+            client: Mutex::new(None),
+            clone_progress: Arc::new(std::sync::Mutex::new(None)),
+        })
+    }
+
+    fn bin(&self, name: &str) -> PathBuf {
+        self.cfg.bin_dir.join(name)
+    }
+
+    /// A command that runs as the Postgres OS user.
+    fn command(&self, program: &str) -> Command {
+        let mut std_cmd = std::process::Command::new(self.bin(program));
+        if let Some((uid, gid)) = self.run_as {
+            std_cmd.uid(uid).gid(gid);
+        }
+        std_cmd.env("LC_ALL", "C.UTF-8").env_remove("PGPASSWORD").stdin(Stdio::null());
+        let mut cmd = Command::from(std_cmd);
+        cmd.kill_on_drop(true);
+        cmd
+    }
+
+    fn chown(&self, path: &Path) -> Result<()> {
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io_err(format!("chown {}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a file the agent owns, readable only by the Postgres user.
+    fn write_owned(&self, path: &Path, contents: &str) -> Result<()> {
+        let tmp = path.with_extension("pgha-tmp");
+        std::fs::write(&tmp, contents).map_err(io_err(format!("writing {}", tmp.display())))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io_err("chmod"))?;
+        self.chown(&tmp)?;
+        std::fs::rename(&tmp, path).map_err(io_err(format!("renaming into {}", path.display())))
+    }
+
+    /// Creates the directories Postgres needs around its data directory.
+    pub fn prepare_dirs(&self) -> Result<()> {
+        for dir in [&self.cfg.socket_dir, self.cfg.data_dir.parent().unwrap_or(Path::new("/"))] {
+            std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        }
+        self.chown(&self.cfg.socket_dir)
+    }
+
+    /// Classifies the data directory without changing it.
+    pub async fn inspect_data_dir(&self) -> Result<DataDir> {
+        let dir = &self.cfg.data_dir;
+        let mut entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DataDir::Empty),
+            Err(e) => return Err(PgError::Io { what: format!("reading {}", dir.display()), source: e }),
+        };
+        if entries.next().is_none() {
+            return Ok(DataDir::Empty);
+        }
+        if !dir.join("PG_VERSION").exists() || !dir.join("global/pg_control").exists() {
+            return Ok(DataDir::Unusable);
+        }
+        match self.control_data().await?.get("Database system identifier").and_then(|v| v.parse().ok()) {
+            Some(system_identifier) => Ok(DataDir::Initialized { system_identifier }),
+            None => Ok(DataDir::Unusable),
+        }
+    }
+
+    async fn control_data(&self) -> Result<std::collections::HashMap<String, String>> {
+        let out = self.command("pg_controldata").arg("-D").arg(&self.cfg.data_dir).output().await.map_err(io_err("running pg_controldata"))?;
+        if !out.status.success() {
+            return Err(PgError::Command {
+                command: "pg_controldata".into(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect())
+    }
+
+    /// The role a stopped data directory last ran in.
+    pub async fn last_role(&self) -> Result<Option<PgRole>> {
+        if self.cfg.data_dir.join("standby.signal").exists() {
+            return Ok(Some(PgRole::Replica));
+        }
+        let state = self.control_data().await?.get("Database cluster state").cloned().unwrap_or_default();
+        Ok(match state.as_str() {
+            "shut down" | "in production" | "shutting down" => Some(PgRole::Primary),
+            "shut down in recovery" | "in archive recovery" | "in crash recovery" => Some(PgRole::Replica),
+            _ => None,
+        })
+    }
+
+    /// initdb with checksums; keeps the generated postgresql.conf as the base config.
+    pub async fn initdb(&self) -> Result<()> {
+        self.prepare_dirs()?;
+        let dir = &self.cfg.data_dir;
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err("chmod data dir"))?;
+        self.chown(dir)?;
+        let mut cmd = self.command("initdb");
+        cmd.arg("-D").arg(dir).arg("--data-checksums").arg("--encoding=UTF8").arg("--locale=C.UTF-8");
+        cmd.arg(format!("--username={}", self.cfg.superuser.username)).arg("--auth-local=peer").arg("--auth-host=scram-sha-256");
+        let pwfile = self.cfg.socket_dir.join(".pgha-initdb-pw");
+        if let Some(pw) = &self.cfg.superuser.password {
+            self.write_owned(&pwfile, pw.expose())?;
+            cmd.arg(format!("--pwfile={}", pwfile.display()));
+        }
+        let out = cmd.output().await.map_err(io_err("running initdb"));
+        let _ = std::fs::remove_file(&pwfile);
+        let out = out?;
+        if !out.status.success() {
+            return Err(PgError::Command {
+                command: "initdb".into(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        std::fs::rename(dir.join("postgresql.conf"), dir.join("postgresql.base.conf")).map_err(io_err("keeping postgresql.conf as postgresql.base.conf"))?;
+        Ok(())
+    }
+
+    /// Writes postgresql.conf, pg_hba.conf, pg_ident.conf and the standby signal.
+    pub fn write_config(&self, standby: bool, upstream: Option<&Upstream>) -> Result<()> {
+        let dir = &self.cfg.data_dir;
+        let params = conf::managed_parameters(&self.cfg, &self.node, upstream);
+        self.write_owned(&dir.join("postgresql.conf"), &conf::render_postgresql_conf(&params))?;
+        self.write_owned(&dir.join("pg_hba.conf"), &conf::render_pg_hba(&self.cfg))?;
+        self.write_owned(&dir.join("pg_ident.conf"), &conf::render_pg_ident(&self.cfg, &self.agent_os_user))?;
+        let signal = dir.join("standby.signal");
+        if standby {
+            self.write_owned(&signal, "")?;
+        } else if signal.exists() {
+            std::fs::remove_file(&signal).map_err(io_err("removing standby.signal"))?;
+        }
+        // A clone carries the source's auto.conf; the agent's own file is the truth.
+        let auto = dir.join("postgresql.auto.conf");
+        if auto.exists() {
+            let text = std::fs::read_to_string(&auto).unwrap_or_default();
+            let kept: String = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("primary_conninfo") && !l.trim_start().starts_with("primary_slot_name"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            if kept != text {
+                self.write_owned(&auto, &kept)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// PID of a postmaster running on our data directory, from postmaster.pid.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        kill(Pid::from_raw(pid), None).is_ok().then_some(pid)
+    }
+
+    /// Whether our child postmaster exited (reaping it if so).
+    pub async fn child_exited(&self) -> Option<String> {
+        let mut guard = self.child.lock().await;
+        let child = guard.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                *guard = None;
+                Some(status.to_string())
+            }
+            _ => None,
+        }
+    }
+
+    /// Starts the postmaster as our child and waits until it accepts connections.
+    pub async fn start(&self, timeout: Duration) -> Result<()> {
+        if self.postmaster_pid().is_some() {
+            return Ok(());
+        }
+        self.prepare_dirs()?;
+        let mut cmd = self.command("postgres");
+        cmd.arg("-D").arg(&self.cfg.data_dir).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // The postmaster must not die with the agent's process group on Ctrl-C:
+        // the agent decides how it stops.
+        cmd.process_group(0);
+        let mut child = cmd.spawn().map_err(io_err("starting postgres"))?;
+        let node = self.node.clone();
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(forward_log(BufReader::new(err), node.clone()));
+        }
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(forward_log(BufReader::new(out), node));
+        }
+        *self.child.lock().await = Some(child);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child_exited().await {
+                return Err(PgError::Other(format!("postgres exited during start: {status}")));
+            }
+            // The postmaster announces readiness in postmaster.pid; polling it
+            // does not spam the server log with refused connections.
+            if matches!(self.postmaster_status().as_deref(), Some("ready") | Some("standby")) && self.connect().await.is_ok() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(PgError::Other(format!("postgres did not accept connections within {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The status word of postmaster.pid (`starting`, `ready`, `standby`, `stopping`).
+    fn postmaster_status(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid")).ok()?;
+        text.lines().nth(7).map(|l| l.trim().to_string())
+    }
+
+    /// Fast shutdown (sessions are cut), escalating to immediate after `timeout`.
+    pub async fn stop(&self, timeout: Duration) -> Result<()> {
+        *self.client.lock().await = None;
+        let Some(pid) = self.postmaster_pid() else {
+            self.child_exited().await;
+            return Ok(());
+        };
+        let pid = Pid::from_raw(pid);
+        let _ = kill(pid, Signal::SIGINT);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut escalated = false;
+        loop {
+            self.child_exited().await;
+            if kill(pid, None).is_err() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline && !escalated {
+                tracing::warn!(node = %self.node, "postgres did not stop in time: immediate shutdown");
+                let _ = kill(pid, Signal::SIGQUIT);
+                escalated = true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Clones `from` with pg_basebackup (WAL streamed), publishing progress.
+    pub async fn basebackup(&self, from: &Upstream) -> Result<()> {
+        self.prepare_dirs()?;
+        let dir = &self.cfg.data_dir;
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err("chmod data dir"))?;
+        self.chown(dir)?;
+        let mut cmd = self.command("pg_basebackup");
+        cmd.arg("-D").arg(dir).args(["-X", "stream", "-c", "fast", "--progress", "--no-password"]);
+        cmd.arg("-h").arg(&from.host).arg("-p").arg(from.port.to_string()).arg("-U").arg(&self.cfg.replication.username);
+        if let Some(pw) = &self.cfg.replication.password {
+            cmd.env("PGPASSWORD", pw.expose());
+        }
+        cmd.stderr(Stdio::piped()).stdout(Stdio::null());
+        let mut child = cmd.spawn().map_err(io_err("starting pg_basebackup"))?;
+        let mut stderr = child.stderr.take().expect("piped");
+        let mut tail = String::new();
+        let mut buf = [0u8; 4096];
+        let mut last_logged = tokio::time::Instant::now();
+        loop {
+            let n = stderr.read(&mut buf).await.map_err(io_err("reading pg_basebackup output"))?;
+            if n == 0 {
+                break;
+            }
+            tail.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if let Some(p) = parse_basebackup_progress(&tail) {
+                *self.clone_progress.lock().expect("not poisoned") = Some(p);
+                if last_logged.elapsed() >= Duration::from_secs(2) {
+                    tracing::info!(node = %self.node, done_bytes = p.done_bytes, total_bytes = p.total_bytes, "clone progress");
+                    last_logged = tokio::time::Instant::now();
+                }
+            }
+            if tail.len() > 8192 {
+                tail.drain(..tail.len() - 4096);
+            }
+        }
+        let status = child.wait().await.map_err(io_err("waiting for pg_basebackup"))?;
+        if let Some(p) = *self.clone_progress.lock().expect("not poisoned") {
+            tracing::info!(node = %self.node, done_bytes = p.done_bytes, total_bytes = p.total_bytes, "clone finished");
+        }
+        *self.clone_progress.lock().expect("not poisoned") = None;
+        if !status.success() {
+            return Err(PgError::Command { command: "pg_basebackup".into(), status: status.to_string(), stderr: last_lines(&tail) });
+        }
+        Ok(())
+    }
+
+    /// pg_rewind against the running primary `from`; a no-op when the
+    /// timelines did not diverge.
+    pub async fn rewind(&self, from: &Upstream) -> Result<()> {
+        let mut cmd = self.command("pg_rewind");
+        let source = format!(
+            "host={} port={} user={} dbname=postgres",
+            conf::quote_conninfo(&from.host),
+            from.port,
+            conf::quote_conninfo(&self.cfg.superuser.username)
+        );
+        cmd.arg("-D").arg(&self.cfg.data_dir).arg(format!("--source-server={source}")).arg("--progress");
+        if let Some(pw) = &self.cfg.superuser.password {
+            cmd.env("PGPASSWORD", pw.expose());
+        }
+        // pg_rewind needs the config files to start single-user recovery.
+        self.write_config(false, None)?;
+        let out = cmd.output().await.map_err(io_err("running pg_rewind"))?;
+        if !out.status.success() {
+            return Err(PgError::Command {
+                command: "pg_rewind".into(),
+                status: out.status.to_string(),
+                stderr: last_lines(&String::from_utf8_lossy(&out.stderr)),
+            });
+        }
+        self.write_config(true, Some(from))
+    }
+}
+
+async fn forward_log<R: tokio::io::AsyncRead + Unpin>(reader: BufReader<R>, node: String) {
+    let mut lines = reader.lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(target: "postgres", node = %node, "{line}");
+    }
+}
+
+fn last_lines(text: &str) -> String {
+    let lines: Vec<&str> = text.split(['\n', '\r']).filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+/// Parses the newest `123/456 kB (27%)` progress report of pg_basebackup.
+pub fn parse_basebackup_progress(text: &str) -> Option<Progress> {
+    text.split(['\r', '\n']).rev().find_map(|chunk| {
+        let chunk = chunk.trim_start();
+        let (done, rest) = chunk.split_once('/')?;
+        let total = rest.split_whitespace().next()?;
+        let kb = |s: &str| s.trim().parse::<u64>().ok().map(|v| v * 1024);
+        Some(Progress { done_bytes: kb(done)?, total_bytes: kb(total)? })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basebackup_progress_is_parsed_from_the_last_report() {
+        let out = "waiting for checkpoint\r    0/22931 kB (0%), 0/1 tablespace\r22940/22940 kB (100%), 1/1 tablespace\n";
+        assert_eq!(parse_basebackup_progress(out), Some(Progress { done_bytes: 22940 * 1024, total_bytes: 22940 * 1024 }));
+        assert_eq!(parse_basebackup_progress("waiting for checkpoint"), None);
+    }
+}

@@ -46,7 +46,11 @@ fn epoch_ms() -> u64 {
 
 pub fn settings_for(cfg: &Config) -> Settings {
     let margin = FENCING_MARGIN.min(cfg.timing.ttl / 3);
-    Settings { ttl_ms: cfg.timing.ttl.as_millis() as u64, fencing_margin_ms: margin.as_millis() as u64 }
+    Settings {
+        ttl_ms: cfg.timing.ttl.as_millis() as u64,
+        fencing_margin_ms: margin.as_millis() as u64,
+        rewind_after_ms: 5_000,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +84,8 @@ pub struct Agent {
     last_error: Option<String>,
     last_local: LocalPostgres,
     etcd_failures: u32,
+    stalled_since: Option<Tick>,
+    needs_rewind: bool,
     snapshot: watch::Sender<Arc<Snapshot>>,
     job_done: mpsc::Sender<()>,
     job_done_rx: mpsc::Receiver<()>,
@@ -142,6 +148,8 @@ impl Agent {
                 last_error: None,
                 last_local: LocalPostgres::default(),
                 etcd_failures: 0,
+                stalled_since: None,
+                needs_rewind: false,
                 snapshot: tx,
                 job_done,
                 job_done_rx,
@@ -167,6 +175,7 @@ impl Agent {
                 break Err(e);
             }
             debug!(node = %self.cfg.name, elapsed_ms = loop_started.elapsed().as_millis() as u64, "loop pass");
+            let wait = self.next_wait();
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = wake_rx.recv() => {
@@ -174,12 +183,23 @@ impl Agent {
                     while wake_rx.try_recv().is_ok() {}
                 }
                 _ = self.job_done_rx.recv() => {}
-                _ = tokio::time::sleep(self.cfg.timing.loop_wait) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         };
         watcher.abort();
         self.shut_down().await;
         result
+    }
+
+    /// Time until the next pass: `loop_wait`, backing off while etcd is
+    /// unreachable unless we hold a lease that still needs renewing.
+    fn next_wait(&self) -> Duration {
+        let base = self.cfg.timing.loop_wait;
+        if self.etcd_failures == 0 || self.leader_lease.is_some() {
+            return base;
+        }
+        let factor = 1u32 << self.etcd_failures.saturating_sub(1).min(4);
+        (base * factor).min(Duration::from_secs(8).max(base))
     }
 
     /// One observe -> decide -> execute pass.
@@ -204,6 +224,9 @@ impl Agent {
         match job.handle.await {
             Ok(Ok(())) => {
                 info!(node = %self.cfg.name, job = ?job.kind, "job finished");
+                if job.kind == Job::Rewind {
+                    self.needs_rewind = false;
+                }
                 self.last_error = None;
             }
             Ok(Err(e)) => {
@@ -277,6 +300,8 @@ impl Agent {
         }
         let mut local = local;
         local.following = self.following.clone();
+        let stalled = local.running && local.role == Some(PgRole::Replica) && local.following.is_some() && local.streaming_from.is_none();
+        self.stalled_since = if stalled { Some(self.stalled_since.unwrap_or(now)) } else { None };
         self.last_local = local.clone();
         if let Some(v) = &dcs {
             self.last_view = Some(v.clone());
@@ -292,6 +317,8 @@ impl Agent {
             pg_down_since: self.pg_down_since,
             orphan_slots,
             last_role,
+            replica_stalled_since: self.stalled_since,
+            needs_rewind: self.needs_rewind,
         }
     }
 
@@ -440,9 +467,10 @@ impl Agent {
                     Err(e) => warn!(node = %node, error = %e, "promotion failed"),
                 }
             }
-            Action::Stop => {
+            Action::Stop { then_rewind } => {
                 let pg = self.pg.clone();
                 self.following = None;
+                self.needs_rewind |= then_rewind;
                 self.spawn_job(Job::Stop, async move { pg.stop(Duration::from_secs(30)).await.map_err(|e| e.to_string()) });
             }
             Action::CreateSlots { names } => {

@@ -30,8 +30,9 @@ pub enum Action {
     ReleaseLeader,
     /// Promote the local standby; we hold the leader key.
     Promote,
-    /// Stop Postgres now (fast shutdown: sessions are cut).
-    Stop,
+    /// Stop Postgres now (fast shutdown: sessions are cut). With
+    /// `then_rewind`, the data directory is rewound before it starts again.
+    Stop { then_rewind: bool },
     /// Create physical replication slots for these members.
     CreateSlots { names: Vec<String> },
     /// Drop these slots: their members have been gone longer than the grace period.
@@ -69,7 +70,8 @@ impl fmt::Display for Action {
             Action::RenewLeader { .. } => f.write_str("renew leader lease"),
             Action::ReleaseLeader => f.write_str("release leader key"),
             Action::Promote => f.write_str("promote"),
-            Action::Stop => f.write_str("stop postgres"),
+            Action::Stop { then_rewind: false } => f.write_str("stop postgres"),
+            Action::Stop { then_rewind: true } => f.write_str("stop postgres for rewind"),
             Action::CreateSlots { names } => write!(f, "create slots {}", names.join(",")),
             Action::DropSlots { names } => write!(f, "drop slots {}", names.join(",")),
             Action::Refuse { .. } => f.write_str("refuse"),

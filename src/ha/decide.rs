@@ -11,6 +11,9 @@ pub struct Settings {
     pub ttl_ms: u64,
     /// The primary stops taking writes this long before its lease can expire.
     pub fencing_margin_ms: u64,
+    /// A standby that cannot stream from a leader on a newer timeline for
+    /// this long is stopped and rewound.
+    pub rewind_after_ms: u64,
 }
 
 impl Settings {
@@ -36,7 +39,7 @@ pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
 
     if running_primary && fence_due {
         steps.push(Step::new(
-            Action::Stop,
+            Action::Stop { then_rewind: false },
             "fencing: leader lease not renewed before the fencing deadline; stop taking writes",
         ));
         return steps;
@@ -44,7 +47,7 @@ pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
 
     let Some(dcs) = &obs.dcs else {
         if running_primary && obs.leader_lease.is_none() {
-            steps.push(Step::new(Action::Stop, "etcd unreachable and no leader lease held: a primary without a lease must not take writes"));
+            steps.push(Step::new(Action::Stop { then_rewind: false }, "etcd unreachable and no leader lease held: a primary without a lease must not take writes"));
         } else if let Some(lease) = obs.leader_lease {
             steps.push(Step::new(Action::RenewLeader { lease_id: lease.lease_id }, "etcd unreachable: keep trying to renew before the fencing deadline"));
         }
@@ -108,7 +111,7 @@ pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
 
     match &dcs.leader {
         Some(key) if key.name == obs.node => lead(obs, dcs, now, &mut steps),
-        Some(key) => follow(obs, dcs, &key.name, &mut steps),
+        Some(key) => follow(obs, dcs, settings, now, &key.name, &mut steps),
         None => elect(obs, dcs, &mut steps),
     }
     steps
@@ -174,27 +177,38 @@ fn lead(obs: &Observation, dcs: &DcsView, now: Tick, steps: &mut Vec<Step>) {
 }
 
 /// Another node holds the leader key.
-fn follow(obs: &Observation, dcs: &DcsView, leader: &str, steps: &mut Vec<Step>) {
+fn follow(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, leader: &str, steps: &mut Vec<Step>) {
     let local = &obs.local;
     if local.running {
         match local.role {
             Some(PgRole::Primary) => steps.push(Step::new(
-                Action::Stop,
+                Action::Stop { then_rewind: false },
                 format!("{leader} holds the leader key: a second primary must not run"),
             )),
             _ if local.following.as_deref() != Some(leader) => {
                 steps.push(Step::new(Action::Follow { upstream: leader.to_string() }, format!("{leader} is the leader")))
             }
-            _ => {}
+            _ => {
+                let leader_tl = dcs.member(leader).and_then(|m| m.timeline);
+                let stalled_ms = obs.replica_stalled_since.map(|t| now.since(t));
+                if let (Some(stalled_ms), Some(leader_tl)) = (stalled_ms, leader_tl) {
+                    if stalled_ms >= settings.rewind_after_ms && local.timeline.is_some_and(|t| t < leader_tl) {
+                        steps.push(Step::new(
+                            Action::Stop { then_rewind: true },
+                            format!("not streaming from {leader} (timeline {leader_tl}) for {stalled_ms} ms: our timeline diverged, rewind"),
+                        ));
+                    }
+                }
+            }
         }
         return;
     }
     let leader_up = running_leader(dcs, &obs.node).is_some();
-    if obs.last_role == Some(PgRole::Primary) {
+    if obs.last_role == Some(PgRole::Primary) || obs.needs_rewind {
         if leader_up {
             steps.push(Step::new(
                 Action::Rewind { from: leader.to_string() },
-                format!("former primary rejoins {leader}: rewind any diverged WAL first"),
+                format!("rejoining {leader}: rewind any diverged WAL first"),
             ));
         }
         return;
@@ -236,7 +250,13 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
     // Positions compare only on the same timeline: a newer timeline wins.
     let me = (obs.local.timeline.unwrap_or(0), mine, obs.tags.failover_priority);
     for m in &dcs.members {
-        if m.name == obs.node || m.nofailover || m.state != "running" || m.role != MemberRole::Replica {
+        if m.name == obs.node || m.nofailover {
+            continue;
+        }
+        if m.state == "starting" {
+            return Err(format!("{} is starting: wait until it reports its WAL position", m.name));
+        }
+        if !matches!(m.state.as_str(), "running" | "streaming") || m.role != MemberRole::Replica {
             continue;
         }
         let theirs = (m.timeline.unwrap_or(0), m.receive_lsn.max(m.replay_lsn).unwrap_or_default(), m.failover_priority);

@@ -8,3 +8,6 @@ pub mod state;
 pub use action::{Action, Step};
 pub use decide::{decide, slot_name, Settings};
 pub use state::*;
+
+#[cfg(test)]
+mod tests;

@@ -239,4 +239,8 @@ pub struct Observation {
     pub orphan_slots: Vec<OrphanSlot>,
     /// Role the stopped data directory last ran in (standby.signal, control data).
     pub last_role: Option<PgRole>,
+    /// Since when the running standby has an upstream but does not stream from it.
+    pub replica_stalled_since: Option<Tick>,
+    /// The data directory must be rewound before it runs as a replica again.
+    pub needs_rewind: bool,
 }

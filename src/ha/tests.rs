@@ -1,0 +1,409 @@
+//! Table tests for every branch of `decide`, and property tests for the
+//! safety rules no observation may break.
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::config::Tags;
+
+const SYSID: u64 = 7_000_000_000_000_000_001;
+
+fn settings() -> Settings {
+    Settings { ttl_ms: 10_000, fencing_margin_ms: 2_000, rewind_after_ms: 5_000 }
+}
+
+fn member(name: &str, role: MemberRole, state: &str, tl: u32, lsn: u64) -> MemberStatus {
+    MemberStatus {
+        name: name.into(),
+        role,
+        state: state.into(),
+        timeline: Some(tl),
+        wal_position: Some(Lsn(lsn)),
+        receive_lsn: (role == MemberRole::Replica).then_some(Lsn(lsn)),
+        replay_lsn: (role == MemberRole::Replica).then_some(Lsn(lsn)),
+        pg_host: "127.0.0.1".into(),
+        pg_port: 5432,
+        api_url: format!("http://{name}:8008"),
+        nofailover: false,
+        noloadbalance: false,
+        nosync: false,
+        failover_priority: 1,
+        tags: Default::default(),
+        basebackup: None,
+        updated_at_ms: 0,
+        version: "test".into(),
+    }
+}
+
+fn leader_key(name: &str) -> LeaderKey {
+    LeaderKey { name: name.into(), lease_id: 42, mod_revision: 7 }
+}
+
+fn view(leader: Option<&str>, members: Vec<MemberStatus>) -> DcsView {
+    DcsView {
+        revision: 10,
+        initialize: Some(InitializeKey { node: "n1".into(), system_identifier: Some(SYSID) }),
+        leader: leader.map(leader_key),
+        members,
+        config: DynamicConfig::default(),
+        last_leader_lsn: None,
+    }
+}
+
+fn running(role: PgRole, tl: u32, lsn: u64) -> LocalPostgres {
+    LocalPostgres {
+        running: true,
+        role: Some(role),
+        timeline: Some(tl),
+        wal_position: Some(Lsn(lsn)),
+        receive_lsn: (role == PgRole::Replica).then_some(Lsn(lsn)),
+        replay_lsn: (role == PgRole::Replica).then_some(Lsn(lsn)),
+        ..Default::default()
+    }
+}
+
+fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
+    Observation {
+        node: node.into(),
+        tags: Tags { failover_priority: 1, ..Default::default() },
+        data_dir: DataDir::Initialized { system_identifier: SYSID },
+        local,
+        dcs,
+        leader_lease: None,
+        job: None,
+        pg_down_since: None,
+        orphan_slots: Vec::new(),
+        last_role: None,
+        replica_stalled_since: None,
+        needs_rewind: false,
+    }
+}
+
+fn actions(o: &Observation, now: u64) -> Vec<Action> {
+    decide(o, &settings(), Tick(now)).into_iter().map(|s| s.action).collect()
+}
+
+fn healthy_three(leader: &str) -> Vec<MemberStatus> {
+    ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| {
+            if *n == leader {
+                member(n, MemberRole::Primary, "running", 1, 1000)
+            } else {
+                member(n, MemberRole::Replica, "streaming", 1, 1000)
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn etcd_unreachable_primary_without_lease_stops() {
+    let o = obs("n1", running(PgRole::Primary, 1, 10), None);
+    assert_eq!(actions(&o, 0), vec![Action::Stop { then_rewind: false }]);
+}
+
+#[test]
+fn etcd_unreachable_primary_with_lease_keeps_renewing_until_the_deadline() {
+    let mut o = obs("n1", running(PgRole::Primary, 1, 10), None);
+    o.leader_lease = Some(HeldLease { lease_id: 42, renewed_at: Tick(1_000) });
+    assert_eq!(actions(&o, 8_999), vec![Action::RenewLeader { lease_id: 42 }]);
+    assert_eq!(actions(&o, 9_000), vec![Action::Stop { then_rewind: false }], "ttl 10 s - margin 2 s after renewal");
+}
+
+#[test]
+fn etcd_unreachable_replica_does_nothing() {
+    let o = obs("n2", running(PgRole::Replica, 1, 10), None);
+    assert!(actions(&o, 0).is_empty());
+}
+
+#[test]
+fn fencing_deadline_stops_primary_even_when_etcd_still_names_it() {
+    let mut o = obs("n1", running(PgRole::Primary, 1, 10), Some(view(Some("n1"), healthy_three("n1"))));
+    o.leader_lease = Some(HeldLease { lease_id: 42, renewed_at: Tick(0) });
+    assert_eq!(actions(&o, 8_000), vec![Action::Stop { then_rewind: false }]);
+    let before = actions(&o, 7_999);
+    assert!(!before.contains(&Action::Stop { then_rewind: false }));
+    assert_eq!(before[0], Action::RenewLeader { lease_id: 42 });
+}
+
+#[test]
+fn uninitialized_cluster_races_for_initialize() {
+    let mut v = view(None, vec![]);
+    v.initialize = None;
+    let mut o = obs("n1", LocalPostgres::default(), Some(v));
+    o.data_dir = DataDir::Empty;
+    assert_eq!(actions(&o, 0), vec![Action::ClaimInitialize { system_identifier: None }]);
+    o.data_dir = DataDir::Initialized { system_identifier: 5 };
+    assert_eq!(actions(&o, 0), vec![Action::ClaimInitialize { system_identifier: Some(5) }]);
+    o.data_dir = DataDir::Unusable;
+    assert!(matches!(actions(&o, 0)[..], [Action::Refuse { .. }]));
+}
+
+#[test]
+fn initialize_winner_runs_initdb_then_publishes() {
+    let mut v = view(None, vec![]);
+    v.initialize = Some(InitializeKey { node: "n1".into(), system_identifier: None });
+    let mut o = obs("n1", LocalPostgres::default(), Some(v.clone()));
+    o.data_dir = DataDir::Empty;
+    assert_eq!(actions(&o, 0), vec![Action::InitDb]);
+    o.data_dir = DataDir::Initialized { system_identifier: 99 };
+    assert_eq!(actions(&o, 0), vec![Action::PublishSystemIdentifier { system_identifier: 99 }]);
+    let mut other = obs("n2", LocalPostgres::default(), Some(v));
+    other.data_dir = DataDir::Empty;
+    assert!(actions(&other, 0).is_empty(), "losers wait for the winner");
+}
+
+#[test]
+fn foreign_or_unusable_data_directory_is_refused() {
+    let mut o = obs("n2", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    o.data_dir = DataDir::Initialized { system_identifier: SYSID + 1 };
+    assert!(matches!(actions(&o, 0)[..], [Action::Refuse { .. }]));
+    o.data_dir = DataDir::Unusable;
+    assert!(matches!(actions(&o, 0)[..], [Action::Refuse { .. }]));
+}
+
+#[test]
+fn empty_replica_clones_a_running_leader_only() {
+    let mut o = obs("n2", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    o.data_dir = DataDir::Empty;
+    assert_eq!(actions(&o, 0), vec![Action::Clone { from: "n1".into() }]);
+    let mut members = healthy_three("n1");
+    members[0].state = "starting".into();
+    o.dcs = Some(view(Some("n1"), members));
+    assert!(actions(&o, 0).is_empty());
+    o.dcs = Some(view(None, healthy_three("n1")));
+    assert!(actions(&o, 0).is_empty());
+}
+
+#[test]
+fn leader_with_postgres_down_restarts_it_within_primary_start_timeout() {
+    let mut o = obs("n1", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    o.pg_down_since = Some(Tick(1_000));
+    assert_eq!(actions(&o, 2_000), vec![Action::RenewLeader { lease_id: 42 }, Action::StartPrimary]);
+    assert_eq!(actions(&o, 31_000), vec![Action::RenewLeader { lease_id: 42 }, Action::ReleaseLeader]);
+}
+
+#[test]
+fn new_leader_creates_slots_then_promotes() {
+    let o = obs("n2", running(PgRole::Replica, 1, 1000), Some(view(Some("n2"), healthy_three("n1"))));
+    assert_eq!(
+        actions(&o, 0),
+        vec![
+            Action::RenewLeader { lease_id: 42 },
+            Action::CreateSlots { names: vec!["n1".into(), "n3".into()] },
+            Action::Promote
+        ]
+    );
+}
+
+#[test]
+fn primary_drops_orphan_slots_after_the_grace_period() {
+    let mut local = running(PgRole::Primary, 1, 1000);
+    local.slots = vec!["n2".into(), "n3".into(), "gone".into()];
+    let mut o = obs("n1", local, Some(view(Some("n1"), healthy_three("n1"))));
+    o.orphan_slots = vec![OrphanSlot { name: "gone".into(), missing_since: Tick(0) }];
+    assert_eq!(actions(&o, 29_999), vec![Action::RenewLeader { lease_id: 42 }]);
+    assert_eq!(
+        actions(&o, 30_000),
+        vec![Action::RenewLeader { lease_id: 42 }, Action::DropSlots { names: vec!["gone".into()] }]
+    );
+}
+
+#[test]
+fn second_primary_is_stopped() {
+    let o = obs("n3", running(PgRole::Primary, 1, 1000), Some(view(Some("n1"), healthy_three("n1"))));
+    assert_eq!(actions(&o, 0), vec![Action::Stop { then_rewind: false }]);
+}
+
+#[test]
+fn replica_repoints_to_the_current_leader() {
+    let mut local = running(PgRole::Replica, 1, 1000);
+    local.following = Some("n3".into());
+    let o = obs("n2", local, Some(view(Some("n1"), healthy_three("n1"))));
+    assert_eq!(actions(&o, 0), vec![Action::Follow { upstream: "n1".into() }]);
+}
+
+#[test]
+fn stalled_replica_on_an_older_timeline_is_stopped_for_rewind() {
+    let mut members = healthy_three("n1");
+    members[0].timeline = Some(3);
+    let mut local = running(PgRole::Replica, 2, 1000);
+    local.following = Some("n1".into());
+    let mut o = obs("n2", local, Some(view(Some("n1"), members)));
+    o.replica_stalled_since = Some(Tick(0));
+    assert!(actions(&o, 4_999).is_empty());
+    assert_eq!(actions(&o, 5_000), vec![Action::Stop { then_rewind: true }]);
+    o.local.timeline = Some(3);
+    assert!(actions(&o, 60_000).is_empty(), "same timeline: a rewind would not help");
+}
+
+#[test]
+fn stopped_former_primary_rewinds_before_following() {
+    let mut o = obs("n3", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    o.last_role = Some(PgRole::Primary);
+    assert_eq!(actions(&o, 0), vec![Action::Rewind { from: "n1".into() }]);
+    o.last_role = Some(PgRole::Replica);
+    assert_eq!(actions(&o, 0), vec![Action::StartReplica { upstream: Some("n1".into()) }]);
+    o.needs_rewind = true;
+    assert_eq!(actions(&o, 0), vec![Action::Rewind { from: "n1".into() }]);
+}
+
+#[test]
+fn without_leader_a_stopped_node_starts_read_only() {
+    let o = obs("n2", LocalPostgres::default(), Some(view(None, healthy_three("n1"))));
+    assert_eq!(actions(&o, 0), vec![Action::StartReplica { upstream: None }]);
+}
+
+#[test]
+fn without_leader_a_running_primary_retakes_the_key() {
+    let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(view(None, healthy_three("n1"))));
+    assert_eq!(actions(&o, 0), vec![Action::AcquireLeader]);
+}
+
+fn replicas(positions: &[(&str, u32, u64)]) -> Vec<MemberStatus> {
+    positions.iter().map(|(n, tl, lsn)| member(n, MemberRole::Replica, "running", *tl, *lsn)).collect()
+}
+
+#[test]
+fn most_advanced_replica_takes_the_key() {
+    let v = view(None, replicas(&[("n2", 1, 2000), ("n3", 1, 1000)]));
+    assert_eq!(actions(&obs("n2", running(PgRole::Replica, 1, 2000), Some(v.clone())), 0), vec![Action::AcquireLeader]);
+    assert!(actions(&obs("n3", running(PgRole::Replica, 1, 1000), Some(v)), 0).is_empty());
+}
+
+#[test]
+fn newer_timeline_beats_a_higher_lsn() {
+    let v = view(None, replicas(&[("n2", 2, 1000), ("n3", 1, 5000)]));
+    assert!(actions(&obs("n3", running(PgRole::Replica, 1, 5000), Some(v.clone())), 0).is_empty());
+    assert_eq!(actions(&obs("n2", running(PgRole::Replica, 2, 1000), Some(v)), 0), vec![Action::AcquireLeader]);
+}
+
+#[test]
+fn ties_go_to_priority_then_name() {
+    let mut members = replicas(&[("n2", 1, 1000), ("n3", 1, 1000)]);
+    let v = view(None, members.clone());
+    assert_eq!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(v.clone())), 0), vec![Action::AcquireLeader]);
+    assert!(actions(&obs("n3", running(PgRole::Replica, 1, 1000), Some(v)), 0).is_empty());
+    members[1].failover_priority = 5;
+    let v = view(None, members);
+    let mut n3 = obs("n3", running(PgRole::Replica, 1, 1000), Some(v));
+    n3.tags.failover_priority = 5;
+    assert_eq!(actions(&n3, 0), vec![Action::AcquireLeader]);
+}
+
+#[test]
+fn nofailover_lagging_and_waiting_candidates_stay_replicas() {
+    let v = view(None, replicas(&[("n2", 1, 1000), ("n3", 1, 1000)]));
+    let mut o = obs("n2", running(PgRole::Replica, 1, 1000), Some(v.clone()));
+    o.tags.nofailover = true;
+    assert!(actions(&o, 0).is_empty(), "nofailover");
+
+    let mut lagging = v.clone();
+    lagging.last_leader_lsn = Some(Lsn(1000 + 2 * 1024 * 1024));
+    assert!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(lagging)), 0).is_empty(), "lag above maximum_lag_on_failover");
+
+    let mut starting = v;
+    starting.members[1].state = "starting".into();
+    assert!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(starting)), 0).is_empty(), "a member has not reported yet");
+}
+
+#[test]
+fn nofailover_member_does_not_block_others() {
+    let mut members = replicas(&[("n2", 1, 1000), ("n3", 1, 9000)]);
+    members[1].nofailover = true;
+    let v = view(None, members);
+    assert_eq!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(v)), 0), vec![Action::AcquireLeader]);
+}
+
+#[test]
+fn running_job_only_renews() {
+    let mut o = obs("n1", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    o.job = Some(Job::Start);
+    assert_eq!(actions(&o, 0), vec![Action::RenewLeader { lease_id: 42 }]);
+    o.dcs = Some(view(Some("n2"), healthy_three("n2")));
+    assert!(actions(&o, 0).is_empty());
+}
+
+fn arb_local() -> impl Strategy<Value = LocalPostgres> {
+    (any::<bool>(), prop::option::of(prop_oneof![Just(PgRole::Primary), Just(PgRole::Replica)]), 1u32..4, 0u64..5000, prop::option::of("n[1-3]"))
+        .prop_map(|(running, role, tl, lsn, following)| LocalPostgres {
+            running,
+            role: if running { role } else { None },
+            timeline: Some(tl),
+            wal_position: Some(Lsn(lsn)),
+            receive_lsn: Some(Lsn(lsn)),
+            replay_lsn: Some(Lsn(lsn)),
+            following,
+            ..Default::default()
+        })
+}
+
+fn arb_obs() -> impl Strategy<Value = (Observation, u64)> {
+    (
+        "n[1-3]",
+        arb_local(),
+        prop::option::of((prop::option::of("n[1-3]"), prop::option::of(prop::option::of(prop_oneof![Just(SYSID), Just(SYSID + 1)])), "n[1-3]")),
+        prop_oneof![Just(DataDir::Empty), Just(DataDir::Unusable), Just(DataDir::Initialized { system_identifier: SYSID }), Just(DataDir::Initialized { system_identifier: SYSID + 1 })],
+        prop::option::of(0u64..20_000),
+        0u64..40_000,
+        any::<bool>(),
+    )
+        .prop_map(|(node, local, dcs, data_dir, renewed, now, rewind)| {
+            let dcs = dcs.map(|(leader, init, init_node)| {
+                let mut v = view(leader.as_deref(), healthy_three(leader.as_deref().unwrap_or("n1")));
+                v.initialize = init.map(|sysid| InitializeKey { node: init_node, system_identifier: sysid });
+                v
+            });
+            let mut o = obs(&node, local, dcs);
+            o.data_dir = data_dir;
+            o.leader_lease = renewed.map(|t| HeldLease { lease_id: 42, renewed_at: Tick(t) });
+            o.needs_rewind = rewind;
+            (o, now)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn never_promotes_or_starts_primary_without_holding_the_key((o, now) in arb_obs()) {
+        let holds = o.dcs.as_ref().and_then(|d| d.leader.as_ref()).is_some_and(|l| l.name == o.node);
+        for a in actions(&o, now) {
+            if matches!(a, Action::Promote | Action::StartPrimary) {
+                prop_assert!(holds, "{a:?} without the key: {o:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn never_keeps_a_writable_primary_past_the_fencing_deadline((o, now) in arb_obs()) {
+        let past = o.leader_lease.is_some_and(|l| Tick(now) >= settings().fencing_deadline(l.renewed_at));
+        let primary = o.local.running && o.local.role == Some(PgRole::Primary);
+        if past && primary {
+            prop_assert_eq!(actions(&o, now), vec![Action::Stop { then_rewind: false }]);
+        }
+    }
+
+    #[test]
+    fn never_writes_into_a_data_directory_that_is_not_empty((o, now) in arb_obs()) {
+        for a in actions(&o, now) {
+            if matches!(a, Action::InitDb | Action::Clone { .. }) {
+                prop_assert_eq!(o.data_dir, DataDir::Empty);
+            }
+            if matches!(a, Action::Rewind { .. } | Action::StartPrimary | Action::StartReplica { .. }) {
+                let cluster = o.dcs.as_ref().and_then(|d| d.initialize.as_ref()).and_then(|i| i.system_identifier);
+                prop_assert_eq!(o.data_dir, DataDir::Initialized { system_identifier: cluster.expect("initialized cluster") });
+            }
+        }
+    }
+
+    #[test]
+    fn a_primary_without_etcd_and_without_lease_never_stays_writable((o, now) in arb_obs()) {
+        let mut o = o;
+        o.dcs = None;
+        o.leader_lease = None;
+        if o.local.running && o.local.role == Some(PgRole::Primary) {
+            prop_assert_eq!(actions(&o, now), vec![Action::Stop { then_rewind: false }]);
+        }
+    }
+}

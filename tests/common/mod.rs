@@ -1,0 +1,781 @@
+//! Harness for the cluster tests: a real etcd and real `pgha` agents (which
+//! run real Postgres 15) on free loopback ports, each under its own directory
+//! in /tmp. Every process started is tracked by PID and stopped on drop, also
+//! when the test panics; a failing test prints the tail of every log.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::{Pid, User};
+use serde::Deserialize;
+use serde_json::Value;
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+pub const SUPERUSER_PASSWORD: &str = "su-pass";
+pub const REPLICATION_PASSWORD: &str = "repl-pass";
+/// Lines of each log printed when a test fails.
+const LOG_TAIL_LINES: usize = 60;
+
+/// Cluster tests are heavy (several Postgres instances on two cores): one at a time.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    // A failed test poisons the lock; the next test must still run.
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Polls `probe` every 100 ms until it returns `Some` or `timeout` passes;
+/// panics naming `what` on timeout.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A loopback port nobody listens on, never handed out twice in this process.
+pub fn free_port() -> u16 {
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local addr").port();
+        if given.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
+            return port;
+        }
+    }
+}
+
+/// A directory under /tmp that the `postgres` OS user can traverse; removed
+/// on drop unless PGHA_TEST_KEEP is set.
+pub struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(prefix: &str) -> TestDir {
+        let path = tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp").expect("temp dir").keep();
+        // tempfile makes 0700 dirs; Postgres runs as `postgres` below this one.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod test dir");
+        TestDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::env::var_os("PGHA_TEST_KEEP").is_some() {
+            eprintln!("keeping {}", self.path.display());
+            return;
+        }
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Last `n` lines of a file, for failure reports.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Waits for a child with a deadline; `None` if it is still running.
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+/// One blocking HTTP/1.1 GET; returns the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad HTTP answer: {text:?}"));
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    Ok((status, body.to_string()))
+}
+
+/// A runtime for the few async clients the harness uses (etcd-client).
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime")
+    })
+}
+
+/// A single-member etcd on free ports with its own data directory.
+pub struct Etcd {
+    pub url: String,
+    client_addr: SocketAddr,
+    child: Child,
+    log: PathBuf,
+    dir: TestDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let dir = TestDir::new("pgha-etcd-");
+        let (client_port, peer_port) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let log = dir.path().join("etcd.log");
+        let out = File::create(&log).expect("etcd log");
+        let child = Command::new("etcd")
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup log"))
+            .stderr(out)
+            .spawn()
+            .expect("start etcd (is /usr/bin/etcd installed?)");
+        let etcd = Etcd { url, client_addr: SocketAddr::from(([127, 0, 0, 1], client_port)), child, log, dir };
+        // Constructed first: a timeout here panics and Drop still stops etcd.
+        wait_until("etcd to report healthy", Duration::from_secs(30), || {
+            let (status, body) = http_get(etcd.client_addr, "/health").ok()?;
+            (status == 200 && body.contains("\"true\"")).then_some(())
+        });
+        etcd
+    }
+
+    /// The raw value of `key`, if it exists.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let url = self.url.clone();
+        let key = key.to_string();
+        runtime()
+            .block_on(async move {
+                let mut client = etcd_client::Client::connect([url], None).await?;
+                let resp = client.get(key, None).await?;
+                Ok::<_, etcd_client::Error>(resp.kvs().first().map(|kv| kv.value().to_vec()))
+            })
+            .expect("etcd get")
+    }
+
+    pub fn get_json(&self, key: &str) -> Option<Value> {
+        self.get(key).map(|v| serde_json::from_slice(&v).expect("JSON value in etcd"))
+    }
+
+    /// Number of keys under `prefix`.
+    pub fn count_prefix(&self, prefix: &str) -> usize {
+        let url = self.url.clone();
+        let prefix = prefix.to_string();
+        runtime()
+            .block_on(async move {
+                let mut client = etcd_client::Client::connect([url], None).await?;
+                let opts = etcd_client::GetOptions::new().with_prefix().with_count_only();
+                let resp = client.get(prefix, Some(opts)).await?;
+                Ok::<_, etcd_client::Error>(resp.count() as usize)
+            })
+            .expect("etcd count")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- etcd log (last {LOG_TAIL_LINES} lines) -----\n{}", tail(&self.log, LOG_TAIL_LINES));
+        }
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        if wait_child(&mut self.child, Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Agent timing written into each node's config.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub ttl_s: u64,
+    pub loop_wait_s: u64,
+    pub retry_timeout_s: u64,
+}
+
+impl Timing {
+    /// The production defaults.
+    pub const STANDARD: Timing = Timing { ttl_s: 10, loop_wait_s: 1, retry_timeout_s: 3 };
+    /// The smallest TTL the config accepts: failover within a few seconds.
+    pub const FAST: Timing = Timing { ttl_s: 3, loop_wait_s: 1, retry_timeout_s: 1 };
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub scope: String,
+    pub timing: Timing,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { scope: "t".into(), timing: Timing::STANDARD }
+    }
+}
+
+/// One member of `GET /cluster`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MemberView {
+    pub name: String,
+    pub role: String,
+    pub state: String,
+    pub timeline: Option<u32>,
+    pub lag_bytes: Option<u64>,
+    pub api_url: String,
+    pub pg_port: u16,
+    #[serde(default)]
+    pub leader: bool,
+}
+
+/// `GET /cluster` as one node sees it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClusterView {
+    pub scope: String,
+    pub leader: Option<String>,
+    pub members: Vec<MemberView>,
+}
+
+impl ClusterView {
+    /// Members that are the leader and run as a primary.
+    pub fn primaries(&self) -> Vec<&MemberView> {
+        self.members.iter().filter(|m| m.role == "primary" && m.state == "running").collect()
+    }
+
+    pub fn streaming_replicas(&self) -> Vec<&MemberView> {
+        self.members.iter().filter(|m| m.role == "replica" && m.state == "streaming").collect()
+    }
+
+    pub fn member(&self, name: &str) -> Option<&MemberView> {
+        self.members.iter().find(|m| m.name == name)
+    }
+
+    /// Exactly one running primary and `replicas` streaming replicas.
+    pub fn is_healthy(&self, replicas: usize) -> bool {
+        self.primaries().len() == 1 && self.streaming_replicas().len() == replicas
+    }
+}
+
+/// One pgha agent: its directory, config, log and process.
+pub struct Node {
+    pub name: String,
+    pub pg_port: u16,
+    pub api_port: u16,
+    pub dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    agent: Option<Child>,
+    /// Byte offset in `log` where the current run of the agent starts.
+    run_log_start: u64,
+    last_exit: Option<ExitStatus>,
+}
+
+impl Node {
+    fn new(root: &Path, name: &str, etcd_url: &str, opts: &Options) -> Node {
+        let dir = root.join(name);
+        fs::create_dir_all(&dir).expect("node dir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod node dir");
+        let (pg_port, api_port) = (free_port(), free_port());
+        let data_dir = dir.join("data");
+        let config = dir.join("pgha.toml");
+        let t = opts.timing;
+        let text = format!(
+            r#"scope = "{scope}"
+name = "{name}"
+
+[etcd]
+endpoints = ["{etcd_url}"]
+
+[postgresql]
+data_dir = "{data_dir}"
+bin_dir = "{PG_BIN}"
+listen_addresses = "127.0.0.1"
+port = {pg_port}
+advertise_host = "127.0.0.1"
+
+[postgresql.superuser]
+password = "{SUPERUSER_PASSWORD}"
+
+[postgresql.replication]
+password = "{REPLICATION_PASSWORD}"
+
+[api]
+listen = ["127.0.0.1:{api_port}"]
+advertise_url = "http://127.0.0.1:{api_port}"
+
+[timing]
+ttl = "{ttl}s"
+loop_wait = "{loop_wait}s"
+retry_timeout = "{retry}s"
+"#,
+            scope = opts.scope,
+            data_dir = data_dir.display(),
+            ttl = t.ttl_s,
+            loop_wait = t.loop_wait_s,
+            retry = t.retry_timeout_s,
+        );
+        fs::write(&config, text).expect("write node config");
+        Node {
+            name: name.to_string(),
+            pg_port,
+            api_port,
+            log: dir.join("agent.log"),
+            dir,
+            data_dir,
+            config,
+            agent: None,
+            run_log_start: 0,
+            last_exit: None,
+        }
+    }
+
+    /// Starts the agent, appending its output to `log`.
+    fn spawn(&mut self) {
+        assert!(self.agent.is_none(), "{}: agent already running", self.name);
+        let mut log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
+        self.run_log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+        writeln!(log, "===== test harness: starting agent {} =====", self.name).expect("write log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgha"));
+        cmd.arg("run").arg("--config").arg(&self.config);
+        // Only the config file decides: no PGHA_* overrides from the caller.
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("PGHA_") {
+                cmd.env_remove(var);
+            }
+        }
+        cmd.env("RUST_LOG", std::env::var("PGHA_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("start pgha");
+        self.agent = Some(child);
+        self.last_exit = None;
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.api_port))
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    /// Status code of `GET path` on this node's API.
+    pub fn get_status_code(&self, path: &str) -> Option<u16> {
+        http_get(self.api_addr(), path).ok().map(|(status, _)| status)
+    }
+
+    pub fn get_json(&self, path: &str) -> Option<Value> {
+        let (_, body) = http_get(self.api_addr(), path).ok()?;
+        serde_json::from_str(&body).ok()
+    }
+
+    pub fn cluster_view(&self) -> Option<ClusterView> {
+        let (status, body) = http_get(self.api_addr(), "/cluster").ok()?;
+        if status != 200 {
+            return None;
+        }
+        serde_json::from_str(&body).ok()
+    }
+
+    pub fn agent_pid(&self) -> Option<i32> {
+        self.agent.as_ref().map(|c| c.id() as i32)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.agent.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(status))) => {
+                self.last_exit = Some(status);
+                self.agent = None;
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits for the agent to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.agent.as_mut()?;
+        let status = wait_child(child, timeout)?;
+        self.agent = None;
+        self.last_exit = Some(status);
+        Some(status)
+    }
+
+    /// SIGKILLs the agent; its Postgres keeps running.
+    pub fn kill9(&mut self) {
+        let mut child = self.agent.take().unwrap_or_else(|| panic!("{}: agent not running", self.name));
+        let _ = child.kill();
+        self.last_exit = child.wait().ok();
+    }
+
+    /// SIGKILLs the agent and then its whole Postgres (postmaster and backends).
+    pub fn kill9_with_postgres(&mut self) {
+        let postmaster = self.postmaster_pid().unwrap_or_else(|| panic!("{}: no running postmaster", self.name));
+        self.kill9();
+        // The agent starts the postmaster in its own process group: kill the group.
+        let _ = killpg(Pid::from_raw(postmaster), Signal::SIGKILL);
+        wait_until(&format!("{}: postmaster {postmaster} to die", self.name), Duration::from_secs(10), || {
+            (!pid_alive(postmaster)).then_some(())
+        });
+    }
+
+    /// SIGTERMs the agent and waits for it to exit (it stops Postgres first).
+    pub fn sigterm(&mut self) -> ExitStatus {
+        self.sigterm_no_wait();
+        self.wait_exit(Duration::from_secs(40)).unwrap_or_else(|| panic!("{}: agent did not exit after SIGTERM", self.name))
+    }
+
+    fn sigterm_no_wait(&mut self) {
+        if let Some(pid) = self.agent_pid() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+    }
+
+    /// Starts the agent again after kill9/sigterm, on the same config, data and log.
+    pub fn restart(&mut self) {
+        assert!(!self.is_running(), "{}: restart while the agent still runs", self.name);
+        self.spawn();
+    }
+
+    pub fn last_exit(&self) -> Option<ExitStatus> {
+        self.last_exit
+    }
+
+    /// The whole agent log (all runs).
+    pub fn log_text(&self) -> String {
+        fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    /// The log of the current (or last) run only.
+    pub fn current_run_log(&self) -> String {
+        let bytes = fs::read(&self.log).unwrap_or_default();
+        let start = (self.run_log_start as usize).min(bytes.len());
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
+    }
+
+    /// PID of a live postmaster on this node's data directory.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        live_postmaster(&self.data_dir)
+    }
+
+    /// Runs `sql` with psql over TCP as the superuser; stdout, trimmed.
+    pub fn psql(&self, sql: &str) -> Result<String, String> {
+        psql(self.pg_port, sql)
+    }
+
+    /// Like `psql`, panicking on error.
+    pub fn query(&self, sql: &str) -> String {
+        self.psql(sql).unwrap_or_else(|e| panic!("{}: {sql}: {e}", self.name))
+    }
+
+    /// Stops the agent and any Postgres it left behind; for teardown.
+    fn stop_everything(&mut self, agent_timeout: Duration) {
+        if let Some(child) = self.agent.as_mut() {
+            if wait_child(child, agent_timeout).is_none() {
+                eprintln!("{}: agent ignored SIGTERM: SIGKILL", self.name);
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            self.agent = None;
+        }
+        kill_postmaster(&self.data_dir);
+    }
+}
+
+/// Runs `sql` against 127.0.0.1:`port` as the superuser.
+pub fn psql(port: u16, sql: &str) -> Result<String, String> {
+    let out = Command::new(Path::new(PG_BIN).join("psql"))
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-c")
+        .arg(sql)
+        .env("PGPASSWORD", SUPERUSER_PASSWORD)
+        .env("PGCONNECT_TIMEOUT", "3")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running psql: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// A postmaster PID from `data_dir/postmaster.pid`, only if that process is
+/// alive and really is a postgres on this data directory (PIDs get reused).
+pub fn live_postmaster(data_dir: &Path) -> Option<i32> {
+    let text = fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    (cmdline.contains("postgres") && cmdline.contains(&*data_dir.to_string_lossy())).then_some(pid)
+}
+
+/// Stops a postmaster left on `data_dir`: SIGQUIT (immediate shutdown),
+/// then SIGKILL to its process group.
+pub fn kill_postmaster(data_dir: &Path) {
+    let Some(pid) = live_postmaster(data_dir) else { return };
+    eprintln!("killing leftover postmaster {pid} on {}", data_dir.display());
+    let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pid_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if pid_alive(pid) {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// The `Database system identifier` of a data directory, by pg_controldata.
+pub fn system_identifier(data_dir: &Path) -> Option<u64> {
+    let out = Command::new(Path::new(PG_BIN).join("pg_controldata"))
+        .arg("-D")
+        .arg(data_dir)
+        .env("LC_ALL", "C")
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("Database system identifier:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Creates `data_dir` owned by `postgres` and runs initdb into it as that user.
+pub fn initdb_as_postgres(data_dir: &Path) {
+    let user = User::from_name("postgres").expect("getpwnam").expect("OS user postgres");
+    fs::create_dir_all(data_dir).expect("create data dir");
+    fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).expect("chmod data dir");
+    std::os::unix::fs::chown(data_dir, Some(user.uid.as_raw()), Some(user.gid.as_raw())).expect("chown data dir");
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(Path::new(PG_BIN).join("initdb"))
+        .arg("-D")
+        .arg(data_dir)
+        .args(["--no-sync", "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run initdb");
+    assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Everything that identifies a directory tree's contents: per path its
+/// kind, mode, owner, mtime, size and bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DirSnapshot(BTreeMap<PathBuf, Entry>);
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Entry {
+    Dir { mode: u32, uid: u32, gid: u32, mtime_ns: i128 },
+    File { mode: u32, uid: u32, gid: u32, mtime_ns: i128, size: u64, content: Vec<u8> },
+    Symlink { target: PathBuf },
+}
+
+impl DirSnapshot {
+    pub fn take(root: &Path) -> DirSnapshot {
+        let mut entries = BTreeMap::new();
+        walk(root, root, &mut entries);
+        DirSnapshot(entries)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Paths whose entry differs between the two snapshots.
+    pub fn diff(&self, after: &DirSnapshot) -> Vec<String> {
+        let mut out = Vec::new();
+        for (path, before) in &self.0 {
+            match after.0.get(path) {
+                None => out.push(format!("removed: {}", path.display())),
+                Some(now) if now != before => out.push(format!("changed: {}", path.display())),
+                Some(_) => {}
+            }
+        }
+        for path in after.0.keys().filter(|p| !self.0.contains_key(*p)) {
+            out.push(format!("added: {}", path.display()));
+        }
+        out
+    }
+}
+
+fn walk(root: &Path, path: &Path, entries: &mut BTreeMap<PathBuf, Entry>) {
+    let meta = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    let rel = path.strip_prefix(root).expect("below root").to_path_buf();
+    let mtime_ns = meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128;
+    let (mode, uid, gid) = (meta.mode(), meta.uid(), meta.gid());
+    if meta.file_type().is_symlink() {
+        entries.insert(rel, Entry::Symlink { target: fs::read_link(path).expect("readlink") });
+    } else if meta.is_dir() {
+        entries.insert(rel, Entry::Dir { mode, uid, gid, mtime_ns });
+        for child in fs::read_dir(path).expect("read_dir") {
+            walk(root, &child.expect("dir entry").path(), entries);
+        }
+    } else {
+        let content = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        entries.insert(rel, Entry::File { mode, uid, gid, mtime_ns, size: meta.len(), content });
+    }
+}
+
+/// An etcd (own or shared) and pgha nodes in one test directory.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub etcd: Arc<Etcd>,
+    pub opts: Options,
+    dir: TestDir,
+}
+
+impl Cluster {
+    /// A fresh etcd and `n` nodes (n1..nN) started from empty directories.
+    pub fn start(n: usize, opts: Options) -> Cluster {
+        Cluster::start_on(Arc::new(Etcd::start()), n, opts)
+    }
+
+    /// `n` nodes on a shared etcd, all started in one go (no waiting in between).
+    pub fn start_on(etcd: Arc<Etcd>, n: usize, opts: Options) -> Cluster {
+        let mut cluster = Cluster { nodes: Vec::new(), etcd, dir: TestDir::new("pgha-it-"), opts };
+        for i in 1..=n {
+            let node = Node::new(cluster.dir.path(), &format!("n{i}"), &cluster.etcd.url, &cluster.opts);
+            cluster.nodes.push(node);
+        }
+        for node in &mut cluster.nodes {
+            node.spawn();
+        }
+        cluster
+    }
+
+    /// Adds a node named `name`; `prepare` may fill its data directory before
+    /// the agent starts.
+    pub fn add_node(&mut self, name: &str, prepare: impl FnOnce(&Node)) -> &mut Node {
+        let node = Node::new(self.dir.path(), name, &self.etcd.url, &self.opts);
+        prepare(&node);
+        self.nodes.push(node);
+        let node = self.nodes.last_mut().expect("just pushed");
+        node.spawn();
+        node
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    pub fn node_mut(&mut self, name: &str) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// `/cluster` from the first node whose agent runs and answers.
+    pub fn view(&mut self) -> Option<ClusterView> {
+        let mut found = None;
+        for node in &mut self.nodes {
+            if node.is_running() {
+                if let Some(v) = node.cluster_view() {
+                    found = Some(v);
+                    break;
+                }
+            }
+        }
+        found
+    }
+
+    /// Polls `/cluster` until `pred` holds; panics with the last view on timeout.
+    pub fn wait_for(&mut self, what: &str, timeout: Duration, mut pred: impl FnMut(&ClusterView) -> bool) -> ClusterView {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            if let Some(v) = self.view() {
+                if pred(&v) {
+                    return v;
+                }
+                last = Some(v);
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out after {timeout:?} waiting for {what}; last /cluster: {last:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits for one running primary and every other running agent streaming.
+    pub fn wait_healthy(&mut self, timeout: Duration) -> ClusterView {
+        let replicas = self.nodes.iter_mut().map(|n| n.is_running()).filter(|running| *running).count() - 1;
+        self.wait_for(&format!("one primary and {replicas} streaming replicas"), timeout, |v| v.is_healthy(replicas))
+    }
+
+    /// The node `/cluster` names as the running primary.
+    pub fn primary(&mut self) -> &Node {
+        let view = self.wait_for("a primary", Duration::from_secs(60), |v| v.primaries().len() == 1);
+        let name = view.primaries()[0].name.clone();
+        self.node(&name)
+    }
+
+    /// SIGTERMs every agent at once, waits up to `timeout` for all of them,
+    /// SIGKILLs the rest and kills any Postgres left behind.
+    pub fn stop_all(&mut self, timeout: Duration) {
+        for node in &mut self.nodes {
+            node.sigterm_no_wait();
+        }
+        let deadline = Instant::now() + timeout;
+        for node in &mut self.nodes {
+            node.stop_everything(deadline.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                eprintln!(
+                    "----- {} agent log {} (last {LOG_TAIL_LINES} lines) -----\n{}",
+                    node.name,
+                    node.log.display(),
+                    tail(&node.log, LOG_TAIL_LINES)
+                );
+            }
+        }
+        self.stop_all(Duration::from_secs(10));
+    }
+}

@@ -13,6 +13,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::dcs::{Etcd, HistoryEntry};
+use crate::fence::{Guard, Message};
 use crate::ha::{
     self, Action, DataDir, DcsView, DynamicConfig, HeldLease, Job, LocalPostgres, MemberRole, MemberStatus,
     Observation, OrphanSlot, PgRole, Settings, Step, Tick,
@@ -89,6 +90,7 @@ pub struct Agent {
     snapshot: watch::Sender<Arc<Snapshot>>,
     job_done: mpsc::Sender<()>,
     job_done_rx: mpsc::Receiver<()>,
+    guard: Option<Guard>,
 }
 
 impl Agent {
@@ -129,6 +131,8 @@ impl Agent {
             last_error: None,
         };
         let (tx, rx) = watch::channel(Arc::new(snapshot));
+        let guard = Guard::spawn(&cfg.postgresql.data_dir)
+            .map_err(|e| AgentError::Setup(format!("cannot start the fence guard: {e}")))?;
         let (job_done, job_done_rx) = mpsc::channel(4);
         Ok((
             Agent {
@@ -153,6 +157,7 @@ impl Agent {
                 snapshot: tx,
                 job_done,
                 job_done_rx,
+                guard: Some(guard),
                 cfg,
             },
             rx,
@@ -210,9 +215,36 @@ impl Agent {
         let steps = ha::decide(&obs, &self.settings, now);
         for step in steps {
             self.execute(step, &obs).await?;
+            self.feed_guard();
         }
+        self.feed_guard();
         self.publish(&obs).await;
         Ok(())
+    }
+
+    /// Tells the fence guard how long the local Postgres may run as things
+    /// stand: until our fencing deadline while we hold the leader lease,
+    /// indefinitely otherwise. A guard that died is restarted.
+    fn feed_guard(&mut self) {
+        let msg = match self.leader_lease {
+            Some(lease) => {
+                let deadline = self.settings.fencing_deadline(lease.renewed_at);
+                Message::Arm { within: Duration::from_millis(deadline.since(self.now())) }
+            }
+            None => Message::Disarm,
+        };
+        let sent = self.guard.as_mut().map(|g| g.send(msg));
+        if !matches!(sent, Some(Ok(()))) {
+            error!(node = %self.cfg.name, result = ?sent, "fence guard unavailable: restarting it");
+            self.guard = None;
+            match Guard::spawn(&self.cfg.postgresql.data_dir) {
+                Ok(mut g) => {
+                    let _ = g.send(msg);
+                    self.guard = Some(g);
+                }
+                Err(e) => error!(node = %self.cfg.name, error = %e, "cannot restart the fence guard"),
+            }
+        }
     }
 
     async fn reap_job(&mut self) {
@@ -647,6 +679,8 @@ impl Agent {
             let _ = self.etcd.delete_member(&node).await;
             let _ = self.etcd.revoke_lease(id).await;
         }
+        // Dropping the guard disarms it: Postgres is already stopped.
+        self.guard = None;
         info!(node = %node, "stopped");
     }
 }

@@ -24,6 +24,12 @@ enum Command {
     },
     /// Validate a config file (and PGHA_* overrides) without starting anything.
     CheckConfig { file: PathBuf },
+    /// Internal: the fence guard the agent starts for itself.
+    #[command(hide = true)]
+    FenceGuard {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// List the cluster's members.
     List {
         /// API of any member.
@@ -105,6 +111,11 @@ async fn main() -> ExitCode {
             Ok(cfg) => run(cfg).await,
             Err(code) => code,
         },
+        Command::FenceGuard { data_dir } => {
+            let stdin = std::io::BufReader::new(std::io::stdin());
+            pgha::fence::run_guard(stdin, &move || pgha::fence::postmaster_pid(&data_dir));
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig { file } => match load_config(&file) {
             Ok(cfg) => {
                 println!(

@@ -185,7 +185,11 @@ impl Etcd {
             keeper.keep_alive().await?;
             Ok::<_, etcd_client::Error>(stream.message().await?.map(|r| r.ttl() > 0).unwrap_or(false))
         };
-        within(self.timeout, fut).await
+        match within(self.timeout, fut).await {
+            // etcd answers an expired lease's keepalive with an error.
+            Err(DcsError::Etcd(e)) if e.to_string().contains("lease not found") => Ok(false),
+            other => other,
+        }
     }
 
     pub async fn revoke_lease(&self, lease_id: i64) -> Result<()> {

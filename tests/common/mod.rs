@@ -53,7 +53,11 @@ pub fn free_port() -> u16 {
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
     loop {
-        let port = TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local addr").port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind port 0")
+            .local_addr()
+            .expect("local addr")
+            .port();
         if given.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
             return port;
         }
@@ -68,7 +72,11 @@ pub struct TestDir {
 
 impl TestDir {
     pub fn new(prefix: &str) -> TestDir {
-        let path = tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp").expect("temp dir").keep();
+        let path = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in("/tmp")
+            .expect("temp dir")
+            .keep();
         // tempfile makes 0700 dirs; Postgres runs as `postgres` below this one.
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod test dir");
         TestDir { path }
@@ -91,7 +99,9 @@ impl Drop for TestDir {
 
 /// Last `n` lines of a file, for failure reports.
 pub fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -119,13 +129,25 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad HTTP answer: {text:?}"));
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad HTTP answer: {text:?}"),
+        )
+    };
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
     Ok((status, body.to_string()))
 }
 
@@ -133,7 +155,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime")
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
     })
 }
 
@@ -167,7 +193,13 @@ impl Etcd {
             .stderr(out)
             .spawn()
             .expect("start etcd (is /usr/bin/etcd installed?)");
-        let etcd = Etcd { url, client_addr: SocketAddr::from(([127, 0, 0, 1], client_port)), child, log, dir };
+        let etcd = Etcd {
+            url,
+            client_addr: SocketAddr::from(([127, 0, 0, 1], client_port)),
+            child,
+            log,
+            dir,
+        };
         // Constructed first: a timeout here panics and Drop still stops etcd.
         wait_until("etcd to report healthy", Duration::from_secs(30), || {
             let (status, body) = http_get(etcd.client_addr, "/health").ok()?;
@@ -190,7 +222,8 @@ impl Etcd {
     }
 
     pub fn get_json(&self, key: &str) -> Option<Value> {
-        self.get(key).map(|v| serde_json::from_slice(&v).expect("JSON value in etcd"))
+        self.get(key)
+            .map(|v| serde_json::from_slice(&v).expect("JSON value in etcd"))
     }
 
     /// Number of keys under `prefix`.
@@ -200,7 +233,9 @@ impl Etcd {
         runtime()
             .block_on(async move {
                 let mut client = etcd_client::Client::connect([url], None).await?;
-                let opts = etcd_client::GetOptions::new().with_prefix().with_count_only();
+                let opts = etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only();
                 let resp = client.get(prefix, Some(opts)).await?;
                 Ok::<_, etcd_client::Error>(resp.count() as usize)
             })
@@ -211,7 +246,10 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("----- etcd log (last {LOG_TAIL_LINES} lines) -----\n{}", tail(&self.log, LOG_TAIL_LINES));
+            eprintln!(
+                "----- etcd log (last {LOG_TAIL_LINES} lines) -----\n{}",
+                tail(&self.log, LOG_TAIL_LINES)
+            );
         }
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         if wait_child(&mut self.child, Duration::from_secs(5)).is_none() {
@@ -231,9 +269,17 @@ pub struct Timing {
 
 impl Timing {
     /// The production defaults.
-    pub const STANDARD: Timing = Timing { ttl_s: 10, loop_wait_s: 1, retry_timeout_s: 3 };
+    pub const STANDARD: Timing = Timing {
+        ttl_s: 10,
+        loop_wait_s: 1,
+        retry_timeout_s: 3,
+    };
     /// The smallest TTL the config accepts: failover within a few seconds.
-    pub const FAST: Timing = Timing { ttl_s: 3, loop_wait_s: 1, retry_timeout_s: 1 };
+    pub const FAST: Timing = Timing {
+        ttl_s: 3,
+        loop_wait_s: 1,
+        retry_timeout_s: 1,
+    };
 }
 
 #[derive(Debug, Clone)]
@@ -244,7 +290,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { scope: "t".into(), timing: Timing::STANDARD }
+        Options {
+            scope: "t".into(),
+            timing: Timing::STANDARD,
+        }
     }
 }
 
@@ -260,6 +309,9 @@ pub struct MemberView {
     pub pg_port: u16,
     #[serde(default)]
     pub leader: bool,
+    /// Only in `/status`: the leader this node sees.
+    #[serde(default)]
+    pub cluster_leader: Option<String>,
 }
 
 /// `GET /cluster` as one node sees it.
@@ -273,11 +325,17 @@ pub struct ClusterView {
 impl ClusterView {
     /// Members that are the leader and run as a primary.
     pub fn primaries(&self) -> Vec<&MemberView> {
-        self.members.iter().filter(|m| m.role == "primary" && m.state == "running").collect()
+        self.members
+            .iter()
+            .filter(|m| m.role == "primary" && m.state == "running")
+            .collect()
     }
 
     pub fn streaming_replicas(&self) -> Vec<&MemberView> {
-        self.members.iter().filter(|m| m.role == "replica" && m.state == "streaming").collect()
+        self.members
+            .iter()
+            .filter(|m| m.role == "replica" && m.state == "streaming")
+            .collect()
     }
 
     pub fn member(&self, name: &str) -> Option<&MemberView> {
@@ -367,9 +425,18 @@ retry_timeout = "{retry}s"
     /// Starts the agent, appending its output to `log`.
     fn spawn(&mut self) {
         assert!(self.agent.is_none(), "{}: agent already running", self.name);
-        let mut log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
         self.run_log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
-        writeln!(log, "===== test harness: starting agent {} =====", self.name).expect("write log");
+        writeln!(
+            log,
+            "===== test harness: starting agent {} =====",
+            self.name
+        )
+        .expect("write log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgha"));
         cmd.arg("run").arg("--config").arg(&self.config);
         // Only the config file decides: no PGHA_* overrides from the caller.
@@ -378,7 +445,10 @@ retry_timeout = "{retry}s"
                 cmd.env_remove(var);
             }
         }
-        cmd.env("RUST_LOG", std::env::var("PGHA_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()));
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("PGHA_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
@@ -399,7 +469,9 @@ retry_timeout = "{retry}s"
 
     /// Status code of `GET path` on this node's API.
     pub fn get_status_code(&self, path: &str) -> Option<u16> {
-        http_get(self.api_addr(), path).ok().map(|(status, _)| status)
+        http_get(self.api_addr(), path)
+            .ok()
+            .map(|(status, _)| status)
     }
 
     pub fn get_json(&self, path: &str) -> Option<Value> {
@@ -440,28 +512,37 @@ retry_timeout = "{retry}s"
         Some(status)
     }
 
-    /// SIGKILLs the agent; its Postgres keeps running.
+    /// SIGKILLs the agent. Its Postgres keeps running, unless the agent held
+    /// the leader lease: then the agent's fence guard stops it.
     pub fn kill9(&mut self) {
-        let mut child = self.agent.take().unwrap_or_else(|| panic!("{}: agent not running", self.name));
+        let mut child = self
+            .agent
+            .take()
+            .unwrap_or_else(|| panic!("{}: agent not running", self.name));
         let _ = child.kill();
         self.last_exit = child.wait().ok();
     }
 
     /// SIGKILLs the agent and then its whole Postgres (postmaster and backends).
     pub fn kill9_with_postgres(&mut self) {
-        let postmaster = self.postmaster_pid().unwrap_or_else(|| panic!("{}: no running postmaster", self.name));
+        let postmaster = self
+            .postmaster_pid()
+            .unwrap_or_else(|| panic!("{}: no running postmaster", self.name));
         self.kill9();
         // The agent starts the postmaster in its own process group: kill the group.
         let _ = killpg(Pid::from_raw(postmaster), Signal::SIGKILL);
-        wait_until(&format!("{}: postmaster {postmaster} to die", self.name), Duration::from_secs(10), || {
-            (!pid_alive(postmaster)).then_some(())
-        });
+        wait_until(
+            &format!("{}: postmaster {postmaster} to die", self.name),
+            Duration::from_secs(10),
+            || (!pid_alive(postmaster)).then_some(()),
+        );
     }
 
     /// SIGTERMs the agent and waits for it to exit (it stops Postgres first).
     pub fn sigterm(&mut self) -> ExitStatus {
         self.sigterm_no_wait();
-        self.wait_exit(Duration::from_secs(40)).unwrap_or_else(|| panic!("{}: agent did not exit after SIGTERM", self.name))
+        self.wait_exit(Duration::from_secs(40))
+            .unwrap_or_else(|| panic!("{}: agent did not exit after SIGTERM", self.name))
     }
 
     fn sigterm_no_wait(&mut self) {
@@ -472,7 +553,11 @@ retry_timeout = "{retry}s"
 
     /// Starts the agent again after kill9/sigterm, on the same config, data and log.
     pub fn restart(&mut self) {
-        assert!(!self.is_running(), "{}: restart while the agent still runs", self.name);
+        assert!(
+            !self.is_running(),
+            "{}: restart while the agent still runs",
+            self.name
+        );
         self.spawn();
     }
 
@@ -482,7 +567,9 @@ retry_timeout = "{retry}s"
 
     /// The whole agent log (all runs).
     pub fn log_text(&self) -> String {
-        fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+        fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 
     /// The log of the current (or last) run only.
@@ -504,7 +591,8 @@ retry_timeout = "{retry}s"
 
     /// Like `psql`, panicking on error.
     pub fn query(&self, sql: &str) -> String {
-        self.psql(sql).unwrap_or_else(|e| panic!("{}: {sql}: {e}", self.name))
+        self.psql(sql)
+            .unwrap_or_else(|e| panic!("{}: {sql}: {e}", self.name))
     }
 
     /// Stops the agent and any Postgres it left behind; for teardown.
@@ -524,7 +612,20 @@ retry_timeout = "{retry}s"
 /// Runs `sql` against 127.0.0.1:`port` as the superuser.
 pub fn psql(port: u16, sql: &str) -> Result<String, String> {
     let out = Command::new(Path::new(PG_BIN).join("psql"))
-        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
         .arg("-p")
         .arg(port.to_string())
         .arg("-c")
@@ -554,8 +655,13 @@ pub fn live_postmaster(data_dir: &Path) -> Option<i32> {
 /// Stops a postmaster left on `data_dir`: SIGQUIT (immediate shutdown),
 /// then SIGKILL to its process group.
 pub fn kill_postmaster(data_dir: &Path) {
-    let Some(pid) = live_postmaster(data_dir) else { return };
-    eprintln!("killing leftover postmaster {pid} on {}", data_dir.display());
+    let Some(pid) = live_postmaster(data_dir) else {
+        return;
+    };
+    eprintln!(
+        "killing leftover postmaster {pid} on {}",
+        data_dir.display()
+    );
     let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
     let deadline = Instant::now() + Duration::from_secs(5);
     while pid_alive(pid) && Instant::now() < deadline {
@@ -563,6 +669,40 @@ pub fn kill_postmaster(data_dir: &Path) {
     }
     if pid_alive(pid) {
         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Processes whose command line names a path below `root` (agents, fence
+/// guards, postmasters, pg_basebackup...): `root` is unique to one test, so
+/// these were all started by it.
+pub fn processes_under(root: &Path) -> Vec<(i32, String)> {
+    let needle = format!("{}/", root.display());
+    let me = std::process::id() as i32;
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if pid != me && cmdline.contains(&needle) {
+            found.push((pid, cmdline.trim().to_string()));
+        }
+    }
+    found
+}
+
+/// SIGKILLs whatever still runs with a path below `root` in its command line.
+pub fn kill_processes_under(root: &Path) {
+    for (pid, cmdline) in processes_under(root) {
+        eprintln!("killing leftover process {pid}: {cmdline}");
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 
@@ -582,20 +722,32 @@ pub fn system_identifier(data_dir: &Path) -> Option<u64> {
 
 /// Creates `data_dir` owned by `postgres` and runs initdb into it as that user.
 pub fn initdb_as_postgres(data_dir: &Path) {
-    let user = User::from_name("postgres").expect("getpwnam").expect("OS user postgres");
+    let user = User::from_name("postgres")
+        .expect("getpwnam")
+        .expect("OS user postgres");
     fs::create_dir_all(data_dir).expect("create data dir");
     fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).expect("chmod data dir");
-    std::os::unix::fs::chown(data_dir, Some(user.uid.as_raw()), Some(user.gid.as_raw())).expect("chown data dir");
+    std::os::unix::fs::chown(data_dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+        .expect("chown data dir");
     let out = Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .arg(Path::new(PG_BIN).join("initdb"))
         .arg("-D")
         .arg(data_dir)
-        .args(["--no-sync", "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"])
+        .args([
+            "--no-sync",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C.UTF-8",
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("run initdb");
-    assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Everything that identifies a directory tree's contents: per path its
@@ -605,9 +757,23 @@ pub struct DirSnapshot(BTreeMap<PathBuf, Entry>);
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Entry {
-    Dir { mode: u32, uid: u32, gid: u32, mtime_ns: i128 },
-    File { mode: u32, uid: u32, gid: u32, mtime_ns: i128, size: u64, content: Vec<u8> },
-    Symlink { target: PathBuf },
+    Dir {
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime_ns: i128,
+    },
+    File {
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime_ns: i128,
+        size: u64,
+        content: Vec<u8>,
+    },
+    Symlink {
+        target: PathBuf,
+    },
 }
 
 impl DirSnapshot {
@@ -639,20 +805,44 @@ impl DirSnapshot {
 }
 
 fn walk(root: &Path, path: &Path, entries: &mut BTreeMap<PathBuf, Entry>) {
-    let meta = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    let meta =
+        fs::symlink_metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
     let rel = path.strip_prefix(root).expect("below root").to_path_buf();
     let mtime_ns = meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128;
     let (mode, uid, gid) = (meta.mode(), meta.uid(), meta.gid());
     if meta.file_type().is_symlink() {
-        entries.insert(rel, Entry::Symlink { target: fs::read_link(path).expect("readlink") });
+        entries.insert(
+            rel,
+            Entry::Symlink {
+                target: fs::read_link(path).expect("readlink"),
+            },
+        );
     } else if meta.is_dir() {
-        entries.insert(rel, Entry::Dir { mode, uid, gid, mtime_ns });
+        entries.insert(
+            rel,
+            Entry::Dir {
+                mode,
+                uid,
+                gid,
+                mtime_ns,
+            },
+        );
         for child in fs::read_dir(path).expect("read_dir") {
             walk(root, &child.expect("dir entry").path(), entries);
         }
     } else {
         let content = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        entries.insert(rel, Entry::File { mode, uid, gid, mtime_ns, size: meta.len(), content });
+        entries.insert(
+            rel,
+            Entry::File {
+                mode,
+                uid,
+                gid,
+                mtime_ns,
+                size: meta.len(),
+                content,
+            },
+        );
     }
 }
 
@@ -672,9 +862,19 @@ impl Cluster {
 
     /// `n` nodes on a shared etcd, all started in one go (no waiting in between).
     pub fn start_on(etcd: Arc<Etcd>, n: usize, opts: Options) -> Cluster {
-        let mut cluster = Cluster { nodes: Vec::new(), etcd, dir: TestDir::new("pgha-it-"), opts };
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            etcd,
+            dir: TestDir::new("pgha-it-"),
+            opts,
+        };
         for i in 1..=n {
-            let node = Node::new(cluster.dir.path(), &format!("n{i}"), &cluster.etcd.url, &cluster.opts);
+            let node = Node::new(
+                cluster.dir.path(),
+                &format!("n{i}"),
+                &cluster.etcd.url,
+                &cluster.opts,
+            );
             cluster.nodes.push(node);
         }
         for node in &mut cluster.nodes {
@@ -695,11 +895,17 @@ impl Cluster {
     }
 
     pub fn node(&self, name: &str) -> &Node {
-        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
     }
 
     pub fn node_mut(&mut self, name: &str) -> &mut Node {
-        self.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
     }
 
     /// `/cluster` from the first node whose agent runs and answers.
@@ -717,7 +923,12 @@ impl Cluster {
     }
 
     /// Polls `/cluster` until `pred` holds; panics with the last view on timeout.
-    pub fn wait_for(&mut self, what: &str, timeout: Duration, mut pred: impl FnMut(&ClusterView) -> bool) -> ClusterView {
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&ClusterView) -> bool,
+    ) -> ClusterView {
         let deadline = Instant::now() + timeout;
         let mut last = None;
         loop {
@@ -734,17 +945,86 @@ impl Cluster {
         }
     }
 
-    /// Waits for one running primary and every other running agent streaming.
+    /// `/status` of every running agent: each node's own, current snapshot.
+    /// (`/cluster` shows other members as their etcd keys say, and the key
+    /// of a SIGKILLed agent outlives it by up to a TTL.) `None` unless all answer.
+    pub fn live_statuses(&mut self) -> Option<Vec<MemberView>> {
+        let mut out = Vec::new();
+        for node in &mut self.nodes {
+            if node.is_running() {
+                let (status, body) = http_get(node.api_addr(), "/status").ok()?;
+                if status != 200 {
+                    return None;
+                }
+                out.push(serde_json::from_str(&body).ok()?);
+            }
+        }
+        Some(out)
+    }
+
+    /// Waits until every running agent reports on its own: one the leader
+    /// and running primary, all others streaming replicas of that leader.
+    /// Returns `/cluster` as seen then.
     pub fn wait_healthy(&mut self, timeout: Duration) -> ClusterView {
-        let replicas = self.nodes.iter_mut().map(|n| n.is_running()).filter(|running| *running).count() - 1;
-        self.wait_for(&format!("one primary and {replicas} streaming replicas"), timeout, |v| v.is_healthy(replicas))
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            if let Some(statuses) = self.live_statuses() {
+                let primaries: Vec<&MemberView> = statuses
+                    .iter()
+                    .filter(|m| m.role == "primary" && m.state == "running" && m.leader)
+                    .collect();
+                let healthy = primaries.len() == 1
+                    && statuses
+                        .iter()
+                        .all(|m| m.cluster_leader.as_deref() == Some(primaries[0].name.as_str()))
+                    && statuses
+                        .iter()
+                        .filter(|m| m.name != primaries[0].name)
+                        .all(|m| m.role == "replica" && m.state == "streaming");
+                if healthy {
+                    let replicas = statuses.len() - 1;
+                    // /cluster converges too once the members' keys are rewritten.
+                    return self.wait_for("/cluster to agree with /status", timeout, |v| {
+                        v.is_healthy(replicas)
+                    });
+                }
+                last = Some(statuses);
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out after {timeout:?} waiting for a healthy cluster; last /status of each node: {last:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// The node `/cluster` names as the running primary.
     pub fn primary(&mut self) -> &Node {
-        let view = self.wait_for("a primary", Duration::from_secs(60), |v| v.primaries().len() == 1);
+        let view = self.wait_for("a primary", Duration::from_secs(60), |v| {
+            v.primaries().len() == 1
+        });
         let name = view.primaries()[0].name.clone();
         self.node(&name)
+    }
+
+    /// SIGTERMs every running agent at once and waits up to `timeout` for
+    /// them; returns how each of those exited (`None`: still running).
+    pub fn sigterm_all(&mut self, timeout: Duration) -> Vec<(String, Option<ExitStatus>)> {
+        let mut stopping = Vec::new();
+        for node in &mut self.nodes {
+            if node.is_running() {
+                node.sigterm_no_wait();
+                stopping.push(node.name.clone());
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        for name in stopping {
+            let node = self.node_mut(&name);
+            let status = node.wait_exit(deadline.saturating_duration_since(Instant::now()));
+            out.push((name, status));
+        }
+        out
     }
 
     /// SIGTERMs every agent at once, waits up to `timeout` for all of them,
@@ -756,6 +1036,27 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         for node in &mut self.nodes {
             node.stop_everything(deadline.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    /// Processes still running from this cluster's directory.
+    pub fn leftover_processes(&self) -> Vec<(i32, String)> {
+        processes_under(self.dir.path())
+    }
+
+    /// Panics, naming them, if processes from this cluster's directory still
+    /// run after `timeout` (a killed child may take a moment to go).
+    pub fn assert_no_leftovers(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = self.leftover_processes();
+            if left.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("processes left running after every agent exited: {left:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -777,5 +1078,8 @@ impl Drop for Cluster {
             }
         }
         self.stop_all(Duration::from_secs(10));
+        // Postmasters were stopped above; this catches anything else the agents
+        // left (a fence guard, a pg_basebackup) before the directory goes.
+        kill_processes_under(self.dir.path());
     }
 }

@@ -33,9 +33,46 @@ pub struct Snapshot {
     pub history: Vec<HistoryEntry>,
     pub config: Option<DynamicConfig>,
     pub dcs_reachable: bool,
-    /// Seconds left before this node's leader lease may expire, if it leads.
+    /// When etcd last answered a read.
+    pub dcs_last_seen: Option<Instant>,
+    /// Time left before this node's leader lease may expire, if it leads.
     pub lease_remaining: Option<Duration>,
+    /// Time left before this node must stop taking writes, if it leads.
+    pub fencing_remaining: Option<Duration>,
+    /// Postgres reports settings changed that need a restart.
+    pub pending_restart: bool,
+    /// Maintenance mode (automatic failover and restarts off).
+    pub paused: bool,
+    /// Promotions this agent performed since it started.
+    pub promotions: u64,
+    /// Durations of the agent loop's passes.
+    pub loop_durations: LoopHistogram,
     pub last_error: Option<String>,
+}
+
+/// Cumulative histogram of loop pass durations, Prometheus style.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoopHistogram {
+    /// Counts of passes that took at most `LOOP_BUCKETS[i]` seconds.
+    pub buckets: [u64; LOOP_BUCKETS.len()],
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+/// Upper bounds (seconds) of the loop histogram's buckets.
+pub const LOOP_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+impl LoopHistogram {
+    pub fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, bound) in LOOP_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.buckets[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_seconds += secs;
+    }
 }
 
 /// Safety margin between the fencing deadline and the lease's expiry.
@@ -87,6 +124,9 @@ pub struct Agent {
     etcd_failures: u32,
     stalled_since: Option<Tick>,
     needs_rewind: bool,
+    dcs_last_seen: Option<Instant>,
+    promotions: u64,
+    loop_durations: LoopHistogram,
     snapshot: watch::Sender<Arc<Snapshot>>,
     job_done: mpsc::Sender<()>,
     job_done_rx: mpsc::Receiver<()>,
@@ -127,7 +167,13 @@ impl Agent {
             history: Vec::new(),
             config: None,
             dcs_reachable: false,
+            dcs_last_seen: None,
             lease_remaining: None,
+            fencing_remaining: None,
+            pending_restart: false,
+            paused: false,
+            promotions: 0,
+            loop_durations: LoopHistogram::default(),
             last_error: None,
         };
         let (tx, rx) = watch::channel(Arc::new(snapshot));
@@ -154,6 +200,9 @@ impl Agent {
                 etcd_failures: 0,
                 stalled_since: None,
                 needs_rewind: false,
+                dcs_last_seen: None,
+                promotions: 0,
+                loop_durations: LoopHistogram::default(),
                 snapshot: tx,
                 job_done,
                 job_done_rx,
@@ -179,6 +228,7 @@ impl Agent {
             if let Err(e) = self.pass().await {
                 break Err(e);
             }
+            self.loop_durations.observe(loop_started.elapsed());
             debug!(node = %self.cfg.name, elapsed_ms = loop_started.elapsed().as_millis() as u64, "loop pass");
             let wait = self.next_wait();
             tokio::select! {
@@ -304,6 +354,7 @@ impl Agent {
                     info!(node = %self.cfg.name, after_failures = self.etcd_failures, "etcd reachable again");
                 }
                 self.etcd_failures = 0;
+                self.dcs_last_seen = Some(Instant::now());
                 self.history = history;
                 Some(view)
             }
@@ -482,8 +533,10 @@ impl Agent {
                 match self.pg.promote().await {
                     Ok(()) => {
                         self.following = None;
+                        self.promotions += 1;
                         let local = self.pg.probe().await;
                         let entry = HistoryEntry {
+                            kind: "failover".into(),
                             timeline: local.timeline,
                             lsn: local.wal_position,
                             at_ms: epoch_ms(),
@@ -637,9 +690,17 @@ impl Agent {
             history: self.history.clone(),
             config: view.map(|v| v.config.clone()),
             dcs_reachable: obs.dcs.is_some(),
+            dcs_last_seen: self.dcs_last_seen,
             lease_remaining: self.leader_lease.map(|l| {
                 Duration::from_millis(l.renewed_at.plus_ms(self.settings.ttl_ms).since(now))
             }),
+            fencing_remaining: self
+                .leader_lease
+                .map(|l| Duration::from_millis(self.settings.fencing_deadline(l.renewed_at).since(now))),
+            pending_restart: obs.local.pending_restart,
+            paused: false,
+            promotions: self.promotions,
+            loop_durations: self.loop_durations.clone(),
             last_error: self.last_error.clone(),
         };
         self.snapshot.send_replace(Arc::new(snapshot));

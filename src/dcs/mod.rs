@@ -27,12 +27,19 @@ pub type Result<T> = std::result::Result<T, DcsError>;
 /// One entry of the `history` key: a change of leadership.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {
+    /// `failover` or `switchover`.
+    #[serde(default = "failover_kind")]
+    pub kind: String,
     pub timeline: Option<u32>,
     pub lsn: Option<Lsn>,
     pub at_ms: u64,
     pub old_leader: Option<String>,
     pub new_leader: String,
     pub reason: String,
+}
+
+fn failover_kind() -> String {
+    "failover".into()
 }
 
 /// Position the leader publishes every loop, outliving its lease.

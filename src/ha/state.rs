@@ -72,6 +72,8 @@ pub struct LocalPostgres {
     pub following: Option<String>,
     /// Primary: names of the physical replication slots that exist.
     pub slots: Vec<String>,
+    /// Settings changed that take effect only after a restart.
+    pub pending_restart: bool,
 }
 
 /// What is in the data directory.

@@ -67,7 +67,8 @@ impl LocalPg {
                             (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'),
                             NULL::text,
                             (SELECT timeline_id FROM pg_control_checkpoint()),
-                            ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical')",
+                            ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'),
+                            EXISTS (SELECT 1 FROM pg_settings WHERE pending_restart)",
                     &[],
                 ))
             })
@@ -96,6 +97,7 @@ impl LocalPg {
             // Which member we follow is the agent's own bookkeeping.
             following: None,
             slots: row.get(8),
+            pending_restart: row.get(9),
         }
     }
 

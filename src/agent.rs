@@ -15,8 +15,8 @@ use crate::config::Config;
 use crate::dcs::{Etcd, HistoryEntry};
 use crate::fence::{Guard, Message};
 use crate::ha::{
-    self, Action, DataDir, DcsView, DynamicConfig, HeldLease, Job, LocalPostgres, MemberRole, MemberStatus,
-    Observation, OrphanSlot, PgRole, Settings, Step, Tick,
+    self, Action, DataDir, DcsView, DynamicConfig, HeldLease, Job, LocalPostgres, Lsn, MemberRole, MemberStatus,
+    Observation, OrphanSlot, PeerPosition, PgRole, Settings, Step, Tick,
 };
 use crate::postgres::{LocalPg, Upstream};
 
@@ -78,6 +78,31 @@ impl LoopHistogram {
 /// Safety margin between the fencing deadline and the lease's expiry.
 pub const FENCING_MARGIN: Duration = Duration::from_secs(2);
 
+/// The parts of this member's status that come from its configuration.
+fn identity(cfg: &Config) -> MemberStatus {
+    MemberStatus {
+        name: cfg.name.clone(),
+        role: MemberRole::Uninitialized,
+        state: "starting".into(),
+        timeline: None,
+        wal_position: None,
+        receive_lsn: None,
+        replay_lsn: None,
+        pg_host: cfg.postgresql.advertise_host.clone(),
+        pg_port: cfg.postgresql.advertise_port,
+        api_url: cfg.api.advertise_url.clone(),
+        nofailover: cfg.tags.nofailover,
+        noloadbalance: cfg.tags.noloadbalance,
+        nosync: cfg.tags.nosync,
+        failover_priority: cfg.tags.failover_priority,
+        tags: cfg.tags.extra.clone(),
+        region: cfg.region.clone(),
+        basebackup: None,
+        updated_at_ms: epoch_ms(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
 fn epoch_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -124,6 +149,8 @@ pub struct Agent {
     etcd_failures: u32,
     stalled_since: Option<Tick>,
     needs_rewind: bool,
+    rewind_failed: bool,
+    last_known_leader: Option<String>,
     dcs_last_seen: Option<Instant>,
     promotions: u64,
     loop_durations: LoopHistogram,
@@ -137,26 +164,7 @@ impl Agent {
     pub async fn new(cfg: Config) -> Result<(Agent, watch::Receiver<Arc<Snapshot>>), AgentError> {
         let pg = LocalPg::new(cfg.postgresql.clone(), cfg.name.clone()).map_err(|e| AgentError::Setup(e.to_string()))?;
         let etcd = Etcd::connect(&cfg.etcd, cfg.timing.retry_timeout).await.map_err(|e| AgentError::Setup(e.to_string()))?;
-        let me = MemberStatus {
-            name: cfg.name.clone(),
-            role: MemberRole::Uninitialized,
-            state: "starting".into(),
-            timeline: None,
-            wal_position: None,
-            receive_lsn: None,
-            replay_lsn: None,
-            pg_host: cfg.postgresql.advertise_host.clone(),
-            pg_port: cfg.postgresql.advertise_port,
-            api_url: cfg.api.advertise_url.clone(),
-            nofailover: cfg.tags.nofailover,
-            noloadbalance: cfg.tags.noloadbalance,
-            nosync: cfg.tags.nosync,
-            failover_priority: cfg.tags.failover_priority,
-            tags: cfg.tags.extra.clone(),
-            basebackup: None,
-            updated_at_ms: epoch_ms(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        };
+        let me = identity(&cfg);
         let snapshot = Snapshot {
             taken_at: Instant::now(),
             scope: cfg.scope.clone(),
@@ -200,6 +208,8 @@ impl Agent {
                 etcd_failures: 0,
                 stalled_since: None,
                 needs_rewind: false,
+                rewind_failed: false,
+                last_known_leader: None,
                 dcs_last_seen: None,
                 promotions: 0,
                 loop_durations: LoopHistogram::default(),
@@ -308,11 +318,15 @@ impl Agent {
                 info!(node = %self.cfg.name, job = ?job.kind, "job finished");
                 if job.kind == Job::Rewind {
                     self.needs_rewind = false;
+                    self.rewind_failed = false;
                 }
                 self.last_error = None;
             }
             Ok(Err(e)) => {
                 error!(node = %self.cfg.name, job = ?job.kind, error = %e, "job failed");
+                if job.kind == Job::Rewind {
+                    self.rewind_failed = true;
+                }
                 self.last_error = Some(format!("{:?}: {e}", job.kind));
             }
             Err(e) => error!(node = %self.cfg.name, job = ?job.kind, error = %e, "job panicked"),
@@ -381,6 +395,16 @@ impl Agent {
                 orphan_slots.push(OrphanSlot { name: slot.clone(), missing_since: since });
             }
         }
+        let leaderless_replica = local.running
+            && local.role == Some(PgRole::Replica)
+            && dcs.as_ref().is_some_and(|d| d.leader.is_none() && d.initialize.is_some());
+        let peers = match (&dcs, leaderless_replica) {
+            (Some(view), true) => Some(self.ask_peers(view).await),
+            _ => None,
+        };
+        if let Some(leader) = dcs.as_ref().and_then(|d| d.leader.as_ref()) {
+            self.last_known_leader = Some(leader.name.clone());
+        }
         let mut local = local;
         local.following = self.following.clone();
         let stalled = local.running && local.role == Some(PgRole::Replica) && local.following.is_some() && local.streaming_from.is_none();
@@ -402,7 +426,35 @@ impl Agent {
             last_role,
             replica_stalled_since: self.stalled_since,
             needs_rewind: self.needs_rewind,
+            rewind_failed: self.rewind_failed,
+            peers,
+            region: self.cfg.region.clone(),
+            may_bootstrap: self.cfg.cluster.primary_region.as_ref().is_none_or(|p| self.cfg.region.as_ref() == Some(p)),
         }
+    }
+
+    /// Asks every other member's API for its current WAL position; members
+    /// that do not answer within a second are left out.
+    async fn ask_peers(&self, view: &DcsView) -> Vec<PeerPosition> {
+        let timeout = self.cfg.timing.retry_timeout.min(Duration::from_secs(1));
+        let asks = view.members.iter().filter(|m| m.name != self.cfg.name).map(|m| {
+            let (name, url) = (m.name.clone(), m.api_url.clone());
+            async move {
+                let answer = tokio::time::timeout(timeout, crate::ctl::get_json(&url, "/status")).await;
+                let Ok(Ok((_, v))) = answer else { return None };
+                let running_replica = v["role"] == "replica" && matches!(v["state"].as_str(), Some("running" | "streaming"));
+                if !running_replica {
+                    return None;
+                }
+                let lsn = |k: &str| v[k].as_str().and_then(Lsn::parse);
+                Some(PeerPosition {
+                    name,
+                    timeline: v["timeline"].as_u64().map(|t| t as u32),
+                    lsn: lsn("receive_lsn").max(lsn("replay_lsn")).unwrap_or_default(),
+                })
+            }
+        });
+        futures_util::future::join_all(asks).await.into_iter().flatten().collect()
     }
 
     fn upstream(&self, name: &str) -> Option<Upstream> {
@@ -445,6 +497,8 @@ impl Agent {
                             maximum_lag_on_failover: self.cfg.cluster.maximum_lag_on_failover,
                             primary_start_timeout_ms: self.cfg.cluster.primary_start_timeout.as_millis() as u64,
                             member_slot_grace_ms: self.cfg.cluster.member_slot_grace.as_millis() as u64,
+                            primary_region: self.cfg.cluster.primary_region.clone(),
+                            auto_reinit: self.cfg.cluster.auto_reinit,
                         };
                         if let Err(e) = self.etcd.seed_config(&seed).await {
                             warn!(node = %node, error = %e, "could not seed the dynamic config");
@@ -488,6 +542,23 @@ impl Agent {
                 let pg = self.pg.clone();
                 self.spawn_job(Job::Rewind, async move { pg.rewind(&up).await.map_err(|e| e.to_string()) });
             }
+            Action::MoveAside => {
+                let dir = self.cfg.postgresql.data_dir.clone();
+                let aside = dir.with_file_name(format!(
+                    "{}.pgha-old-{}",
+                    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into()),
+                    epoch_ms() / 1000
+                ));
+                match std::fs::rename(&dir, &aside) {
+                    Ok(()) => {
+                        warn!(node = %node, aside = %aside.display(), "data directory moved aside; it will be recloned");
+                        self.rewind_failed = false;
+                        self.needs_rewind = false;
+                        self.data_dir = None;
+                    }
+                    Err(e) => error!(node = %node, error = %e, "could not move the data directory aside"),
+                }
+            }
             Action::StartPrimary => {
                 let pg = self.pg.clone();
                 self.spawn_job(Job::Start, async move {
@@ -529,7 +600,7 @@ impl Agent {
             }
             Action::ReleaseLeader => self.release_leader().await,
             Action::Promote => {
-                let old_leader = self.history.last().map(|h| h.new_leader.clone());
+                let old_leader = self.last_known_leader.clone();
                 match self.pg.promote().await {
                     Ok(()) => {
                         self.following = None;
@@ -638,24 +709,14 @@ impl Agent {
             None => "stopped",
         };
         MemberStatus {
-            name: self.cfg.name.clone(),
             role,
             state: state.into(),
             timeline: local.timeline,
             wal_position: local.wal_position,
             receive_lsn: local.receive_lsn,
             replay_lsn: local.replay_lsn,
-            pg_host: self.cfg.postgresql.advertise_host.clone(),
-            pg_port: self.cfg.postgresql.advertise_port,
-            api_url: self.cfg.api.advertise_url.clone(),
-            nofailover: self.cfg.tags.nofailover,
-            noloadbalance: self.cfg.tags.noloadbalance,
-            nosync: self.cfg.tags.nosync,
-            failover_priority: self.cfg.tags.failover_priority,
-            tags: self.cfg.tags.extra.clone(),
             basebackup: if state == "cloning" { *self.pg.clone_progress.lock().expect("not poisoned") } else { None },
-            updated_at_ms: epoch_ms(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            ..identity(&self.cfg)
         }
     }
 

@@ -43,6 +43,8 @@ pub struct Config {
     pub scope: String,
     /// This node's name, unique in the cluster.
     pub name: String,
+    /// Region this node runs in (e.g. the platform's region code), if any.
+    pub region: Option<String>,
     pub etcd: EtcdConfig,
     pub postgresql: PostgresConfig,
     pub api: ApiConfig,
@@ -119,6 +121,11 @@ pub struct ClusterDefaults {
     pub primary_start_timeout: Duration,
     /// How long the primary keeps the slot of a member gone from etcd.
     pub member_slot_grace: Duration,
+    /// Only nodes of this region may become primary.
+    pub primary_region: Option<String>,
+    /// Reclone a former primary whose rewind failed (the old data directory
+    /// is moved aside, never deleted).
+    pub auto_reinit: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -299,6 +306,7 @@ enum EnvKind {
 const KEYS: &[(&str, EnvKind)] = &[
     ("scope", EnvKind::Text),
     ("name", EnvKind::Text),
+    ("region", EnvKind::Text),
     ("etcd.endpoints", EnvKind::List),
     ("etcd.namespace", EnvKind::Text),
     ("etcd.dial_timeout", EnvKind::Text),
@@ -328,6 +336,8 @@ const KEYS: &[(&str, EnvKind)] = &[
     ("cluster.maximum_lag_on_failover", EnvKind::Text),
     ("cluster.primary_start_timeout", EnvKind::Text),
     ("cluster.member_slot_grace", EnvKind::Text),
+    ("cluster.primary_region", EnvKind::Text),
+    ("cluster.auto_reinit", EnvKind::Boolean),
     ("tags.nofailover", EnvKind::Boolean),
     ("tags.noloadbalance", EnvKind::Boolean),
     ("tags.nosync", EnvKind::Boolean),
@@ -482,6 +492,7 @@ fn remove_key(table: &mut toml::Table, key: &str) {
 struct FileConfig {
     scope: String,
     name: String,
+    region: Option<String>,
     etcd: FileEtcd,
     postgresql: FilePostgres,
     api: FileApi,
@@ -556,6 +567,8 @@ struct FileCluster {
     maximum_lag_on_failover: Option<ByteSize>,
     primary_start_timeout: Option<FileDuration>,
     member_slot_grace: Option<FileDuration>,
+    primary_region: Option<String>,
+    auto_reinit: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -966,6 +979,7 @@ impl FileConfig {
             cluster: self.cluster.validate(),
             tags: self.tags.validate(),
             log: self.log.validate(cx)?,
+            region: self.region.filter(|r| !r.is_empty()),
             scope,
             name,
         })
@@ -1435,6 +1449,8 @@ impl FileCluster {
             member_slot_grace: self
                 .member_slot_grace
                 .map_or(DEFAULT_MEMBER_SLOT_GRACE, |d| d.0),
+            primary_region: self.primary_region.filter(|r| !r.is_empty()),
+            auto_reinit: self.auto_reinit.unwrap_or(false),
         }
     }
 }

@@ -16,6 +16,8 @@ pub enum Action {
     Clone { from: String },
     /// pg_rewind the stopped former primary against this member.
     Rewind { from: String },
+    /// Move the data directory aside (never deleted) so that it is recloned.
+    MoveAside,
     /// Start Postgres as a primary (no standby.signal).
     StartPrimary,
     /// Start Postgres as a standby following `upstream` (or none yet).
@@ -62,6 +64,7 @@ impl fmt::Display for Action {
             Action::PublishSystemIdentifier { .. } => f.write_str("publish_system_identifier"),
             Action::Clone { from } => write!(f, "clone from {from}"),
             Action::Rewind { from } => write!(f, "rewind from {from}"),
+            Action::MoveAside => f.write_str("move data directory aside"),
             Action::StartPrimary => f.write_str("start primary"),
             Action::StartReplica { upstream: Some(u) } => write!(f, "start replica of {u}"),
             Action::StartReplica { upstream: None } => f.write_str("start replica"),

@@ -66,6 +66,9 @@ pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
     // Bootstrap and identity: nothing else happens until the data directory
     // is known to belong to this cluster.
     let Some(init) = &dcs.initialize else {
+        if !obs.may_bootstrap {
+            return steps;
+        }
         let claim = match obs.data_dir {
             DataDir::Empty => Action::ClaimInitialize { system_identifier: None },
             DataDir::Initialized { system_identifier } => Action::ClaimInitialize { system_identifier: Some(system_identifier) },
@@ -205,6 +208,12 @@ fn follow(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, lead
     }
     let leader_up = running_leader(dcs, &obs.node).is_some();
     if obs.last_role == Some(PgRole::Primary) || obs.needs_rewind {
+        if obs.rewind_failed {
+            if dcs.config.auto_reinit && leader_up {
+                steps.push(Step::new(Action::MoveAside, "pg_rewind failed and auto_reinit is on: reclone from the leader"));
+            }
+            return;
+        }
         if leader_up {
             steps.push(Step::new(
                 Action::Rewind { from: leader.to_string() },
@@ -240,6 +249,10 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
     if obs.tags.nofailover {
         return Err("tagged nofailover".into());
     }
+    let in_region = |r: &Option<String>| dcs.config.primary_region.as_ref().is_none_or(|p| r.as_ref() == Some(p));
+    if !in_region(&obs.region) {
+        return Err("outside primary_region".into());
+    }
     let mine = position(&obs.local);
     if let Some(last) = dcs.last_leader_lsn {
         let lag = last.0.saturating_sub(mine.0);
@@ -250,16 +263,26 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
     // Positions compare only on the same timeline: a newer timeline wins.
     let me = (obs.local.timeline.unwrap_or(0), mine, obs.tags.failover_priority);
     for m in &dcs.members {
-        if m.name == obs.node || m.nofailover {
+        if m.name == obs.node || m.nofailover || !in_region(&m.region) {
             continue;
         }
         if m.state == "starting" {
             return Err(format!("{} is starting: wait until it reports its WAL position", m.name));
         }
-        if !matches!(m.state.as_str(), "running" | "streaming") || m.role != MemberRole::Replica {
-            continue;
-        }
-        let theirs = (m.timeline.unwrap_or(0), m.receive_lsn.max(m.replay_lsn).unwrap_or_default(), m.failover_priority);
+        let (timeline, lsn) = match &obs.peers {
+            // Live answers win; a member whose API did not answer is ignored.
+            Some(peers) => match peers.iter().find(|p| p.name == m.name) {
+                Some(p) => (p.timeline, p.lsn),
+                None => continue,
+            },
+            None => {
+                if !matches!(m.state.as_str(), "running" | "streaming") || m.role != MemberRole::Replica {
+                    continue;
+                }
+                (m.timeline, m.receive_lsn.max(m.replay_lsn).unwrap_or_default())
+            }
+        };
+        let theirs = (timeline.unwrap_or(0), lsn, m.failover_priority);
         if theirs > me || (theirs == me && m.name < obs.node) {
             return Err(format!("{} is a better candidate", m.name));
         }

@@ -153,6 +153,8 @@ pub struct MemberStatus {
     pub failover_priority: i32,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub region: Option<String>,
     /// Set while a clone is running.
     #[serde(default)]
     pub basebackup: Option<Progress>,
@@ -168,6 +170,10 @@ pub struct DynamicConfig {
     pub maximum_lag_on_failover: u64,
     pub primary_start_timeout_ms: u64,
     pub member_slot_grace_ms: u64,
+    /// Only members of this region may be promoted.
+    pub primary_region: Option<String>,
+    /// Reclone a former primary whose rewind failed.
+    pub auto_reinit: bool,
 }
 
 impl Default for DynamicConfig {
@@ -176,6 +182,8 @@ impl Default for DynamicConfig {
             maximum_lag_on_failover: 1024 * 1024,
             primary_start_timeout_ms: 30_000,
             member_slot_grace_ms: 30_000,
+            primary_region: None,
+            auto_reinit: false,
         }
     }
 }
@@ -223,11 +231,22 @@ pub struct OrphanSlot {
     pub missing_since: Tick,
 }
 
+/// A member's WAL position as its own API reported it just now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPosition {
+    pub name: String,
+    pub timeline: Option<u32>,
+    pub lsn: Lsn,
+}
+
 /// One observation: the only input of `decide` besides config and `now`.
 #[derive(Debug, Clone)]
 pub struct Observation {
     pub node: String,
     pub tags: Tags,
+    pub region: Option<String>,
+    /// This node may take part in the bootstrap race (region permitting).
+    pub may_bootstrap: bool,
     pub data_dir: DataDir,
     pub local: LocalPostgres,
     /// `None` when etcd could not be read in this pass.
@@ -245,4 +264,9 @@ pub struct Observation {
     pub replica_stalled_since: Option<Tick>,
     /// The data directory must be rewound before it runs as a replica again.
     pub needs_rewind: bool,
+    /// The last pg_rewind failed.
+    pub rewind_failed: bool,
+    /// Positions of the running replicas whose APIs answered, asked while no
+    /// leader exists; `None` when not asked (positions from etcd are used).
+    pub peers: Option<Vec<PeerPosition>>,
 }

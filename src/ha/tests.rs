@@ -29,6 +29,7 @@ fn member(name: &str, role: MemberRole, state: &str, tl: u32, lsn: u64) -> Membe
         nosync: false,
         failover_priority: 1,
         tags: Default::default(),
+        region: None,
         basebackup: None,
         updated_at_ms: 0,
         version: "test".into(),
@@ -66,6 +67,8 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
     Observation {
         node: node.into(),
         tags: Tags { failover_priority: 1, ..Default::default() },
+        region: None,
+        may_bootstrap: true,
         data_dir: DataDir::Initialized { system_identifier: SYSID },
         local,
         dcs,
@@ -76,6 +79,8 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
         last_role: None,
         replica_stalled_since: None,
         needs_rewind: false,
+        rewind_failed: false,
+        peers: None,
     }
 }
 
@@ -313,6 +318,53 @@ fn nofailover_member_does_not_block_others() {
     members[1].nofailover = true;
     let v = view(None, members);
     assert_eq!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(v)), 0), vec![Action::AcquireLeader]);
+}
+
+#[test]
+fn primary_region_limits_bootstrap_and_promotion() {
+    let mut v = view(None, vec![]);
+    v.initialize = None;
+    let mut o = obs("n1", LocalPostgres::default(), Some(v));
+    o.data_dir = DataDir::Empty;
+    o.may_bootstrap = false;
+    assert!(actions(&o, 0).is_empty(), "outside the primary region: no bootstrap");
+
+    let mut members = replicas(&[("n2", 1, 1000), ("n3", 1, 9000)]);
+    members[0].region = Some("ams".into());
+    members[1].region = Some("syd".into());
+    let mut v = view(None, members);
+    v.config.primary_region = Some("ams".into());
+    let mut n2 = obs("n2", running(PgRole::Replica, 1, 1000), Some(v.clone()));
+    n2.region = Some("ams".into());
+    assert_eq!(actions(&n2, 0), vec![Action::AcquireLeader], "n3 is ahead but outside the primary region");
+    let mut n3 = obs("n3", running(PgRole::Replica, 1, 9000), Some(v));
+    n3.region = Some("syd".into());
+    assert!(actions(&n3, 0).is_empty());
+}
+
+#[test]
+fn live_peer_positions_override_etcd_and_unreachable_peers_are_ignored() {
+    let v = view(None, replicas(&[("n2", 1, 1000), ("n3", 1, 1000)]));
+    let mut n3 = obs("n3", running(PgRole::Replica, 1, 1000), Some(v));
+    assert!(actions(&n3, 0).is_empty(), "tie on etcd data: n2 wins by name");
+    n3.peers = Some(vec![PeerPosition { name: "n2".into(), timeline: Some(1), lsn: Lsn(500) }]);
+    assert_eq!(actions(&n3, 0), vec![Action::AcquireLeader], "n2 answered with an older position");
+    n3.peers = Some(vec![]);
+    assert_eq!(actions(&n3, 0), vec![Action::AcquireLeader], "n2 did not answer");
+    n3.peers = Some(vec![PeerPosition { name: "n2".into(), timeline: Some(1), lsn: Lsn(1500) }]);
+    assert!(actions(&n3, 0).is_empty(), "n2 is ahead");
+}
+
+#[test]
+fn failed_rewind_reclones_only_with_auto_reinit() {
+    let mut o = obs("n3", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    o.last_role = Some(PgRole::Primary);
+    o.rewind_failed = true;
+    assert!(actions(&o, 0).is_empty(), "waits for an operator");
+    let mut v = view(Some("n1"), healthy_three("n1"));
+    v.config.auto_reinit = true;
+    o.dcs = Some(v);
+    assert_eq!(actions(&o, 0), vec![Action::MoveAside]);
 }
 
 #[test]

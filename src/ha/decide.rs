@@ -254,8 +254,11 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
         return Err("outside primary_region".into());
     }
     let mine = position(&obs.local);
+    // Lag counts what is replayed: WAL received but not replayed (replay
+    // paused, a slow apply) would all have to be applied before promotion.
     if let Some(last) = dcs.last_leader_lsn {
-        let lag = last.0.saturating_sub(mine.0);
+        let replayed = obs.local.replay_lsn.or(obs.local.wal_position).unwrap_or_default();
+        let lag = last.0.saturating_sub(replayed.0);
         if lag > dcs.config.maximum_lag_on_failover {
             return Err(format!("{lag} bytes behind the last leader position, above maximum_lag_on_failover"));
         }

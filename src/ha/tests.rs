@@ -307,6 +307,12 @@ fn nofailover_lagging_and_waiting_candidates_stay_replicas() {
     lagging.last_leader_lsn = Some(Lsn(1000 + 2 * 1024 * 1024));
     assert!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(lagging)), 0).is_empty(), "lag above maximum_lag_on_failover");
 
+    let mut paused = running(PgRole::Replica, 1, 1000 + 2 * 1024 * 1024);
+    paused.replay_lsn = Some(Lsn(1000));
+    let mut recent = v.clone();
+    recent.last_leader_lsn = Some(Lsn(1000 + 2 * 1024 * 1024));
+    assert!(actions(&obs("n2", paused, Some(recent)), 0).is_empty(), "received everything but replay is paused far behind");
+
     let mut starting = v;
     starting.members[1].state = "starting".into();
     assert!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(starting)), 0).is_empty(), "a member has not reported yet");

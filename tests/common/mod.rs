@@ -342,9 +342,17 @@ impl ClusterView {
         self.members.iter().find(|m| m.name == name)
     }
 
-    /// Exactly one running primary and `replicas` streaming replicas.
+    /// Exactly one running primary and `replicas` replicas streaming on its
+    /// timeline.
     pub fn is_healthy(&self, replicas: usize) -> bool {
-        self.primaries().len() == 1 && self.streaming_replicas().len() == replicas
+        let primaries = self.primaries();
+        primaries.len() == 1
+            && self
+                .streaming_replicas()
+                .iter()
+                .filter(|m| m.timeline == primaries[0].timeline)
+                .count()
+                == replicas
     }
 }
 
@@ -963,7 +971,8 @@ impl Cluster {
     }
 
     /// Waits until every running agent reports on its own: one the leader
-    /// and running primary, all others streaming replicas of that leader.
+    /// and running primary, all others streaming replicas of that leader on
+    /// its timeline.
     /// Returns `/cluster` as seen then.
     pub fn wait_healthy(&mut self, timeout: Duration) -> ClusterView {
         let deadline = Instant::now() + timeout;
@@ -981,7 +990,14 @@ impl Cluster {
                     && statuses
                         .iter()
                         .filter(|m| m.name != primaries[0].name)
-                        .all(|m| m.role == "replica" && m.state == "streaming");
+                        .all(|m| {
+                            // A standby whose history diverged connects (and
+                            // briefly shows "streaming") but stays on the old
+                            // timeline: it does not follow the primary.
+                            m.role == "replica"
+                                && m.state == "streaming"
+                                && m.timeline == primaries[0].timeline
+                        });
                 if healthy {
                     let replicas = statuses.len() - 1;
                     // /cluster converges too once the members' keys are rewritten.

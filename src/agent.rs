@@ -15,8 +15,8 @@ use crate::config::Config;
 use crate::dcs::{Etcd, HistoryEntry};
 use crate::fence::{Guard, Message};
 use crate::ha::{
-    self, Action, DataDir, DcsView, DynamicConfig, HeldLease, Job, LocalPostgres, Lsn, MemberRole, MemberStatus,
-    Observation, OrphanSlot, PeerPosition, PgRole, Settings, Step, Tick,
+    self, Action, DataDir, DcsView, DynamicConfig, HeldLease, Job, LocalPostgres, Lsn, MemberRole,
+    MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Settings, Step, Tick,
 };
 use crate::postgres::{LocalPg, Upstream};
 
@@ -104,7 +104,10 @@ fn identity(cfg: &Config) -> MemberStatus {
 }
 
 fn epoch_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub fn settings_for(cfg: &Config) -> Settings {
@@ -162,8 +165,11 @@ pub struct Agent {
 
 impl Agent {
     pub async fn new(cfg: Config) -> Result<(Agent, watch::Receiver<Arc<Snapshot>>), AgentError> {
-        let pg = LocalPg::new(cfg.postgresql.clone(), cfg.name.clone()).map_err(|e| AgentError::Setup(e.to_string()))?;
-        let etcd = Etcd::connect(&cfg.etcd, cfg.timing.retry_timeout).await.map_err(|e| AgentError::Setup(e.to_string()))?;
+        let pg = LocalPg::new(cfg.postgresql.clone(), cfg.name.clone())
+            .map_err(|e| AgentError::Setup(e.to_string()))?;
+        let etcd = Etcd::connect(&cfg.etcd, cfg.timing.retry_timeout)
+            .await
+            .map_err(|e| AgentError::Setup(e.to_string()))?;
         let me = identity(&cfg);
         let snapshot = Snapshot {
             taken_at: Instant::now(),
@@ -289,7 +295,9 @@ impl Agent {
         let msg = match self.leader_lease {
             Some(lease) => {
                 let deadline = self.settings.fencing_deadline(lease.renewed_at);
-                Message::Arm { within: Duration::from_millis(deadline.since(self.now())) }
+                Message::Arm {
+                    within: Duration::from_millis(deadline.since(self.now())),
+                }
             }
             None => Message::Disarm,
         };
@@ -302,7 +310,9 @@ impl Agent {
                     let _ = g.send(msg);
                     self.guard = Some(g);
                 }
-                Err(e) => error!(node = %self.cfg.name, error = %e, "cannot restart the fence guard"),
+                Err(e) => {
+                    error!(node = %self.cfg.name, error = %e, "cannot restart the fence guard")
+                }
             }
         }
     }
@@ -341,7 +351,11 @@ impl Agent {
             warn!(node = %self.cfg.name, %status, "postgres exited");
             self.following = None;
         }
-        let local = if self.job.as_ref().is_some_and(|j| matches!(j.kind, Job::InitDb | Job::Clone | Job::Rewind)) {
+        let local = if self
+            .job
+            .as_ref()
+            .is_some_and(|j| matches!(j.kind, Job::InitDb | Job::Clone | Job::Rewind))
+        {
             LocalPostgres::default()
         } else {
             self.pg.probe().await
@@ -359,7 +373,9 @@ impl Agent {
         }
         let data_dir = self.data_dir.unwrap_or(DataDir::Unusable);
         let last_role = match (local.running, data_dir) {
-            (false, DataDir::Initialized { .. }) if self.job.is_none() => self.pg.last_role().await.unwrap_or(None),
+            (false, DataDir::Initialized { .. }) if self.job.is_none() => {
+                self.pg.last_role().await.unwrap_or(None)
+            }
             _ => None,
         };
         let dcs = match self.etcd.load().await {
@@ -380,7 +396,10 @@ impl Agent {
         };
         // The lease we renew must be the one the key is bound to.
         if let (Some(view), Some(lease)) = (&dcs, self.leader_lease) {
-            let still_ours = view.leader.as_ref().is_some_and(|k| k.name == self.cfg.name && k.lease_id == lease.lease_id);
+            let still_ours = view
+                .leader
+                .as_ref()
+                .is_some_and(|k| k.name == self.cfg.name && k.lease_id == lease.lease_id);
             if !still_ours {
                 info!(node = %self.cfg.name, "leader key no longer ours");
                 self.leader_lease = None;
@@ -388,16 +407,26 @@ impl Agent {
         }
         let mut orphan_slots = Vec::new();
         if let (Some(view), Some(PgRole::Primary)) = (&dcs, local.role) {
-            let wanted: Vec<String> = view.members.iter().map(|m| ha::slot_name(&m.name)).collect();
-            self.orphan_since.retain(|s, _| local.slots.contains(s) && !wanted.contains(s));
+            let wanted: Vec<String> = view
+                .members
+                .iter()
+                .map(|m| ha::slot_name(&m.name))
+                .collect();
+            self.orphan_since
+                .retain(|s, _| local.slots.contains(s) && !wanted.contains(s));
             for slot in local.slots.iter().filter(|s| !wanted.contains(s)) {
                 let since = *self.orphan_since.entry(slot.clone()).or_insert(now);
-                orphan_slots.push(OrphanSlot { name: slot.clone(), missing_since: since });
+                orphan_slots.push(OrphanSlot {
+                    name: slot.clone(),
+                    missing_since: since,
+                });
             }
         }
         let leaderless_replica = local.running
             && local.role == Some(PgRole::Replica)
-            && dcs.as_ref().is_some_and(|d| d.leader.is_none() && d.initialize.is_some());
+            && dcs
+                .as_ref()
+                .is_some_and(|d| d.leader.is_none() && d.initialize.is_some());
         let peers = match (&dcs, leaderless_replica) {
             (Some(view), true) => Some(self.ask_peers(view).await),
             _ => None,
@@ -407,8 +436,15 @@ impl Agent {
         }
         let mut local = local;
         local.following = self.following.clone();
-        let stalled = local.running && local.role == Some(PgRole::Replica) && local.following.is_some() && local.streaming_from.is_none();
-        self.stalled_since = if stalled { Some(self.stalled_since.unwrap_or(now)) } else { None };
+        let stalled = local.running
+            && local.role == Some(PgRole::Replica)
+            && local.following.is_some()
+            && local.streaming_from.is_none();
+        self.stalled_since = if stalled {
+            Some(self.stalled_since.unwrap_or(now))
+        } else {
+            None
+        };
         self.last_local = local.clone();
         if let Some(v) = &dcs {
             self.last_view = Some(v.clone());
@@ -429,7 +465,12 @@ impl Agent {
             rewind_failed: self.rewind_failed,
             peers,
             region: self.cfg.region.clone(),
-            may_bootstrap: self.cfg.cluster.primary_region.as_ref().is_none_or(|p| self.cfg.region.as_ref() == Some(p)),
+            may_bootstrap: self
+                .cfg
+                .cluster
+                .primary_region
+                .as_ref()
+                .is_none_or(|p| self.cfg.region.as_ref() == Some(p)),
         }
     }
 
@@ -437,29 +478,45 @@ impl Agent {
     /// that do not answer within a second are left out.
     async fn ask_peers(&self, view: &DcsView) -> Vec<PeerPosition> {
         let timeout = self.cfg.timing.retry_timeout.min(Duration::from_secs(1));
-        let asks = view.members.iter().filter(|m| m.name != self.cfg.name).map(|m| {
-            let (name, url) = (m.name.clone(), m.api_url.clone());
-            async move {
-                let answer = tokio::time::timeout(timeout, crate::ctl::get_json(&url, "/status")).await;
-                let Ok(Ok((_, v))) = answer else { return None };
-                let running_replica = v["role"] == "replica" && matches!(v["state"].as_str(), Some("running" | "streaming"));
-                if !running_replica {
-                    return None;
+        let asks = view
+            .members
+            .iter()
+            .filter(|m| m.name != self.cfg.name)
+            .map(|m| {
+                let (name, url) = (m.name.clone(), m.api_url.clone());
+                async move {
+                    let answer =
+                        tokio::time::timeout(timeout, crate::ctl::get_json(&url, "/status")).await;
+                    let Ok(Ok((_, v))) = answer else { return None };
+                    let running_replica = v["role"] == "replica"
+                        && matches!(v["state"].as_str(), Some("running" | "streaming"));
+                    if !running_replica {
+                        return None;
+                    }
+                    let lsn = |k: &str| v[k].as_str().and_then(Lsn::parse);
+                    Some(PeerPosition {
+                        name,
+                        timeline: v["timeline"].as_u64().map(|t| t as u32),
+                        lsn: lsn("receive_lsn")
+                            .max(lsn("replay_lsn"))
+                            .unwrap_or_default(),
+                    })
                 }
-                let lsn = |k: &str| v[k].as_str().and_then(Lsn::parse);
-                Some(PeerPosition {
-                    name,
-                    timeline: v["timeline"].as_u64().map(|t| t as u32),
-                    lsn: lsn("receive_lsn").max(lsn("replay_lsn")).unwrap_or_default(),
-                })
-            }
-        });
-        futures_util::future::join_all(asks).await.into_iter().flatten().collect()
+            });
+        futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     fn upstream(&self, name: &str) -> Option<Upstream> {
         let m = self.last_view.as_ref()?.member(name)?;
-        Some(Upstream { name: m.name.clone(), host: m.pg_host.clone(), port: m.pg_port })
+        Some(Upstream {
+            name: m.name.clone(),
+            host: m.pg_host.clone(),
+            port: m.pg_port,
+        })
     }
 
     fn spawn_job<F>(&mut self, kind: Job, fut: F)
@@ -477,7 +534,12 @@ impl Agent {
 
     async fn execute(&mut self, step: Step, obs: &Observation) -> Result<(), AgentError> {
         let node = self.cfg.name.clone();
-        let term = obs.dcs.as_ref().and_then(|d| d.leader.as_ref()).map(|l| l.mod_revision).unwrap_or(0);
+        let term = obs
+            .dcs
+            .as_ref()
+            .and_then(|d| d.leader.as_ref())
+            .map(|l| l.mod_revision)
+            .unwrap_or(0);
         if matches!(step.action, Action::RenewLeader { .. }) {
             debug!(node = %node, term, action = %step.action, reason = %step.reason, "step");
         } else {
@@ -495,8 +557,14 @@ impl Agent {
                         info!(node = %node, "won the initialize race");
                         let seed = DynamicConfig {
                             maximum_lag_on_failover: self.cfg.cluster.maximum_lag_on_failover,
-                            primary_start_timeout_ms: self.cfg.cluster.primary_start_timeout.as_millis() as u64,
-                            member_slot_grace_ms: self.cfg.cluster.member_slot_grace.as_millis() as u64,
+                            primary_start_timeout_ms: self
+                                .cfg
+                                .cluster
+                                .primary_start_timeout
+                                .as_millis()
+                                as u64,
+                            member_slot_grace_ms: self.cfg.cluster.member_slot_grace.as_millis()
+                                as u64,
                             primary_region: self.cfg.cluster.primary_region.clone(),
                             auto_reinit: self.cfg.cluster.auto_reinit,
                         };
@@ -514,16 +582,24 @@ impl Agent {
                     pg.initdb().await.map_err(|e| e.to_string())?;
                     pg.write_config(false, None).map_err(|e| e.to_string())?;
                     pg.start(start_timeout).await.map_err(|e| e.to_string())?;
-                    pg.ensure_replication_role().await.map_err(|e| e.to_string())
+                    pg.ensure_replication_role()
+                        .await
+                        .map_err(|e| e.to_string())
                 });
             }
             Action::PublishSystemIdentifier { system_identifier } => {
-                if let Err(e) = self.etcd.publish_system_identifier(&node, system_identifier).await {
+                if let Err(e) = self
+                    .etcd
+                    .publish_system_identifier(&node, system_identifier)
+                    .await
+                {
                     warn!(node = %node, error = %e, "could not publish the system identifier");
                 }
             }
             Action::Clone { from } => {
-                let Some(up) = self.upstream(&from) else { return Ok(()) };
+                let Some(up) = self.upstream(&from) else {
+                    return Ok(());
+                };
                 let pg = self.pg.clone();
                 self.spawn_job(Job::Clone, async move {
                     match pg.basebackup(&up).await {
@@ -538,15 +614,21 @@ impl Agent {
                 });
             }
             Action::Rewind { from } => {
-                let Some(up) = self.upstream(&from) else { return Ok(()) };
+                let Some(up) = self.upstream(&from) else {
+                    return Ok(());
+                };
                 let pg = self.pg.clone();
-                self.spawn_job(Job::Rewind, async move { pg.rewind(&up).await.map_err(|e| e.to_string()) });
+                self.spawn_job(Job::Rewind, async move {
+                    pg.rewind(&up).await.map_err(|e| e.to_string())
+                });
             }
             Action::MoveAside => {
                 let dir = self.cfg.postgresql.data_dir.clone();
                 let aside = dir.with_file_name(format!(
                     "{}.pgha-old-{}",
-                    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into()),
+                    dir.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "data".into()),
                     epoch_ms() / 1000
                 ));
                 match std::fs::rename(&dir, &aside) {
@@ -556,7 +638,9 @@ impl Agent {
                         self.needs_rewind = false;
                         self.data_dir = None;
                     }
-                    Err(e) => error!(node = %node, error = %e, "could not move the data directory aside"),
+                    Err(e) => {
+                        error!(node = %node, error = %e, "could not move the data directory aside")
+                    }
                 }
             }
             Action::StartPrimary => {
@@ -571,12 +655,15 @@ impl Agent {
                 self.following = up.as_ref().map(|u| u.name.clone());
                 let pg = self.pg.clone();
                 self.spawn_job(Job::Start, async move {
-                    pg.write_config(true, up.as_ref()).map_err(|e| e.to_string())?;
+                    pg.write_config(true, up.as_ref())
+                        .map_err(|e| e.to_string())?;
                     pg.start(start_timeout).await.map_err(|e| e.to_string())
                 });
             }
             Action::Follow { upstream } => {
-                let Some(up) = self.upstream(&upstream) else { return Ok(()) };
+                let Some(up) = self.upstream(&upstream) else {
+                    return Ok(());
+                };
                 let result = match self.pg.write_config(true, Some(&up)) {
                     Ok(()) => self.pg.reload().await,
                     Err(e) => Err(e),
@@ -590,7 +677,12 @@ impl Agent {
             Action::RenewLeader { lease_id } => {
                 let sent_at = self.now();
                 match self.etcd.keep_alive(lease_id).await {
-                    Ok(true) => self.leader_lease = Some(HeldLease { lease_id, renewed_at: sent_at }),
+                    Ok(true) => {
+                        self.leader_lease = Some(HeldLease {
+                            lease_id,
+                            renewed_at: sent_at,
+                        })
+                    }
                     Ok(false) => {
                         warn!(node = %node, lease_id, "leader lease expired");
                         self.leader_lease = None;
@@ -616,6 +708,13 @@ impl Agent {
                             reason: step.reason.clone(),
                         };
                         info!(node = %node, term, timeline = ?local.timeline, "promoted");
+                        let pg = self.pg.clone();
+                        let node_name = node.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = pg.checkpoint().await {
+                                warn!(node = %node_name, error = %e, "checkpoint after promotion failed");
+                            }
+                        });
                         if let Err(e) = self.etcd.append_history(entry).await {
                             warn!(node = %node, error = %e, "could not record the promotion in history");
                         }
@@ -627,7 +726,11 @@ impl Agent {
                 let pg = self.pg.clone();
                 self.following = None;
                 self.needs_rewind |= then_rewind;
-                self.spawn_job(Job::Stop, async move { pg.stop(Duration::from_secs(30)).await.map_err(|e| e.to_string()) });
+                self.spawn_job(Job::Stop, async move {
+                    pg.stop(Duration::from_secs(30))
+                        .await
+                        .map_err(|e| e.to_string())
+                });
             }
             Action::CreateSlots { names } => {
                 for name in names {
@@ -660,7 +763,10 @@ impl Agent {
         match self.etcd.acquire_leader(&node, lease_id).await {
             Ok(true) => {
                 info!(node = %node, lease_id, "acquired the leader key");
-                self.leader_lease = Some(HeldLease { lease_id, renewed_at: sent_at });
+                self.leader_lease = Some(HeldLease {
+                    lease_id,
+                    renewed_at: sent_at,
+                });
             }
             Ok(false) => {
                 info!(node = %node, "another node took the leader key first");
@@ -676,7 +782,12 @@ impl Agent {
     async fn release_leader(&mut self) {
         let node = self.cfg.name.clone();
         let lease_id = self.leader_lease.map(|l| l.lease_id).or_else(|| {
-            self.last_view.as_ref()?.leader.as_ref().filter(|k| k.name == node).map(|k| k.lease_id)
+            self.last_view
+                .as_ref()?
+                .leader
+                .as_ref()
+                .filter(|k| k.name == node)
+                .map(|k| k.lease_id)
         });
         if let Some(id) = lease_id {
             match self.etcd.release_leader(&node, id).await {
@@ -704,7 +815,12 @@ impl Agent {
             Some(Job::Rewind) => "rewinding",
             Some(Job::Start) => "starting",
             Some(Job::Stop) => "stopping",
-            None if local.running && local.role == Some(PgRole::Replica) && local.streaming_from.is_some() => "streaming",
+            None if local.running
+                && local.role == Some(PgRole::Replica)
+                && local.streaming_from.is_some() =>
+            {
+                "streaming"
+            }
             None if local.running => "running",
             None => "stopped",
         };
@@ -715,7 +831,11 @@ impl Agent {
             wal_position: local.wal_position,
             receive_lsn: local.receive_lsn,
             replay_lsn: local.replay_lsn,
-            basebackup: if state == "cloning" { *self.pg.clone_progress.lock().expect("not poisoned") } else { None },
+            basebackup: if state == "cloning" {
+                *self.pg.clone_progress.lock().expect("not poisoned")
+            } else {
+                None
+            },
             ..identity(&self.cfg)
         }
     }
@@ -727,8 +847,14 @@ impl Agent {
             if let Err(e) = self.put_member(&me).await {
                 warn!(node = %self.cfg.name, error = %e, "could not publish member status");
             }
-            if let (Some(lease), Some(PgRole::Primary), Some(lsn)) = (self.leader_lease, obs.local.role, obs.local.wal_position) {
-                if let Err(e) = self.etcd.publish_leader_status(&self.cfg.name, lease.lease_id, lsn, obs.local.timeline).await {
+            if let (Some(lease), Some(PgRole::Primary), Some(lsn)) =
+                (self.leader_lease, obs.local.role, obs.local.wal_position)
+            {
+                if let Err(e) = self
+                    .etcd
+                    .publish_leader_status(&self.cfg.name, lease.lease_id, lsn, obs.local.timeline)
+                    .await
+                {
                     debug!(node = %self.cfg.name, error = %e, "could not publish leader status");
                 }
             }
@@ -755,9 +881,9 @@ impl Agent {
             lease_remaining: self.leader_lease.map(|l| {
                 Duration::from_millis(l.renewed_at.plus_ms(self.settings.ttl_ms).since(now))
             }),
-            fencing_remaining: self
-                .leader_lease
-                .map(|l| Duration::from_millis(self.settings.fencing_deadline(l.renewed_at).since(now))),
+            fencing_remaining: self.leader_lease.map(|l| {
+                Duration::from_millis(self.settings.fencing_deadline(l.renewed_at).since(now))
+            }),
             pending_restart: obs.local.pending_restart,
             paused: false,
             promotions: self.promotions,

@@ -32,7 +32,9 @@ pub fn parse(line: &str) -> Option<Message> {
     match words.next()? {
         "arm" => {
             let ms: u64 = words.next()?.parse().ok()?;
-            Some(Message::Arm { within: Duration::from_millis(ms) })
+            Some(Message::Arm {
+                within: Duration::from_millis(ms),
+            })
         }
         "disarm" => Some(Message::Disarm),
         _ => None,
@@ -83,7 +85,10 @@ pub fn run_guard(input: impl BufRead + Send + 'static, target: &dyn Fn() -> Opti
             Ok(Message::Disarm) => armed = None,
             Err(RecvTimeoutError::Timeout) => {
                 if armed.take().is_some() {
-                    stop_postmaster(target, "fencing deadline passed without renewal from the agent");
+                    stop_postmaster(
+                        target,
+                        "fencing deadline passed without renewal from the agent",
+                    );
                 }
             }
             Err(RecvTimeoutError::Disconnected) => {
@@ -121,7 +126,9 @@ impl Guard {
 
     pub fn send(&mut self, m: Message) -> std::io::Result<()> {
         if let Ok(Some(status)) = self.child.try_wait() {
-            return Err(std::io::Error::other(format!("fence guard exited: {status}")));
+            return Err(std::io::Error::other(format!(
+                "fence guard exited: {status}"
+            )));
         }
         let line = match m {
             Message::Arm { within } => format!("arm {}\n", within.as_millis()),
@@ -146,7 +153,12 @@ mod tests {
 
     #[test]
     fn messages_parse() {
-        assert_eq!(parse("arm 8000"), Some(Message::Arm { within: Duration::from_secs(8) }));
+        assert_eq!(
+            parse("arm 8000"),
+            Some(Message::Arm {
+                within: Duration::from_secs(8)
+            })
+        );
         assert_eq!(parse("disarm"), Some(Message::Disarm));
         assert_eq!(parse("arm x"), None);
         assert_eq!(parse("bogus"), None);
@@ -161,11 +173,15 @@ mod tests {
         let mut victim = sleeper();
         let (r, mut w) = std::io::pipe().expect("pipe");
         let pid = victim.id() as i32;
-        let guard = std::thread::spawn(move || run_guard(std::io::BufReader::new(r), &move || Some(pid)));
+        let guard =
+            std::thread::spawn(move || run_guard(std::io::BufReader::new(r), &move || Some(pid)));
         writeln!(w, "arm 200").unwrap();
         let started = Instant::now();
         let status = victim.wait().unwrap();
-        assert!(started.elapsed() >= Duration::from_millis(150), "stopped too early");
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "stopped too early"
+        );
         assert!(!status.success());
         drop(w);
         guard.join().unwrap();
@@ -176,16 +192,23 @@ mod tests {
         let mut victim = sleeper();
         let (r, mut w) = std::io::pipe().expect("pipe");
         let pid = victim.id() as i32;
-        let guard = std::thread::spawn(move || run_guard(std::io::BufReader::new(r), &move || Some(pid)));
+        let guard =
+            std::thread::spawn(move || run_guard(std::io::BufReader::new(r), &move || Some(pid)));
         for _ in 0..5 {
             writeln!(w, "arm 300").unwrap();
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(victim.try_wait().unwrap().is_none(), "re-armed guard must not fire");
+        assert!(
+            victim.try_wait().unwrap().is_none(),
+            "re-armed guard must not fire"
+        );
         writeln!(w, "disarm").unwrap();
         drop(w);
         guard.join().unwrap();
-        assert!(victim.try_wait().unwrap().is_none(), "a disarmed guard leaves postgres alone when the agent exits");
+        assert!(
+            victim.try_wait().unwrap().is_none(),
+            "a disarmed guard leaves postgres alone when the agent exits"
+        );
         victim.kill().unwrap();
         victim.wait().unwrap();
     }
@@ -195,7 +218,8 @@ mod tests {
         let mut victim = sleeper();
         let (r, mut w) = std::io::pipe().expect("pipe");
         let pid = victim.id() as i32;
-        let guard = std::thread::spawn(move || run_guard(std::io::BufReader::new(r), &move || Some(pid)));
+        let guard =
+            std::thread::spawn(move || run_guard(std::io::BufReader::new(r), &move || Some(pid)));
         writeln!(w, "arm 60000").unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let started = Instant::now();

@@ -33,7 +33,12 @@ enum Command {
     /// List the cluster's members.
     List {
         /// API of any member.
-        #[arg(long, env = "PGHA_API_URL", default_value = "http://127.0.0.1:8008", conflicts_with = "config")]
+        #[arg(
+            long,
+            env = "PGHA_API_URL",
+            default_value = "http://127.0.0.1:8008",
+            conflicts_with = "config"
+        )]
         api: String,
         /// Find the API through this node's config instead.
         #[arg(long)]
@@ -53,7 +58,9 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn init_tracing(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.with_ansi(false).init(),
@@ -66,7 +73,10 @@ async fn run(cfg: Config) -> ExitCode {
     let signals = shutdown.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
             return;
         };
         tokio::select! {
@@ -84,7 +94,12 @@ async fn run(cfg: Config) -> ExitCode {
     };
     let stale_after = cfg.timing.ttl;
     let api_shutdown = CancellationToken::new();
-    let api = tokio::spawn(pgha::api::serve(cfg.api.listen.clone(), snapshots, stale_after, api_shutdown.clone()));
+    let api = tokio::spawn(pgha::api::serve(
+        cfg.api.listen.clone(),
+        snapshots,
+        stale_after,
+        api_shutdown.clone(),
+    ));
     let result = tokio::select! {
         r = agent.run(shutdown.clone()) => r,
         r = api => {

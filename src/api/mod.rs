@@ -1,155 +1,93 @@
-//! HTTP API: health checks with Patroni's paths and status codes, and status
-//! endpoints. Every answer comes from the snapshot the agent loop last
-//! published; no request ever waits on Postgres or etcd.
+//! HTTP API: health checks with Patroni's paths and status codes, status
+//! documents and Prometheus metrics. Every answer comes from the snapshot the
+//! agent loop last published; no request ever waits on Postgres or etcd.
+//!
+//! This file is the server (listening, limits, connections); `routes` decides
+//! the answers, `status` and `metrics` render them.
 
+pub mod metrics;
+pub mod routes;
+pub mod status;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
 use crate::agent::Snapshot;
-use crate::ha::{MemberRole, MemberStatus};
+pub use routes::{route, Health, Reply};
+pub use status::{lag_bytes, replay_lag_bytes, Rendered};
 
-/// A routed answer: status and optional JSON body.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Answer {
-    pub status: StatusCode,
-    pub body: Option<Value>,
+/// Bounds on what one client can make the server hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Open connections; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Request body size; beyond it the answer is 413.
+    pub max_body_bytes: usize,
+    /// Time to send the request line and headers, and how long an idle
+    /// keep-alive connection is kept.
+    pub header_read_timeout: Duration,
+    /// Time to send a request body.
+    pub body_read_timeout: Duration,
 }
 
-fn answer(ok: bool, body: Value) -> Answer {
-    Answer { status: if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body: Some(body) }
-}
-
-fn running(m: &MemberStatus) -> bool {
-    matches!(m.state.as_str(), "running" | "streaming")
-}
-
-/// Lag of `m` behind the leader's WAL position, in bytes.
-pub fn lag_bytes(members: &[MemberStatus], leader: Option<&str>, m: &MemberStatus) -> Option<u64> {
-    let leader = members.iter().find(|x| Some(x.name.as_str()) == leader)?;
-    let top = leader.wal_position?;
-    if m.name == leader.name {
-        return Some(0);
-    }
-    let pos = m.replay_lsn.max(m.receive_lsn).or(m.wal_position)?;
-    Some(top.0.saturating_sub(pos.0))
-}
-
-fn member_json(s: &Snapshot, m: &MemberStatus) -> Value {
-    let is_leader = s.leader.as_deref() == Some(m.name.as_str());
-    json!({
-        "name": m.name,
-        "role": if is_leader && m.role == MemberRole::Primary { "primary".to_string() } else { m.role.to_string() },
-        "state": m.state,
-        "timeline": m.timeline,
-        "leader": is_leader,
-        "lag_bytes": lag_bytes(&s.members, s.leader.as_deref(), m),
-        "wal_position": m.wal_position.map(|l| l.to_string()),
-        "receive_lsn": m.receive_lsn.map(|l| l.to_string()),
-        "replay_lsn": m.replay_lsn.map(|l| l.to_string()),
-        "api_url": m.api_url,
-        "pg_host": m.pg_host,
-        "pg_port": m.pg_port,
-        "host": crate::net::host_port(&m.pg_host, m.pg_port),
-        "tags": m.tags,
-        "nofailover": m.nofailover,
-        "noloadbalance": m.noloadbalance,
-        "failover_priority": m.failover_priority,
-        "basebackup": m.basebackup,
-        "version": m.version,
-    })
-}
-
-fn status_json(s: &Snapshot, age: Duration) -> Value {
-    let mut v = member_json(s, &s.me);
-    let o = v.as_object_mut().expect("object");
-    o.insert("scope".into(), json!(s.scope));
-    o.insert("cluster_leader".into(), json!(s.leader));
-    o.insert("term".into(), json!(s.leader_revision));
-    o.insert("dcs_reachable".into(), json!(s.dcs_reachable));
-    o.insert("snapshot_age_ms".into(), json!(age.as_millis() as u64));
-    o.insert("lease_remaining_ms".into(), json!(s.lease_remaining.map(|d| d.as_millis() as u64)));
-    o.insert("last_error".into(), json!(s.last_error));
-    v
-}
-
-/// Routes one request against a snapshot of age `age`. `stale_after` is
-/// the age past which health checks fail.
-pub fn route(s: &Snapshot, age: Duration, stale_after: Duration, method: &Method, path: &str, query: &str) -> Answer {
-    if method != Method::GET && method != Method::HEAD && method != Method::OPTIONS {
-        return Answer { status: StatusCode::METHOD_NOT_ALLOWED, body: Some(json!({"error": "method not allowed"})) };
-    }
-    let fresh = age <= stale_after;
-    let me = &s.me;
-    let leads = s.leader.as_deref() == Some(me.name.as_str());
-    let is_primary = fresh && leads && me.role == MemberRole::Primary && running(me);
-    let is_replica = fresh && me.role == MemberRole::Replica && running(me);
-    let body = status_json(s, age);
-    match path {
-        "/" | "/primary" | "/read-write" | "/master" => answer(is_primary, body),
-        "/leader" => answer(fresh && leads, body),
-        "/standby-leader" => answer(false, body),
-        "/replica" => {
-            let mut ok = is_replica && !me.noloadbalance;
-            for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
-                match k {
-                    "lag" => match crate::config::parse_bytes(v) {
-                        Ok(max) => ok &= lag_bytes(&s.members, s.leader.as_deref(), me).is_some_and(|l| l <= max),
-                        Err(e) => return Answer { status: StatusCode::BAD_REQUEST, body: Some(json!({"error": format!("lag: {e}")})) },
-                    },
-                    "replication_state" => ok &= me.state == v,
-                    _ => {
-                        if let Some(tag) = k.strip_prefix("tag_") {
-                            ok &= me.tags.get(tag).map(String::as_str) == Some(v);
-                        }
-                    }
-                }
-            }
-            answer(ok, body)
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 1024,
+            max_body_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(5),
         }
-        "/read-only" => answer(is_primary || is_replica, body),
-        "/health" => answer(fresh && running(me), body),
-        "/liveness" => answer(fresh, json!({"snapshot_age_ms": age.as_millis() as u64})),
-        "/readiness" => answer(is_primary || (is_replica && me.state == "streaming"), body),
-        "/status" | "/patroni" => answer(true, body),
-        "/cluster" => answer(
-            true,
-            json!({
-                "scope": s.scope,
-                "leader": s.leader,
-                "term": s.leader_revision,
-                "members": s.members.iter().map(|m| member_json(s, m)).collect::<Vec<_>>(),
-            }),
-        ),
-        "/history" => answer(true, serde_json::to_value(&s.history).unwrap_or(Value::Null)),
-        "/config" => answer(true, serde_json::to_value(&s.config).unwrap_or(Value::Null)),
-        _ => Answer { status: StatusCode::NOT_FOUND, body: Some(json!({"error": format!("no such endpoint: {path}")})) },
     }
 }
 
-fn respond(method: &Method, a: Answer) -> Response<Full<Bytes>> {
-    let body = match (&a.body, method) {
-        (Some(v), &Method::GET) => Bytes::from(serde_json::to_vec(v).expect("json")),
-        _ => Bytes::new(),
-    };
-    let mut resp = Response::new(Full::new(body));
-    *resp.status_mut() = a.status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
+/// How long open connections get to finish their request at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What every connection shares.
+struct Shared {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// The last snapshot rendered; replaced when the agent publishes a new one.
+    rendered: Mutex<Arc<Rendered>>,
+    stale_after: Duration,
+    limits: Limits,
+}
+
+impl Shared {
+    fn current(&self) -> Arc<Rendered> {
+        let snapshot = self.snapshots.borrow().clone();
+        let cached = self
+            .rendered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if Arc::ptr_eq(&cached.snapshot, &snapshot) {
+            return cached;
+        }
+        // Two requests may render the same snapshot at once; either result is right.
+        let fresh = Arc::new(Rendered::new(snapshot));
+        *self.rendered.lock().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+        fresh
+    }
 }
 
 /// Serves the API on every listen address until `shutdown` is cancelled.
@@ -159,55 +97,230 @@ pub async fn serve(
     stale_after: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut listeners = Vec::new();
-    for addr in &listen {
-        let l = bind(*addr)?;
-        tracing::info!(%addr, "api listening");
-        listeners.push(l);
+    let listeners = bind_all(&listen)?;
+    serve_on(
+        listeners,
+        snapshots,
+        stale_after,
+        Limits::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// Binds every address. An IPv6 wildcard (`[::]`) accepts IPv4 too, unless
+/// an IPv4 address on the same port is listed: then each family gets its own
+/// socket. Must run inside a tokio runtime.
+pub fn bind_all(listen: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    let v4_ports: HashSet<u16> = listen
+        .iter()
+        .filter(|a| a.is_ipv4())
+        .map(|a| a.port())
+        .collect();
+    let mut out = Vec::new();
+    for addr in listen {
+        let dual_stack =
+            addr.is_ipv6() && addr.ip().is_unspecified() && !v4_ports.contains(&addr.port());
+        let listener = bind(*addr, dual_stack)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("api.listen {addr}: {e}")))?;
+        out.push(TcpListener::from_std(listener)?);
     }
+    Ok(out)
+}
+
+/// Binds one address; `dual_stack` applies to IPv6 wildcards only.
+fn bind(addr: SocketAddr, dual_stack: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // Explicit: the system default (net.ipv6.bindv6only) varies.
+        socket.set_only_v6(!dual_stack)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Serves on already bound listeners until `shutdown` is cancelled, then
+/// gives open connections a moment to finish.
+pub async fn serve_on(
+    listeners: Vec<TcpListener>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stale_after: Duration,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let first = Arc::new(Rendered::new(snapshots.borrow().clone()));
+    let shared = Arc::new(Shared {
+        snapshots,
+        rendered: Mutex::new(first),
+        stale_after,
+        limits,
+    });
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut tasks = Vec::new();
-    for l in listeners {
-        let snapshots = snapshots.clone();
-        let shutdown = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = l.accept() => match r { Ok(x) => x, Err(_) => continue },
-                };
-                let _ = stream.set_nodelay(true);
-                let snapshots = snapshots.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let snap = snapshots.borrow().clone();
-                        async move {
-                            let age = snap.taken_at.elapsed();
-                            let a = route(&snap, age, stale_after, req.method(), req.uri().path(), req.uri().query().unwrap_or(""));
-                            Ok::<_, Infallible>(respond(req.method(), a))
-                        }
-                    });
-                    let conn = http1::Builder::new()
-                        .header_read_timeout(Duration::from_secs(5))
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .serve_connection(TokioIo::new(stream), svc);
-                    let _ = conn.await;
-                });
-            }
-        }));
+    for listener in listeners {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "api listening");
+        }
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            permits.clone(),
+            shutdown.clone(),
+        )));
     }
     for t in tasks {
         let _ = t.await;
     }
+    // Wait (bounded) for connections to drain: each holds a permit.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT * 2, permits.acquire_many(all)).await;
     Ok(())
 }
 
-/// Binds one address; an IPv6 wildcard is dual stack.
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors, typically: back off instead of spinning.
+                    warn!(error = %e, "api accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let shared = shared.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    serve_connection(stream, shared, shutdown).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                debug!(%peer, "api connection limit reached: 503");
+                tokio::spawn(refuse(stream));
+            }
+        }
+    }
+}
+
+/// Answers 503 on a connection over the limit and closes it, without
+/// reading from it.
+async fn refuse(mut stream: TcpStream) {
+    const BODY: &str = r#"{"error":"too many open connections"}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let header_read_timeout = shared.limits.header_read_timeout;
+    let svc = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
+        }
+    }
+}
+
+fn respond(reply: Reply) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(reply.body));
+    *resp.status_mut() = reply.status;
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
+    if reply.allow {
+        headers.insert(ALLOW, HeaderValue::from_static(routes::ALLOWED_METHODS));
+    }
+    resp
+}
+
+/// An error answer after which the connection closes: the rest of the
+/// request body is unread, so the next request cannot be found.
+fn respond_and_close(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(routes::JSON));
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let limits = shared.limits;
+    let (parts, body) = req.into_parts();
+    let too_large = format!("request body over {} bytes", limits.max_body_bytes);
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        return respond_and_close(StatusCode::PAYLOAD_TOO_LARGE, &too_large);
+    }
+    // No endpoint takes a body yet, but one must be read for the connection
+    // to carry the next request.
+    if body.size_hint().exact() != Some(0) {
+        let read = tokio::time::timeout(
+            limits.body_read_timeout,
+            Limited::new(body, limits.max_body_bytes).collect(),
+        );
+        match read.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return respond_and_close(StatusCode::PAYLOAD_TOO_LARGE, &too_large);
+            }
+            Ok(Err(_)) => {
+                return respond_and_close(StatusCode::BAD_REQUEST, "malformed request body")
+            }
+            Err(_) => {
+                return respond_and_close(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body not received in time",
+                )
+            }
+        }
+    }
+    let rendered = shared.current();
+    let age = rendered.snapshot.taken_at.elapsed();
+    let query = parts.uri.query().unwrap_or("");
+    respond(route(
+        &rendered,
+        age,
+        shared.stale_after,
+        &parts.method,
+        parts.uri.path(),
+        query,
+    ))
 }

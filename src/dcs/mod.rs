@@ -87,7 +87,10 @@ pub struct Etcd {
     timeout: Duration,
 }
 
-async fn within<T>(timeout: Duration, f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>) -> Result<T> {
+async fn within<T>(
+    timeout: Duration,
+    f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+) -> Result<T> {
     match tokio::time::timeout(timeout, f).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(DcsError::Timeout(timeout)),
@@ -104,23 +107,47 @@ impl Etcd {
         if let (Some(user), Some(pw)) = (&cfg.username, &cfg.password) {
             opts = opts.with_user(user.clone(), pw.expose().to_string());
         }
-        let client = within(cfg.dial_timeout + timeout, Client::connect(&cfg.endpoints, Some(opts))).await?;
-        Ok(Etcd { client, keys: Keys { prefix: cfg.prefix.clone() }, timeout })
+        let client = within(
+            cfg.dial_timeout + timeout,
+            Client::connect(&cfg.endpoints, Some(opts)),
+        )
+        .await?;
+        Ok(Etcd {
+            client,
+            keys: Keys {
+                prefix: cfg.prefix.clone(),
+            },
+            timeout,
+        })
     }
 
     /// Reads every key of the cluster in one range request.
     pub async fn load(&self) -> Result<(DcsView, Vec<HistoryEntry>)> {
         let mut c = self.client.clone();
-        let resp = within(self.timeout, c.get(self.keys.prefix.as_str(), Some(GetOptions::new().with_prefix()))).await?;
-        let mut view = DcsView { revision: resp.header().map(|h| h.revision()).unwrap_or(0), ..DcsView::default() };
+        let resp = within(
+            self.timeout,
+            c.get(
+                self.keys.prefix.as_str(),
+                Some(GetOptions::new().with_prefix()),
+            ),
+        )
+        .await?;
+        let mut view = DcsView {
+            revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+            ..DcsView::default()
+        };
         let mut history = Vec::new();
         let members_prefix = self.keys.members();
         for kv in resp.kvs() {
             let key = kv.key_str().unwrap_or_default();
             let value = kv.value();
-            let bad = |e: serde_json::Error| DcsError::BadValue { key: key.to_string(), problem: e.to_string() };
+            let bad = |e: serde_json::Error| DcsError::BadValue {
+                key: key.to_string(),
+                problem: e.to_string(),
+            };
             if key == self.keys.initialize() {
-                view.initialize = Some(serde_json::from_slice::<InitializeKey>(value).map_err(bad)?);
+                view.initialize =
+                    Some(serde_json::from_slice::<InitializeKey>(value).map_err(bad)?);
             } else if key == self.keys.leader() {
                 view.leader = Some(LeaderKey {
                     name: String::from_utf8_lossy(value).into_owned(),
@@ -157,16 +184,36 @@ impl Etcd {
     }
 
     /// Races for the initialize key; true when we won.
-    pub async fn claim_initialize(&self, node: &str, system_identifier: Option<u64>) -> Result<bool> {
-        let v = serde_json::to_vec(&InitializeKey { node: node.to_string(), system_identifier }).expect("serializable");
+    pub async fn claim_initialize(
+        &self,
+        node: &str,
+        system_identifier: Option<u64>,
+    ) -> Result<bool> {
+        let v = serde_json::to_vec(&InitializeKey {
+            node: node.to_string(),
+            system_identifier,
+        })
+        .expect("serializable");
         self.create(self.keys.initialize(), v, None).await
     }
 
     /// Completes our own initialize claim with the system identifier.
-    pub async fn publish_system_identifier(&self, node: &str, system_identifier: u64) -> Result<bool> {
+    pub async fn publish_system_identifier(
+        &self,
+        node: &str,
+        system_identifier: u64,
+    ) -> Result<bool> {
         let key = self.keys.initialize();
-        let pending = serde_json::to_vec(&InitializeKey { node: node.to_string(), system_identifier: None }).expect("serializable");
-        let done = serde_json::to_vec(&InitializeKey { node: node.to_string(), system_identifier: Some(system_identifier) }).expect("serializable");
+        let pending = serde_json::to_vec(&InitializeKey {
+            node: node.to_string(),
+            system_identifier: None,
+        })
+        .expect("serializable");
+        let done = serde_json::to_vec(&InitializeKey {
+            node: node.to_string(),
+            system_identifier: Some(system_identifier),
+        })
+        .expect("serializable");
         let txn = Txn::new()
             .when([Compare::value(key.as_str(), CompareOp::Equal, pending)])
             .and_then([TxnOp::put(key.as_str(), done, None)]);
@@ -176,12 +223,22 @@ impl Etcd {
 
     /// Writes the dynamic config unless one exists.
     pub async fn seed_config(&self, config: &DynamicConfig) -> Result<bool> {
-        self.create(self.keys.config(), serde_json::to_vec(config).expect("serializable"), None).await
+        self.create(
+            self.keys.config(),
+            serde_json::to_vec(config).expect("serializable"),
+            None,
+        )
+        .await
     }
 
     pub async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
         let mut c = self.client.clone();
-        Ok(within(self.timeout, c.lease_grant(ttl.as_secs().max(1) as i64, None)).await?.id())
+        Ok(within(
+            self.timeout,
+            c.lease_grant(ttl.as_secs().max(1) as i64, None),
+        )
+        .await?
+        .id())
     }
 
     /// One keepalive round trip; false when the lease no longer exists.
@@ -190,7 +247,13 @@ impl Etcd {
         let fut = async move {
             let (mut keeper, mut stream) = c.lease_keep_alive(lease_id).await?;
             keeper.keep_alive().await?;
-            Ok::<_, etcd_client::Error>(stream.message().await?.map(|r| r.ttl() > 0).unwrap_or(false))
+            Ok::<_, etcd_client::Error>(
+                stream
+                    .message()
+                    .await?
+                    .map(|r| r.ttl() > 0)
+                    .unwrap_or(false),
+            )
         };
         match within(self.timeout, fut).await {
             // etcd answers an expired lease's keepalive with an error.
@@ -201,12 +264,15 @@ impl Etcd {
 
     pub async fn revoke_lease(&self, lease_id: i64) -> Result<()> {
         let mut c = self.client.clone();
-        within(self.timeout, c.lease_revoke(lease_id)).await.map(|_| ())
+        within(self.timeout, c.lease_revoke(lease_id))
+            .await
+            .map(|_| ())
     }
 
     /// Takes the leader key if nobody holds it; true when we got it.
     pub async fn acquire_leader(&self, node: &str, lease_id: i64) -> Result<bool> {
-        self.create(self.keys.leader(), node.as_bytes().to_vec(), Some(lease_id)).await
+        self.create(self.keys.leader(), node.as_bytes().to_vec(), Some(lease_id))
+            .await
     }
 
     /// Deletes the leader key if it is still ours under this lease.
@@ -223,7 +289,13 @@ impl Etcd {
     }
 
     /// Publishes the leader's WAL position, only while the key is ours under this lease.
-    pub async fn publish_leader_status(&self, node: &str, lease_id: i64, lsn: Lsn, timeline: Option<u32>) -> Result<bool> {
+    pub async fn publish_leader_status(
+        &self,
+        node: &str,
+        lease_id: i64,
+        lsn: Lsn,
+        timeline: Option<u32>,
+    ) -> Result<bool> {
         let key = self.keys.leader();
         let v = serde_json::to_vec(&LeaderStatus { lsn, timeline }).expect("serializable");
         let txn = Txn::new()
@@ -243,32 +315,51 @@ impl Etcd {
             let mut c = self.client.clone();
             let resp = within(self.timeout, c.get(key.as_str(), None)).await?;
             let (mut list, rev): (Vec<HistoryEntry>, i64) = match resp.kvs().first() {
-                Some(kv) => (serde_json::from_slice(kv.value()).unwrap_or_default(), kv.mod_revision()),
+                Some(kv) => (
+                    serde_json::from_slice(kv.value()).unwrap_or_default(),
+                    kv.mod_revision(),
+                ),
                 None => (Vec::new(), 0),
             };
             list.push(entry.clone());
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)])
-                .and_then([TxnOp::put(key.as_str(), serde_json::to_vec(&list).expect("serializable"), None)]);
+                .and_then([TxnOp::put(
+                    key.as_str(),
+                    serde_json::to_vec(&list).expect("serializable"),
+                    None,
+                )]);
             if within(self.timeout, c.txn(txn)).await?.succeeded() {
                 return Ok(());
             }
         }
-        Err(DcsError::BadValue { key, problem: "history changed concurrently five times".into() })
+        Err(DcsError::BadValue {
+            key,
+            problem: "history changed concurrently five times".into(),
+        })
     }
 
     /// Writes this member's status on its own lease.
     pub async fn put_member(&self, status: &MemberStatus, lease_id: i64) -> Result<()> {
         let mut c = self.client.clone();
         let v = serde_json::to_vec(status).expect("serializable");
-        within(self.timeout, c.put(self.keys.member(&status.name), v, Some(PutOptions::new().with_lease(lease_id))))
-            .await
-            .map(|_| ())
+        within(
+            self.timeout,
+            c.put(
+                self.keys.member(&status.name),
+                v,
+                Some(PutOptions::new().with_lease(lease_id)),
+            ),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn delete_member(&self, name: &str) -> Result<()> {
         let mut c = self.client.clone();
-        within(self.timeout, c.delete(self.keys.member(name), None)).await.map(|_| ())
+        within(self.timeout, c.delete(self.keys.member(name), None))
+            .await
+            .map(|_| ())
     }
 
     /// Watches the cluster prefix from `revision` and sends a unit on every
@@ -277,15 +368,20 @@ impl Etcd {
     /// status keys change every loop and are read on the next tick instead.
     pub async fn watch(&self, revision: i64, wake: tokio::sync::mpsc::Sender<()>) -> Result<()> {
         let mut c = self.client.clone();
-        let opts = WatchOptions::new().with_prefix().with_start_revision(revision);
-        let (_watcher, mut stream) = within(self.timeout, c.watch(self.keys.prefix.as_str(), Some(opts))).await?;
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision);
+        let (_watcher, mut stream) =
+            within(self.timeout, c.watch(self.keys.prefix.as_str(), Some(opts))).await?;
         while let Some(resp) = stream.message().await? {
             if resp.canceled() {
                 break;
             }
             let relevant = resp.events().iter().any(|ev| {
                 ev.kv().and_then(|kv| kv.key_str().ok()).is_some_and(|k| {
-                    k == self.keys.leader() || k == self.keys.initialize() || k == self.keys.config()
+                    k == self.keys.leader()
+                        || k == self.keys.initialize()
+                        || k == self.keys.config()
                 })
             });
             if relevant && wake.send(()).await.is_err() {

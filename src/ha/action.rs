@@ -52,7 +52,10 @@ pub struct Step {
 
 impl Step {
     pub fn new(action: Action, reason: impl Into<String>) -> Step {
-        Step { action, reason: reason.into() }
+        Step {
+            action,
+            reason: reason.into(),
+        }
     }
 }
 

@@ -27,7 +27,13 @@ impl Settings {
 pub fn slot_name(member: &str) -> String {
     member
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -49,7 +55,12 @@ pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
         if running_primary && obs.leader_lease.is_none() {
             steps.push(Step::new(Action::Stop { then_rewind: false }, "etcd unreachable and no leader lease held: a primary without a lease must not take writes"));
         } else if let Some(lease) = obs.leader_lease {
-            steps.push(Step::new(Action::RenewLeader { lease_id: lease.lease_id }, "etcd unreachable: keep trying to renew before the fencing deadline"));
+            steps.push(Step::new(
+                Action::RenewLeader {
+                    lease_id: lease.lease_id,
+                },
+                "etcd unreachable: keep trying to renew before the fencing deadline",
+            ));
         }
         return steps;
     };
@@ -57,7 +68,12 @@ pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
     let i_lead = dcs.leader.as_ref().is_some_and(|l| l.name == obs.node);
     if i_lead {
         let key = dcs.leader.as_ref().expect("checked above");
-        steps.push(Step::new(Action::RenewLeader { lease_id: key.lease_id }, "we hold the leader key"));
+        steps.push(Step::new(
+            Action::RenewLeader {
+                lease_id: key.lease_id,
+            },
+            "we hold the leader key",
+        ));
     }
     if obs.job.is_some() {
         return steps;
@@ -70,17 +86,26 @@ pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
             return steps;
         }
         let claim = match obs.data_dir {
-            DataDir::Empty => Action::ClaimInitialize { system_identifier: None },
-            DataDir::Initialized { system_identifier } => Action::ClaimInitialize { system_identifier: Some(system_identifier) },
+            DataDir::Empty => Action::ClaimInitialize {
+                system_identifier: None,
+            },
+            DataDir::Initialized { system_identifier } => Action::ClaimInitialize {
+                system_identifier: Some(system_identifier),
+            },
             DataDir::Unusable => return refuse_unusable(steps),
         };
-        steps.push(Step::new(claim, "cluster not initialized in etcd: race for the initialize key"));
+        steps.push(Step::new(
+            claim,
+            "cluster not initialized in etcd: race for the initialize key",
+        ));
         return steps;
     };
     let Some(cluster_sysid) = init.system_identifier else {
         if init.node == obs.node {
             match obs.data_dir {
-                DataDir::Empty => steps.push(Step::new(Action::InitDb, "we won the initialize race")),
+                DataDir::Empty => {
+                    steps.push(Step::new(Action::InitDb, "we won the initialize race"))
+                }
                 DataDir::Initialized { system_identifier } => steps.push(Step::new(
                     Action::PublishSystemIdentifier { system_identifier },
                     "initdb done: publish the system identifier",
@@ -105,7 +130,12 @@ pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
         }
         DataDir::Empty => {
             if let Some(leader) = running_leader(dcs, &obs.node) {
-                steps.push(Step::new(Action::Clone { from: leader.to_string() }, "empty data directory: clone the leader"));
+                steps.push(Step::new(
+                    Action::Clone {
+                        from: leader.to_string(),
+                    },
+                    "empty data directory: clone the leader",
+                ));
             }
             return steps;
         }
@@ -122,7 +152,9 @@ pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
 
 fn refuse_unusable(mut steps: Vec<Step>) -> Vec<Step> {
     steps.push(Step::new(
-        Action::Refuse { problem: "data directory is not empty and holds no Postgres cluster".into() },
+        Action::Refuse {
+            problem: "data directory is not empty and holds no Postgres cluster".into(),
+        },
         "an unknown data directory is never overwritten",
     ));
     steps
@@ -139,7 +171,8 @@ fn is_fence_due(obs: &Observation, settings: &Settings, now: Tick) -> bool {
 fn running_leader<'a>(dcs: &'a DcsView, me: &str) -> Option<&'a str> {
     let key = dcs.leader.as_ref()?;
     let member = dcs.member(&key.name)?;
-    (key.name != me && member.role == MemberRole::Primary && member.state == "running").then_some(key.name.as_str())
+    (key.name != me && member.role == MemberRole::Primary && member.state == "running")
+        .then_some(key.name.as_str())
 }
 
 /// We hold the leader key.
@@ -153,34 +186,64 @@ fn lead(obs: &Observation, dcs: &DcsView, now: Tick, steps: &mut Vec<Step>) {
                 format!("postgres down for {down_ms} ms, past primary_start_timeout: hand leadership to a replica"),
             ));
         } else {
-            steps.push(Step::new(Action::StartPrimary, "we hold the leader key and postgres is down: start it as primary"));
+            steps.push(Step::new(
+                Action::StartPrimary,
+                "we hold the leader key and postgres is down: start it as primary",
+            ));
         }
         return;
     }
-    let wanted: Vec<String> =
-        dcs.members.iter().filter(|m| m.name != obs.node).map(|m| slot_name(&m.name)).collect();
-    let missing: Vec<String> = wanted.iter().filter(|s| !local.slots.contains(s)).cloned().collect();
+    let wanted: Vec<String> = dcs
+        .members
+        .iter()
+        .filter(|m| m.name != obs.node)
+        .map(|m| slot_name(&m.name))
+        .collect();
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|s| !local.slots.contains(s))
+        .cloned()
+        .collect();
     if !missing.is_empty() {
         // Before a promotion too: the replicas repoint at once and must find their slots.
-        steps.push(Step::new(Action::CreateSlots { names: missing }, "every member gets a physical replication slot"));
+        steps.push(Step::new(
+            Action::CreateSlots { names: missing },
+            "every member gets a physical replication slot",
+        ));
     }
     if local.role == Some(PgRole::Replica) {
-        steps.push(Step::new(Action::Promote, "we hold the leader key: promote"));
+        steps.push(Step::new(
+            Action::Promote,
+            "we hold the leader key: promote",
+        ));
         return;
     }
     let expired: Vec<String> = obs
         .orphan_slots
         .iter()
-        .filter(|s| !wanted.contains(&s.name) && now.since(s.missing_since) >= dcs.config.member_slot_grace_ms)
+        .filter(|s| {
+            !wanted.contains(&s.name)
+                && now.since(s.missing_since) >= dcs.config.member_slot_grace_ms
+        })
         .map(|s| s.name.clone())
         .collect();
     if !expired.is_empty() {
-        steps.push(Step::new(Action::DropSlots { names: expired }, "member gone from etcd longer than member_slot_grace"));
+        steps.push(Step::new(
+            Action::DropSlots { names: expired },
+            "member gone from etcd longer than member_slot_grace",
+        ));
     }
 }
 
 /// Another node holds the leader key.
-fn follow(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, leader: &str, steps: &mut Vec<Step>) {
+fn follow(
+    obs: &Observation,
+    dcs: &DcsView,
+    settings: &Settings,
+    now: Tick,
+    leader: &str,
+    steps: &mut Vec<Step>,
+) {
     let local = &obs.local;
     if local.running {
         match local.role {
@@ -188,14 +251,19 @@ fn follow(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, lead
                 Action::Stop { then_rewind: false },
                 format!("{leader} holds the leader key: a second primary must not run"),
             )),
-            _ if local.following.as_deref() != Some(leader) => {
-                steps.push(Step::new(Action::Follow { upstream: leader.to_string() }, format!("{leader} is the leader")))
-            }
+            _ if local.following.as_deref() != Some(leader) => steps.push(Step::new(
+                Action::Follow {
+                    upstream: leader.to_string(),
+                },
+                format!("{leader} is the leader"),
+            )),
             _ => {
                 let leader_tl = dcs.member(leader).and_then(|m| m.timeline);
                 let stalled_ms = obs.replica_stalled_since.map(|t| now.since(t));
                 if let (Some(stalled_ms), Some(leader_tl)) = (stalled_ms, leader_tl) {
-                    if stalled_ms >= settings.rewind_after_ms && local.timeline.is_some_and(|t| t < leader_tl) {
+                    if stalled_ms >= settings.rewind_after_ms
+                        && local.timeline.is_some_and(|t| t < leader_tl)
+                    {
                         steps.push(Step::new(
                             Action::Stop { then_rewind: true },
                             format!("not streaming from {leader} (timeline {leader_tl}) for {stalled_ms} ms: our timeline diverged, rewind"),
@@ -210,37 +278,53 @@ fn follow(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, lead
     if obs.last_role == Some(PgRole::Primary) || obs.needs_rewind {
         if obs.rewind_failed {
             if dcs.config.auto_reinit && leader_up {
-                steps.push(Step::new(Action::MoveAside, "pg_rewind failed and auto_reinit is on: reclone from the leader"));
+                steps.push(Step::new(
+                    Action::MoveAside,
+                    "pg_rewind failed and auto_reinit is on: reclone from the leader",
+                ));
             }
             return;
         }
         if leader_up {
             steps.push(Step::new(
-                Action::Rewind { from: leader.to_string() },
+                Action::Rewind {
+                    from: leader.to_string(),
+                },
                 format!("rejoining {leader}: rewind any diverged WAL first"),
             ));
         }
         return;
     }
     let upstream = leader_up.then(|| leader.to_string());
-    steps.push(Step::new(Action::StartReplica { upstream }, format!("{leader} is the leader: run as its replica")));
+    steps.push(Step::new(
+        Action::StartReplica { upstream },
+        format!("{leader} is the leader: run as its replica"),
+    ));
 }
 
 /// No node holds the leader key.
 fn elect(obs: &Observation, dcs: &DcsView, steps: &mut Vec<Step>) {
     let local = &obs.local;
     if !local.running {
-        steps.push(Step::new(Action::StartReplica { upstream: None }, "no leader: start read-only to report our WAL position"));
+        steps.push(Step::new(
+            Action::StartReplica { upstream: None },
+            "no leader: start read-only to report our WAL position",
+        ));
         return;
     }
     match local.role {
-        Some(PgRole::Primary) => {
-            steps.push(Step::new(Action::AcquireLeader, "no leader and we run the primary: take the key back"))
+        Some(PgRole::Primary) => steps.push(Step::new(
+            Action::AcquireLeader,
+            "no leader and we run the primary: take the key back",
+        )),
+        _ => {
+            if candidacy(obs, dcs).is_ok() {
+                steps.push(Step::new(
+                    Action::AcquireLeader,
+                    "leader key gone and we are the most advanced eligible replica",
+                ))
+            }
         }
-        _ => match candidacy(obs, dcs) {
-            Ok(()) => steps.push(Step::new(Action::AcquireLeader, "leader key gone and we are the most advanced eligible replica")),
-            Err(_) => {}
-        },
     }
 }
 
@@ -249,7 +333,12 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
     if obs.tags.nofailover {
         return Err("tagged nofailover".into());
     }
-    let in_region = |r: &Option<String>| dcs.config.primary_region.as_ref().is_none_or(|p| r.as_ref() == Some(p));
+    let in_region = |r: &Option<String>| {
+        dcs.config
+            .primary_region
+            .as_ref()
+            .is_none_or(|p| r.as_ref() == Some(p))
+    };
     if !in_region(&obs.region) {
         return Err("outside primary_region".into());
     }
@@ -257,20 +346,33 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
     // Lag counts what is replayed: WAL received but not replayed (replay
     // paused, a slow apply) would all have to be applied before promotion.
     if let Some(last) = dcs.last_leader_lsn {
-        let replayed = obs.local.replay_lsn.or(obs.local.wal_position).unwrap_or_default();
+        let replayed = obs
+            .local
+            .replay_lsn
+            .or(obs.local.wal_position)
+            .unwrap_or_default();
         let lag = last.0.saturating_sub(replayed.0);
         if lag > dcs.config.maximum_lag_on_failover {
-            return Err(format!("{lag} bytes behind the last leader position, above maximum_lag_on_failover"));
+            return Err(format!(
+                "{lag} bytes behind the last leader position, above maximum_lag_on_failover"
+            ));
         }
     }
     // Positions compare only on the same timeline: a newer timeline wins.
-    let me = (obs.local.timeline.unwrap_or(0), mine, obs.tags.failover_priority);
+    let me = (
+        obs.local.timeline.unwrap_or(0),
+        mine,
+        obs.tags.failover_priority,
+    );
     for m in &dcs.members {
         if m.name == obs.node || m.nofailover || !in_region(&m.region) {
             continue;
         }
         if m.state == "starting" {
-            return Err(format!("{} is starting: wait until it reports its WAL position", m.name));
+            return Err(format!(
+                "{} is starting: wait until it reports its WAL position",
+                m.name
+            ));
         }
         let (timeline, lsn) = match &obs.peers {
             // Live answers win; a member whose API did not answer is ignored.
@@ -279,10 +381,15 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
                 None => continue,
             },
             None => {
-                if !matches!(m.state.as_str(), "running" | "streaming") || m.role != MemberRole::Replica {
+                if !matches!(m.state.as_str(), "running" | "streaming")
+                    || m.role != MemberRole::Replica
+                {
                     continue;
                 }
-                (m.timeline, m.receive_lsn.max(m.replay_lsn).unwrap_or_default())
+                (
+                    m.timeline,
+                    m.receive_lsn.max(m.replay_lsn).unwrap_or_default(),
+                )
             }
         };
         let theirs = (timeline.unwrap_or(0), lsn, m.failover_priority);
@@ -294,5 +401,9 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
 }
 
 fn position(local: &LocalPostgres) -> Lsn {
-    local.receive_lsn.max(local.replay_lsn).or(local.wal_position).unwrap_or_default()
+    local
+        .receive_lsn
+        .max(local.replay_lsn)
+        .or(local.wal_position)
+        .unwrap_or_default()
 }

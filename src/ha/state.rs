@@ -11,7 +11,9 @@ use crate::config::Tags;
 
 /// Milliseconds on the agent's monotonic clock. The core never reads a clock;
 /// the caller passes `now` and every deadline in this unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct Tick(pub u64);
 
 impl Tick {
@@ -24,7 +26,9 @@ impl Tick {
 }
 
 /// A WAL position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Lsn(pub u64);
 

@@ -9,7 +9,11 @@ use crate::config::Tags;
 const SYSID: u64 = 7_000_000_000_000_000_001;
 
 fn settings() -> Settings {
-    Settings { ttl_ms: 10_000, fencing_margin_ms: 2_000, rewind_after_ms: 5_000 }
+    Settings {
+        ttl_ms: 10_000,
+        fencing_margin_ms: 2_000,
+        rewind_after_ms: 5_000,
+    }
 }
 
 fn member(name: &str, role: MemberRole, state: &str, tl: u32, lsn: u64) -> MemberStatus {
@@ -37,13 +41,20 @@ fn member(name: &str, role: MemberRole, state: &str, tl: u32, lsn: u64) -> Membe
 }
 
 fn leader_key(name: &str) -> LeaderKey {
-    LeaderKey { name: name.into(), lease_id: 42, mod_revision: 7 }
+    LeaderKey {
+        name: name.into(),
+        lease_id: 42,
+        mod_revision: 7,
+    }
 }
 
 fn view(leader: Option<&str>, members: Vec<MemberStatus>) -> DcsView {
     DcsView {
         revision: 10,
-        initialize: Some(InitializeKey { node: "n1".into(), system_identifier: Some(SYSID) }),
+        initialize: Some(InitializeKey {
+            node: "n1".into(),
+            system_identifier: Some(SYSID),
+        }),
         leader: leader.map(leader_key),
         members,
         config: DynamicConfig::default(),
@@ -66,10 +77,15 @@ fn running(role: PgRole, tl: u32, lsn: u64) -> LocalPostgres {
 fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
     Observation {
         node: node.into(),
-        tags: Tags { failover_priority: 1, ..Default::default() },
+        tags: Tags {
+            failover_priority: 1,
+            ..Default::default()
+        },
         region: None,
         may_bootstrap: true,
-        data_dir: DataDir::Initialized { system_identifier: SYSID },
+        data_dir: DataDir::Initialized {
+            system_identifier: SYSID,
+        },
         local,
         dcs,
         leader_lease: None,
@@ -85,7 +101,10 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
 }
 
 fn actions(o: &Observation, now: u64) -> Vec<Action> {
-    decide(o, &settings(), Tick(now)).into_iter().map(|s| s.action).collect()
+    decide(o, &settings(), Tick(now))
+        .into_iter()
+        .map(|s| s.action)
+        .collect()
 }
 
 fn healthy_three(leader: &str) -> Vec<MemberStatus> {
@@ -110,9 +129,19 @@ fn etcd_unreachable_primary_without_lease_stops() {
 #[test]
 fn etcd_unreachable_primary_with_lease_keeps_renewing_until_the_deadline() {
     let mut o = obs("n1", running(PgRole::Primary, 1, 10), None);
-    o.leader_lease = Some(HeldLease { lease_id: 42, renewed_at: Tick(1_000) });
-    assert_eq!(actions(&o, 8_999), vec![Action::RenewLeader { lease_id: 42 }]);
-    assert_eq!(actions(&o, 9_000), vec![Action::Stop { then_rewind: false }], "ttl 10 s - margin 2 s after renewal");
+    o.leader_lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(1_000),
+    });
+    assert_eq!(
+        actions(&o, 8_999),
+        vec![Action::RenewLeader { lease_id: 42 }]
+    );
+    assert_eq!(
+        actions(&o, 9_000),
+        vec![Action::Stop { then_rewind: false }],
+        "ttl 10 s - margin 2 s after renewal"
+    );
 }
 
 #[test]
@@ -123,9 +152,19 @@ fn etcd_unreachable_replica_does_nothing() {
 
 #[test]
 fn fencing_deadline_stops_primary_even_when_etcd_still_names_it() {
-    let mut o = obs("n1", running(PgRole::Primary, 1, 10), Some(view(Some("n1"), healthy_three("n1"))));
-    o.leader_lease = Some(HeldLease { lease_id: 42, renewed_at: Tick(0) });
-    assert_eq!(actions(&o, 8_000), vec![Action::Stop { then_rewind: false }]);
+    let mut o = obs(
+        "n1",
+        running(PgRole::Primary, 1, 10),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
+    o.leader_lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(0),
+    });
+    assert_eq!(
+        actions(&o, 8_000),
+        vec![Action::Stop { then_rewind: false }]
+    );
     let before = actions(&o, 7_999);
     assert!(!before.contains(&Action::Stop { then_rewind: false }));
     assert_eq!(before[0], Action::RenewLeader { lease_id: 42 });
@@ -137,9 +176,21 @@ fn uninitialized_cluster_races_for_initialize() {
     v.initialize = None;
     let mut o = obs("n1", LocalPostgres::default(), Some(v));
     o.data_dir = DataDir::Empty;
-    assert_eq!(actions(&o, 0), vec![Action::ClaimInitialize { system_identifier: None }]);
-    o.data_dir = DataDir::Initialized { system_identifier: 5 };
-    assert_eq!(actions(&o, 0), vec![Action::ClaimInitialize { system_identifier: Some(5) }]);
+    assert_eq!(
+        actions(&o, 0),
+        vec![Action::ClaimInitialize {
+            system_identifier: None
+        }]
+    );
+    o.data_dir = DataDir::Initialized {
+        system_identifier: 5,
+    };
+    assert_eq!(
+        actions(&o, 0),
+        vec![Action::ClaimInitialize {
+            system_identifier: Some(5)
+        }]
+    );
     o.data_dir = DataDir::Unusable;
     assert!(matches!(actions(&o, 0)[..], [Action::Refuse { .. }]));
 }
@@ -147,12 +198,22 @@ fn uninitialized_cluster_races_for_initialize() {
 #[test]
 fn initialize_winner_runs_initdb_then_publishes() {
     let mut v = view(None, vec![]);
-    v.initialize = Some(InitializeKey { node: "n1".into(), system_identifier: None });
+    v.initialize = Some(InitializeKey {
+        node: "n1".into(),
+        system_identifier: None,
+    });
     let mut o = obs("n1", LocalPostgres::default(), Some(v.clone()));
     o.data_dir = DataDir::Empty;
     assert_eq!(actions(&o, 0), vec![Action::InitDb]);
-    o.data_dir = DataDir::Initialized { system_identifier: 99 };
-    assert_eq!(actions(&o, 0), vec![Action::PublishSystemIdentifier { system_identifier: 99 }]);
+    o.data_dir = DataDir::Initialized {
+        system_identifier: 99,
+    };
+    assert_eq!(
+        actions(&o, 0),
+        vec![Action::PublishSystemIdentifier {
+            system_identifier: 99
+        }]
+    );
     let mut other = obs("n2", LocalPostgres::default(), Some(v));
     other.data_dir = DataDir::Empty;
     assert!(actions(&other, 0).is_empty(), "losers wait for the winner");
@@ -160,8 +221,14 @@ fn initialize_winner_runs_initdb_then_publishes() {
 
 #[test]
 fn foreign_or_unusable_data_directory_is_refused() {
-    let mut o = obs("n2", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
-    o.data_dir = DataDir::Initialized { system_identifier: SYSID + 1 };
+    let mut o = obs(
+        "n2",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
+    o.data_dir = DataDir::Initialized {
+        system_identifier: SYSID + 1,
+    };
     assert!(matches!(actions(&o, 0)[..], [Action::Refuse { .. }]));
     o.data_dir = DataDir::Unusable;
     assert!(matches!(actions(&o, 0)[..], [Action::Refuse { .. }]));
@@ -169,7 +236,11 @@ fn foreign_or_unusable_data_directory_is_refused() {
 
 #[test]
 fn empty_replica_clones_a_running_leader_only() {
-    let mut o = obs("n2", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    let mut o = obs(
+        "n2",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
     o.data_dir = DataDir::Empty;
     assert_eq!(actions(&o, 0), vec![Action::Clone { from: "n1".into() }]);
     let mut members = healthy_three("n1");
@@ -182,20 +253,36 @@ fn empty_replica_clones_a_running_leader_only() {
 
 #[test]
 fn leader_with_postgres_down_restarts_it_within_primary_start_timeout() {
-    let mut o = obs("n1", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    let mut o = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
     o.pg_down_since = Some(Tick(1_000));
-    assert_eq!(actions(&o, 2_000), vec![Action::RenewLeader { lease_id: 42 }, Action::StartPrimary]);
-    assert_eq!(actions(&o, 31_000), vec![Action::RenewLeader { lease_id: 42 }, Action::ReleaseLeader]);
+    assert_eq!(
+        actions(&o, 2_000),
+        vec![Action::RenewLeader { lease_id: 42 }, Action::StartPrimary]
+    );
+    assert_eq!(
+        actions(&o, 31_000),
+        vec![Action::RenewLeader { lease_id: 42 }, Action::ReleaseLeader]
+    );
 }
 
 #[test]
 fn new_leader_creates_slots_then_promotes() {
-    let o = obs("n2", running(PgRole::Replica, 1, 1000), Some(view(Some("n2"), healthy_three("n1"))));
+    let o = obs(
+        "n2",
+        running(PgRole::Replica, 1, 1000),
+        Some(view(Some("n2"), healthy_three("n1"))),
+    );
     assert_eq!(
         actions(&o, 0),
         vec![
             Action::RenewLeader { lease_id: 42 },
-            Action::CreateSlots { names: vec!["n1".into(), "n3".into()] },
+            Action::CreateSlots {
+                names: vec!["n1".into(), "n3".into()]
+            },
             Action::Promote
         ]
     );
@@ -206,17 +293,32 @@ fn primary_drops_orphan_slots_after_the_grace_period() {
     let mut local = running(PgRole::Primary, 1, 1000);
     local.slots = vec!["n2".into(), "n3".into(), "gone".into()];
     let mut o = obs("n1", local, Some(view(Some("n1"), healthy_three("n1"))));
-    o.orphan_slots = vec![OrphanSlot { name: "gone".into(), missing_since: Tick(0) }];
-    assert_eq!(actions(&o, 29_999), vec![Action::RenewLeader { lease_id: 42 }]);
+    o.orphan_slots = vec![OrphanSlot {
+        name: "gone".into(),
+        missing_since: Tick(0),
+    }];
+    assert_eq!(
+        actions(&o, 29_999),
+        vec![Action::RenewLeader { lease_id: 42 }]
+    );
     assert_eq!(
         actions(&o, 30_000),
-        vec![Action::RenewLeader { lease_id: 42 }, Action::DropSlots { names: vec!["gone".into()] }]
+        vec![
+            Action::RenewLeader { lease_id: 42 },
+            Action::DropSlots {
+                names: vec!["gone".into()]
+            }
+        ]
     );
 }
 
 #[test]
 fn second_primary_is_stopped() {
-    let o = obs("n3", running(PgRole::Primary, 1, 1000), Some(view(Some("n1"), healthy_three("n1"))));
+    let o = obs(
+        "n3",
+        running(PgRole::Primary, 1, 1000),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
     assert_eq!(actions(&o, 0), vec![Action::Stop { then_rewind: false }]);
 }
 
@@ -225,7 +327,12 @@ fn replica_repoints_to_the_current_leader() {
     let mut local = running(PgRole::Replica, 1, 1000);
     local.following = Some("n3".into());
     let o = obs("n2", local, Some(view(Some("n1"), healthy_three("n1"))));
-    assert_eq!(actions(&o, 0), vec![Action::Follow { upstream: "n1".into() }]);
+    assert_eq!(
+        actions(&o, 0),
+        vec![Action::Follow {
+            upstream: "n1".into()
+        }]
+    );
 }
 
 #[test]
@@ -239,55 +346,100 @@ fn stalled_replica_on_an_older_timeline_is_stopped_for_rewind() {
     assert!(actions(&o, 4_999).is_empty());
     assert_eq!(actions(&o, 5_000), vec![Action::Stop { then_rewind: true }]);
     o.local.timeline = Some(3);
-    assert!(actions(&o, 60_000).is_empty(), "same timeline: a rewind would not help");
+    assert!(
+        actions(&o, 60_000).is_empty(),
+        "same timeline: a rewind would not help"
+    );
 }
 
 #[test]
 fn stopped_former_primary_rewinds_before_following() {
-    let mut o = obs("n3", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    let mut o = obs(
+        "n3",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
     o.last_role = Some(PgRole::Primary);
     assert_eq!(actions(&o, 0), vec![Action::Rewind { from: "n1".into() }]);
     o.last_role = Some(PgRole::Replica);
-    assert_eq!(actions(&o, 0), vec![Action::StartReplica { upstream: Some("n1".into()) }]);
+    assert_eq!(
+        actions(&o, 0),
+        vec![Action::StartReplica {
+            upstream: Some("n1".into())
+        }]
+    );
     o.needs_rewind = true;
     assert_eq!(actions(&o, 0), vec![Action::Rewind { from: "n1".into() }]);
 }
 
 #[test]
 fn without_leader_a_stopped_node_starts_read_only() {
-    let o = obs("n2", LocalPostgres::default(), Some(view(None, healthy_three("n1"))));
-    assert_eq!(actions(&o, 0), vec![Action::StartReplica { upstream: None }]);
+    let o = obs(
+        "n2",
+        LocalPostgres::default(),
+        Some(view(None, healthy_three("n1"))),
+    );
+    assert_eq!(
+        actions(&o, 0),
+        vec![Action::StartReplica { upstream: None }]
+    );
 }
 
 #[test]
 fn without_leader_a_running_primary_retakes_the_key() {
-    let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(view(None, healthy_three("n1"))));
+    let o = obs(
+        "n1",
+        running(PgRole::Primary, 1, 1000),
+        Some(view(None, healthy_three("n1"))),
+    );
     assert_eq!(actions(&o, 0), vec![Action::AcquireLeader]);
 }
 
 fn replicas(positions: &[(&str, u32, u64)]) -> Vec<MemberStatus> {
-    positions.iter().map(|(n, tl, lsn)| member(n, MemberRole::Replica, "running", *tl, *lsn)).collect()
+    positions
+        .iter()
+        .map(|(n, tl, lsn)| member(n, MemberRole::Replica, "running", *tl, *lsn))
+        .collect()
 }
 
 #[test]
 fn most_advanced_replica_takes_the_key() {
     let v = view(None, replicas(&[("n2", 1, 2000), ("n3", 1, 1000)]));
-    assert_eq!(actions(&obs("n2", running(PgRole::Replica, 1, 2000), Some(v.clone())), 0), vec![Action::AcquireLeader]);
+    assert_eq!(
+        actions(
+            &obs("n2", running(PgRole::Replica, 1, 2000), Some(v.clone())),
+            0
+        ),
+        vec![Action::AcquireLeader]
+    );
     assert!(actions(&obs("n3", running(PgRole::Replica, 1, 1000), Some(v)), 0).is_empty());
 }
 
 #[test]
 fn newer_timeline_beats_a_higher_lsn() {
     let v = view(None, replicas(&[("n2", 2, 1000), ("n3", 1, 5000)]));
-    assert!(actions(&obs("n3", running(PgRole::Replica, 1, 5000), Some(v.clone())), 0).is_empty());
-    assert_eq!(actions(&obs("n2", running(PgRole::Replica, 2, 1000), Some(v)), 0), vec![Action::AcquireLeader]);
+    assert!(actions(
+        &obs("n3", running(PgRole::Replica, 1, 5000), Some(v.clone())),
+        0
+    )
+    .is_empty());
+    assert_eq!(
+        actions(&obs("n2", running(PgRole::Replica, 2, 1000), Some(v)), 0),
+        vec![Action::AcquireLeader]
+    );
 }
 
 #[test]
 fn ties_go_to_priority_then_name() {
     let mut members = replicas(&[("n2", 1, 1000), ("n3", 1, 1000)]);
     let v = view(None, members.clone());
-    assert_eq!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(v.clone())), 0), vec![Action::AcquireLeader]);
+    assert_eq!(
+        actions(
+            &obs("n2", running(PgRole::Replica, 1, 1000), Some(v.clone())),
+            0
+        ),
+        vec![Action::AcquireLeader]
+    );
     assert!(actions(&obs("n3", running(PgRole::Replica, 1, 1000), Some(v)), 0).is_empty());
     members[1].failover_priority = 5;
     let v = view(None, members);
@@ -305,17 +457,34 @@ fn nofailover_lagging_and_waiting_candidates_stay_replicas() {
 
     let mut lagging = v.clone();
     lagging.last_leader_lsn = Some(Lsn(1000 + 2 * 1024 * 1024));
-    assert!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(lagging)), 0).is_empty(), "lag above maximum_lag_on_failover");
+    assert!(
+        actions(
+            &obs("n2", running(PgRole::Replica, 1, 1000), Some(lagging)),
+            0
+        )
+        .is_empty(),
+        "lag above maximum_lag_on_failover"
+    );
 
     let mut paused = running(PgRole::Replica, 1, 1000 + 2 * 1024 * 1024);
     paused.replay_lsn = Some(Lsn(1000));
     let mut recent = v.clone();
     recent.last_leader_lsn = Some(Lsn(1000 + 2 * 1024 * 1024));
-    assert!(actions(&obs("n2", paused, Some(recent)), 0).is_empty(), "received everything but replay is paused far behind");
+    assert!(
+        actions(&obs("n2", paused, Some(recent)), 0).is_empty(),
+        "received everything but replay is paused far behind"
+    );
 
     let mut starting = v;
     starting.members[1].state = "starting".into();
-    assert!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(starting)), 0).is_empty(), "a member has not reported yet");
+    assert!(
+        actions(
+            &obs("n2", running(PgRole::Replica, 1, 1000), Some(starting)),
+            0
+        )
+        .is_empty(),
+        "a member has not reported yet"
+    );
 }
 
 #[test]
@@ -323,7 +492,10 @@ fn nofailover_member_does_not_block_others() {
     let mut members = replicas(&[("n2", 1, 1000), ("n3", 1, 9000)]);
     members[1].nofailover = true;
     let v = view(None, members);
-    assert_eq!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(v)), 0), vec![Action::AcquireLeader]);
+    assert_eq!(
+        actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(v)), 0),
+        vec![Action::AcquireLeader]
+    );
 }
 
 #[test]
@@ -333,7 +505,10 @@ fn primary_region_limits_bootstrap_and_promotion() {
     let mut o = obs("n1", LocalPostgres::default(), Some(v));
     o.data_dir = DataDir::Empty;
     o.may_bootstrap = false;
-    assert!(actions(&o, 0).is_empty(), "outside the primary region: no bootstrap");
+    assert!(
+        actions(&o, 0).is_empty(),
+        "outside the primary region: no bootstrap"
+    );
 
     let mut members = replicas(&[("n2", 1, 1000), ("n3", 1, 9000)]);
     members[0].region = Some("ams".into());
@@ -342,7 +517,11 @@ fn primary_region_limits_bootstrap_and_promotion() {
     v.config.primary_region = Some("ams".into());
     let mut n2 = obs("n2", running(PgRole::Replica, 1, 1000), Some(v.clone()));
     n2.region = Some("ams".into());
-    assert_eq!(actions(&n2, 0), vec![Action::AcquireLeader], "n3 is ahead but outside the primary region");
+    assert_eq!(
+        actions(&n2, 0),
+        vec![Action::AcquireLeader],
+        "n3 is ahead but outside the primary region"
+    );
     let mut n3 = obs("n3", running(PgRole::Replica, 1, 9000), Some(v));
     n3.region = Some("syd".into());
     assert!(actions(&n3, 0).is_empty());
@@ -352,18 +531,41 @@ fn primary_region_limits_bootstrap_and_promotion() {
 fn live_peer_positions_override_etcd_and_unreachable_peers_are_ignored() {
     let v = view(None, replicas(&[("n2", 1, 1000), ("n3", 1, 1000)]));
     let mut n3 = obs("n3", running(PgRole::Replica, 1, 1000), Some(v));
-    assert!(actions(&n3, 0).is_empty(), "tie on etcd data: n2 wins by name");
-    n3.peers = Some(vec![PeerPosition { name: "n2".into(), timeline: Some(1), lsn: Lsn(500) }]);
-    assert_eq!(actions(&n3, 0), vec![Action::AcquireLeader], "n2 answered with an older position");
+    assert!(
+        actions(&n3, 0).is_empty(),
+        "tie on etcd data: n2 wins by name"
+    );
+    n3.peers = Some(vec![PeerPosition {
+        name: "n2".into(),
+        timeline: Some(1),
+        lsn: Lsn(500),
+    }]);
+    assert_eq!(
+        actions(&n3, 0),
+        vec![Action::AcquireLeader],
+        "n2 answered with an older position"
+    );
     n3.peers = Some(vec![]);
-    assert_eq!(actions(&n3, 0), vec![Action::AcquireLeader], "n2 did not answer");
-    n3.peers = Some(vec![PeerPosition { name: "n2".into(), timeline: Some(1), lsn: Lsn(1500) }]);
+    assert_eq!(
+        actions(&n3, 0),
+        vec![Action::AcquireLeader],
+        "n2 did not answer"
+    );
+    n3.peers = Some(vec![PeerPosition {
+        name: "n2".into(),
+        timeline: Some(1),
+        lsn: Lsn(1500),
+    }]);
     assert!(actions(&n3, 0).is_empty(), "n2 is ahead");
 }
 
 #[test]
 fn failed_rewind_reclones_only_with_auto_reinit() {
-    let mut o = obs("n3", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    let mut o = obs(
+        "n3",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
     o.last_role = Some(PgRole::Primary);
     o.rewind_failed = true;
     assert!(actions(&o, 0).is_empty(), "waits for an operator");
@@ -375,7 +577,11 @@ fn failed_rewind_reclones_only_with_auto_reinit() {
 
 #[test]
 fn running_job_only_renews() {
-    let mut o = obs("n1", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    let mut o = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
     o.job = Some(Job::Start);
     assert_eq!(actions(&o, 0), vec![Action::RenewLeader { lease_id: 42 }]);
     o.dcs = Some(view(Some("n2"), healthy_three("n2")));
@@ -383,7 +589,13 @@ fn running_job_only_renews() {
 }
 
 fn arb_local() -> impl Strategy<Value = LocalPostgres> {
-    (any::<bool>(), prop::option::of(prop_oneof![Just(PgRole::Primary), Just(PgRole::Replica)]), 1u32..4, 0u64..5000, prop::option::of("n[1-3]"))
+    (
+        any::<bool>(),
+        prop::option::of(prop_oneof![Just(PgRole::Primary), Just(PgRole::Replica)]),
+        1u32..4,
+        0u64..5000,
+        prop::option::of("n[1-3]"),
+    )
         .prop_map(|(running, role, tl, lsn, following)| LocalPostgres {
             running,
             role: if running { role } else { None },
@@ -400,21 +612,43 @@ fn arb_obs() -> impl Strategy<Value = (Observation, u64)> {
     (
         "n[1-3]",
         arb_local(),
-        prop::option::of((prop::option::of("n[1-3]"), prop::option::of(prop::option::of(prop_oneof![Just(SYSID), Just(SYSID + 1)])), "n[1-3]")),
-        prop_oneof![Just(DataDir::Empty), Just(DataDir::Unusable), Just(DataDir::Initialized { system_identifier: SYSID }), Just(DataDir::Initialized { system_identifier: SYSID + 1 })],
+        prop::option::of((
+            prop::option::of("n[1-3]"),
+            prop::option::of(prop::option::of(prop_oneof![Just(SYSID), Just(SYSID + 1)])),
+            "n[1-3]",
+        )),
+        prop_oneof![
+            Just(DataDir::Empty),
+            Just(DataDir::Unusable),
+            Just(DataDir::Initialized {
+                system_identifier: SYSID
+            }),
+            Just(DataDir::Initialized {
+                system_identifier: SYSID + 1
+            })
+        ],
         prop::option::of(0u64..20_000),
         0u64..40_000,
         any::<bool>(),
     )
         .prop_map(|(node, local, dcs, data_dir, renewed, now, rewind)| {
             let dcs = dcs.map(|(leader, init, init_node)| {
-                let mut v = view(leader.as_deref(), healthy_three(leader.as_deref().unwrap_or("n1")));
-                v.initialize = init.map(|sysid| InitializeKey { node: init_node, system_identifier: sysid });
+                let mut v = view(
+                    leader.as_deref(),
+                    healthy_three(leader.as_deref().unwrap_or("n1")),
+                );
+                v.initialize = init.map(|sysid| InitializeKey {
+                    node: init_node,
+                    system_identifier: sysid,
+                });
                 v
             });
             let mut o = obs(&node, local, dcs);
             o.data_dir = data_dir;
-            o.leader_lease = renewed.map(|t| HeldLease { lease_id: 42, renewed_at: Tick(t) });
+            o.leader_lease = renewed.map(|t| HeldLease {
+                lease_id: 42,
+                renewed_at: Tick(t),
+            });
             o.needs_rewind = rewind;
             (o, now)
         })

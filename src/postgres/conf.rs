@@ -55,23 +55,38 @@ pub fn managed_parameters(
     set("max_replication_slots", "10".into());
     set("wal_keep_size", quote_conf("128MB"));
     set("hot_standby_feedback", "on".into());
+    // A standby that repoints (failover, a slot created a moment later)
+    // retries streaming after this long; Postgres' default is 5 s.
+    set("wal_retrieve_retry_interval", quote_conf("1s"));
     for (k, v) in &cfg.parameters {
         set(k, quote_conf(v));
     }
     // Replication depends on these: a user value does not win.
     set("listen_addresses", quote_conf(&cfg.listen_addresses));
     set("port", cfg.port.to_string());
-    set("unix_socket_directories", quote_conf(&cfg.socket_dir.display().to_string()));
+    set(
+        "unix_socket_directories",
+        quote_conf(&cfg.socket_dir.display().to_string()),
+    );
     set("wal_level", "replica".into());
     set("hot_standby", "on".into());
     set("wal_log_hints", "on".into());
     set("cluster_name", quote_conf(node));
-    set("hba_file", quote_conf(&cfg.data_dir.join("pg_hba.conf").display().to_string()));
-    set("ident_file", quote_conf(&cfg.data_dir.join("pg_ident.conf").display().to_string()));
+    set(
+        "hba_file",
+        quote_conf(&cfg.data_dir.join("pg_hba.conf").display().to_string()),
+    );
+    set(
+        "ident_file",
+        quote_conf(&cfg.data_dir.join("pg_ident.conf").display().to_string()),
+    );
     set("recovery_target_timeline", quote_conf("latest"));
     match upstream {
         Some(up) => {
-            set("primary_conninfo", quote_conf(&primary_conninfo(cfg, node, up)));
+            set(
+                "primary_conninfo",
+                quote_conf(&primary_conninfo(cfg, node, up)),
+            );
             set("primary_slot_name", quote_conf(&crate::ha::slot_name(node)));
         }
         None => {
@@ -106,10 +121,14 @@ pub fn render_pg_hba(cfg: &PostgresConfig) -> String {
     s.push_str("local   all          all                  peer map=pgha\n");
     let repl = &cfg.replication.username;
     for net in ["0.0.0.0/0", "::/0"] {
-        s.push_str(&format!("host    replication  {repl:<12} {net:<20} scram-sha-256\n"));
+        s.push_str(&format!(
+            "host    replication  {repl:<12} {net:<20} scram-sha-256\n"
+        ));
     }
     for net in ["0.0.0.0/0", "::/0"] {
-        s.push_str(&format!("host    all          all          {net:<20} scram-sha-256\n"));
+        s.push_str(&format!(
+            "host    all          all          {net:<20} scram-sha-256\n"
+        ));
     }
     s
 }

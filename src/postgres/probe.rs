@@ -34,7 +34,15 @@ impl LocalPg {
     /// Runs `f` on the cached connection, reconnecting once if it was closed.
     async fn with_client<T>(
         &self,
-        f: impl for<'c> Fn(&'c tokio_postgres::Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>> + Send + 'c>>,
+        f: impl for<'c> Fn(
+            &'c tokio_postgres::Client,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>
+                    + Send
+                    + 'c,
+            >,
+        >,
     ) -> Result<T> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
@@ -88,7 +96,11 @@ impl LocalPg {
         let checkpoint_tli: Option<i32> = row.get(7);
         LocalPostgres {
             running: true,
-            role: Some(if in_recovery { PgRole::Replica } else { PgRole::Primary }),
+            role: Some(if in_recovery {
+                PgRole::Replica
+            } else {
+                PgRole::Primary
+            }),
             timeline: tli.or(checkpoint_tli).map(|t| t as u32),
             wal_position: if in_recovery { replay } else { current },
             receive_lsn: receive,
@@ -102,7 +114,15 @@ impl LocalPg {
     }
 
     pub async fn promote(&self) -> Result<()> {
-        let ok: bool = self.with_client(|c| Box::pin(async move { c.query_one("SELECT pg_promote(true, 60)", &[]).await.map(|r| r.get(0)) })).await?;
+        let ok: bool = self
+            .with_client(|c| {
+                Box::pin(async move {
+                    c.query_one("SELECT pg_promote(true, 60)", &[])
+                        .await
+                        .map(|r| r.get(0))
+                })
+            })
+            .await?;
         if ok {
             Ok(())
         } else {
@@ -110,8 +130,21 @@ impl LocalPg {
         }
     }
 
+    /// CHECKPOINT on a fresh connection, so the probe connection stays free.
+    /// After a promotion it writes the new timeline into pg_control, which
+    /// pg_rewind on the former primary reads.
+    pub async fn checkpoint(&self) -> Result<()> {
+        let client = self.connect().await?;
+        client.batch_execute("CHECKPOINT").await?;
+        Ok(())
+    }
+
     pub async fn reload(&self) -> Result<()> {
-        self.with_client(|c| Box::pin(async move { c.execute("SELECT pg_reload_conf()", &[]).await })).await.map(|_| ())
+        self.with_client(|c| {
+            Box::pin(async move { c.execute("SELECT pg_reload_conf()", &[]).await })
+        })
+        .await
+        .map(|_| ())
     }
 
     pub async fn create_slot(&self, name: &str) -> Result<()> {
@@ -145,8 +178,15 @@ impl LocalPg {
     /// Creates or updates the replication role (on the bootstrap primary).
     pub async fn ensure_replication_role(&self) -> Result<()> {
         let user = self.cfg.replication.username.replace('"', "\"\"");
-        let password = self.cfg.replication.password.as_ref().map(|p| p.expose().replace('\'', "''"));
-        let pw_clause = password.map(|p| format!(" PASSWORD '{p}'")).unwrap_or_default();
+        let password = self
+            .cfg
+            .replication
+            .password
+            .as_ref()
+            .map(|p| p.expose().replace('\'', "''"));
+        let pw_clause = password
+            .map(|p| format!(" PASSWORD '{p}'"))
+            .unwrap_or_default();
         let sql = format!(
             "DO $$BEGIN
                IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{u}') THEN

@@ -23,7 +23,11 @@ pub enum PgError {
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error("{command} failed ({status}): {stderr}")]
-    Command { command: String, status: String, stderr: String },
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
     #[error("postgres: {0}")]
     Sql(#[from] tokio_postgres::Error),
     #[error("{0}")]
@@ -53,11 +57,20 @@ pub struct LocalPg {
 impl LocalPg {
     pub fn new(cfg: PostgresConfig, node: String) -> Result<LocalPg> {
         let euid = nix::unistd::geteuid();
-        let agent_os_user = User::from_uid(euid).ok().flatten().map(|u| u.name).unwrap_or_else(|| euid.to_string());
+        let agent_os_user = User::from_uid(euid)
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| euid.to_string());
         let run_as = if euid.is_root() {
             let user = User::from_name(&cfg.os_user)
                 .map_err(|e| PgError::Other(format!("looking up OS user {}: {e}", cfg.os_user)))?
-                .ok_or_else(|| PgError::Other(format!("OS user {} (postgresql.os_user) does not exist", cfg.os_user)))?;
+                .ok_or_else(|| {
+                    PgError::Other(format!(
+                        "OS user {} (postgresql.os_user) does not exist",
+                        cfg.os_user
+                    ))
+                })?;
             Some((user.uid.as_raw(), user.gid.as_raw()))
         } else {
             None
@@ -83,7 +96,10 @@ impl LocalPg {
         if let Some((uid, gid)) = self.run_as {
             std_cmd.uid(uid).gid(gid);
         }
-        std_cmd.env("LC_ALL", "C.UTF-8").env_remove("PGPASSWORD").stdin(Stdio::null());
+        std_cmd
+            .env("LC_ALL", "C.UTF-8")
+            .env_remove("PGPASSWORD")
+            .stdin(Stdio::null());
         let mut cmd = Command::from(std_cmd);
         cmd.kill_on_drop(true);
         cmd
@@ -91,7 +107,8 @@ impl LocalPg {
 
     fn chown(&self, path: &Path) -> Result<()> {
         if let Some((uid, gid)) = self.run_as {
-            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io_err(format!("chown {}", path.display())))?;
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .map_err(io_err(format!("chown {}", path.display())))?;
         }
         Ok(())
     }
@@ -100,14 +117,18 @@ impl LocalPg {
     fn write_owned(&self, path: &Path, contents: &str) -> Result<()> {
         let tmp = path.with_extension("pgha-tmp");
         std::fs::write(&tmp, contents).map_err(io_err(format!("writing {}", tmp.display())))?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io_err("chmod"))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err("chmod"))?;
         self.chown(&tmp)?;
         std::fs::rename(&tmp, path).map_err(io_err(format!("renaming into {}", path.display())))
     }
 
     /// Creates the directories Postgres needs around its data directory.
     pub fn prepare_dirs(&self) -> Result<()> {
-        for dir in [&self.cfg.socket_dir, self.cfg.data_dir.parent().unwrap_or(Path::new("/"))] {
+        for dir in [
+            &self.cfg.socket_dir,
+            self.cfg.data_dir.parent().unwrap_or(Path::new("/")),
+        ] {
             std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         }
         self.chown(&self.cfg.socket_dir)
@@ -119,7 +140,12 @@ impl LocalPg {
         let mut entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DataDir::Empty),
-            Err(e) => return Err(PgError::Io { what: format!("reading {}", dir.display()), source: e }),
+            Err(e) => {
+                return Err(PgError::Io {
+                    what: format!("reading {}", dir.display()),
+                    source: e,
+                })
+            }
         };
         if entries.next().is_none() {
             return Ok(DataDir::Empty);
@@ -127,14 +153,25 @@ impl LocalPg {
         if !dir.join("PG_VERSION").exists() || !dir.join("global/pg_control").exists() {
             return Ok(DataDir::Unusable);
         }
-        match self.control_data().await?.get("Database system identifier").and_then(|v| v.parse().ok()) {
+        match self
+            .control_data()
+            .await?
+            .get("Database system identifier")
+            .and_then(|v| v.parse().ok())
+        {
             Some(system_identifier) => Ok(DataDir::Initialized { system_identifier }),
             None => Ok(DataDir::Unusable),
         }
     }
 
     async fn control_data(&self) -> Result<std::collections::HashMap<String, String>> {
-        let out = self.command("pg_controldata").arg("-D").arg(&self.cfg.data_dir).output().await.map_err(io_err("running pg_controldata"))?;
+        let out = self
+            .command("pg_controldata")
+            .arg("-D")
+            .arg(&self.cfg.data_dir)
+            .output()
+            .await
+            .map_err(io_err("running pg_controldata"))?;
         if !out.status.success() {
             return Err(PgError::Command {
                 command: "pg_controldata".into(),
@@ -154,10 +191,17 @@ impl LocalPg {
         if self.cfg.data_dir.join("standby.signal").exists() {
             return Ok(Some(PgRole::Replica));
         }
-        let state = self.control_data().await?.get("Database cluster state").cloned().unwrap_or_default();
+        let state = self
+            .control_data()
+            .await?
+            .get("Database cluster state")
+            .cloned()
+            .unwrap_or_default();
         Ok(match state.as_str() {
             "shut down" | "in production" | "shutting down" => Some(PgRole::Primary),
-            "shut down in recovery" | "in archive recovery" | "in crash recovery" => Some(PgRole::Replica),
+            "shut down in recovery" | "in archive recovery" | "in crash recovery" => {
+                Some(PgRole::Replica)
+            }
             _ => None,
         })
     }
@@ -167,11 +211,18 @@ impl LocalPg {
         self.prepare_dirs()?;
         let dir = &self.cfg.data_dir;
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err("chmod data dir"))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("chmod data dir"))?;
         self.chown(dir)?;
         let mut cmd = self.command("initdb");
-        cmd.arg("-D").arg(dir).arg("--data-checksums").arg("--encoding=UTF8").arg("--locale=C.UTF-8");
-        cmd.arg(format!("--username={}", self.cfg.superuser.username)).arg("--auth-local=peer").arg("--auth-host=scram-sha-256");
+        cmd.arg("-D")
+            .arg(dir)
+            .arg("--data-checksums")
+            .arg("--encoding=UTF8")
+            .arg("--locale=C.UTF-8");
+        cmd.arg(format!("--username={}", self.cfg.superuser.username))
+            .arg("--auth-local=peer")
+            .arg("--auth-host=scram-sha-256");
         let pwfile = self.cfg.socket_dir.join(".pgha-initdb-pw");
         if let Some(pw) = &self.cfg.superuser.password {
             self.write_owned(&pwfile, pw.expose())?;
@@ -187,7 +238,11 @@ impl LocalPg {
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             });
         }
-        std::fs::rename(dir.join("postgresql.conf"), dir.join("postgresql.base.conf")).map_err(io_err("keeping postgresql.conf as postgresql.base.conf"))?;
+        std::fs::rename(
+            dir.join("postgresql.conf"),
+            dir.join("postgresql.base.conf"),
+        )
+        .map_err(io_err("keeping postgresql.conf as postgresql.base.conf"))?;
         Ok(())
     }
 
@@ -195,9 +250,15 @@ impl LocalPg {
     pub fn write_config(&self, standby: bool, upstream: Option<&Upstream>) -> Result<()> {
         let dir = &self.cfg.data_dir;
         let params = conf::managed_parameters(&self.cfg, &self.node, upstream);
-        self.write_owned(&dir.join("postgresql.conf"), &conf::render_postgresql_conf(&params))?;
+        self.write_owned(
+            &dir.join("postgresql.conf"),
+            &conf::render_postgresql_conf(&params),
+        )?;
         self.write_owned(&dir.join("pg_hba.conf"), &conf::render_pg_hba(&self.cfg))?;
-        self.write_owned(&dir.join("pg_ident.conf"), &conf::render_pg_ident(&self.cfg, &self.agent_os_user))?;
+        self.write_owned(
+            &dir.join("pg_ident.conf"),
+            &conf::render_pg_ident(&self.cfg, &self.agent_os_user),
+        )?;
         let signal = dir.join("standby.signal");
         if standby {
             self.write_owned(&signal, "")?;
@@ -210,7 +271,10 @@ impl LocalPg {
             let text = std::fs::read_to_string(&auto).unwrap_or_default();
             let kept: String = text
                 .lines()
-                .filter(|l| !l.trim_start().starts_with("primary_conninfo") && !l.trim_start().starts_with("primary_slot_name"))
+                .filter(|l| {
+                    !l.trim_start().starts_with("primary_conninfo")
+                        && !l.trim_start().starts_with("primary_slot_name")
+                })
                 .map(|l| format!("{l}\n"))
                 .collect();
             if kept != text {
@@ -247,7 +311,10 @@ impl LocalPg {
         }
         self.prepare_dirs()?;
         let mut cmd = self.command("postgres");
-        cmd.arg("-D").arg(&self.cfg.data_dir).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.arg("-D")
+            .arg(&self.cfg.data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         // The postmaster must not die with the agent's process group on Ctrl-C:
         // the agent decides how it stops.
         cmd.process_group(0);
@@ -263,15 +330,23 @@ impl LocalPg {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(status) = self.child_exited().await {
-                return Err(PgError::Other(format!("postgres exited during start: {status}")));
+                return Err(PgError::Other(format!(
+                    "postgres exited during start: {status}"
+                )));
             }
             // The postmaster announces readiness in postmaster.pid; polling it
             // does not spam the server log with refused connections.
-            if matches!(self.postmaster_status().as_deref(), Some("ready") | Some("standby")) && self.connect().await.is_ok() {
+            if matches!(
+                self.postmaster_status().as_deref(),
+                Some("ready") | Some("standby")
+            ) && self.connect().await.is_ok()
+            {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(PgError::Other(format!("postgres did not accept connections within {timeout:?}")));
+                return Err(PgError::Other(format!(
+                    "postgres did not accept connections within {timeout:?}"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -313,11 +388,19 @@ impl LocalPg {
         self.prepare_dirs()?;
         let dir = &self.cfg.data_dir;
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err("chmod data dir"))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("chmod data dir"))?;
         self.chown(dir)?;
         let mut cmd = self.command("pg_basebackup");
-        cmd.arg("-D").arg(dir).args(["-X", "stream", "-c", "fast", "--progress", "--no-password"]);
-        cmd.arg("-h").arg(&from.host).arg("-p").arg(from.port.to_string()).arg("-U").arg(&self.cfg.replication.username);
+        cmd.arg("-D")
+            .arg(dir)
+            .args(["-X", "stream", "-c", "fast", "--progress", "--no-password"]);
+        cmd.arg("-h")
+            .arg(&from.host)
+            .arg("-p")
+            .arg(from.port.to_string())
+            .arg("-U")
+            .arg(&self.cfg.replication.username);
         if let Some(pw) = &self.cfg.replication.password {
             cmd.env("PGPASSWORD", pw.expose());
         }
@@ -328,7 +411,10 @@ impl LocalPg {
         let mut buf = [0u8; 4096];
         let mut last_logged = tokio::time::Instant::now();
         loop {
-            let n = stderr.read(&mut buf).await.map_err(io_err("reading pg_basebackup output"))?;
+            let n = stderr
+                .read(&mut buf)
+                .await
+                .map_err(io_err("reading pg_basebackup output"))?;
             if n == 0 {
                 break;
             }
@@ -344,13 +430,20 @@ impl LocalPg {
                 tail.drain(..tail.len() - 4096);
             }
         }
-        let status = child.wait().await.map_err(io_err("waiting for pg_basebackup"))?;
+        let status = child
+            .wait()
+            .await
+            .map_err(io_err("waiting for pg_basebackup"))?;
         if let Some(p) = *self.clone_progress.lock().expect("not poisoned") {
             tracing::info!(node = %self.node, done_bytes = p.done_bytes, total_bytes = p.total_bytes, "clone finished");
         }
         *self.clone_progress.lock().expect("not poisoned") = None;
         if !status.success() {
-            return Err(PgError::Command { command: "pg_basebackup".into(), status: status.to_string(), stderr: last_lines(&tail) });
+            return Err(PgError::Command {
+                command: "pg_basebackup".into(),
+                status: status.to_string(),
+                stderr: last_lines(&tail),
+            });
         }
         Ok(())
     }
@@ -365,13 +458,20 @@ impl LocalPg {
             from.port,
             conf::quote_conninfo(&self.cfg.superuser.username)
         );
-        cmd.arg("-D").arg(&self.cfg.data_dir).arg(format!("--source-server={source}")).arg("--progress");
+        cmd.arg("-D")
+            .arg(&self.cfg.data_dir)
+            .arg(format!("--source-server={source}"))
+            .arg("--progress");
         if let Some(pw) = &self.cfg.superuser.password {
             cmd.env("PGPASSWORD", pw.expose());
         }
+        // pg_rewind reads the source's timeline from its control file, which a
+        // freshly promoted primary updates only with its first checkpoint.
+        self.checkpoint_source(from).await?;
         // pg_rewind needs the config files to start single-user recovery.
         self.write_config(false, None)?;
         let out = cmd.output().await.map_err(io_err("running pg_rewind"))?;
+        tracing::info!(node = %self.node, output = %last_lines(&String::from_utf8_lossy(&out.stderr)), "pg_rewind finished");
         if !out.status.success() {
             return Err(PgError::Command {
                 command: "pg_rewind".into(),
@@ -383,6 +483,28 @@ impl LocalPg {
     }
 }
 
+impl LocalPg {
+    /// CHECKPOINT on `from` as the superuser, over TCP.
+    async fn checkpoint_source(&self, from: &Upstream) -> Result<()> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&from.host)
+            .port(from.port)
+            .user(&self.cfg.superuser.username)
+            .dbname("postgres")
+            .application_name("pgha-rewind")
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(pw) = &self.cfg.superuser.password {
+            cfg.password(pw.expose());
+        }
+        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client.batch_execute("CHECKPOINT").await?;
+        Ok(())
+    }
+}
+
 async fn forward_log<R: tokio::io::AsyncRead + Unpin>(reader: BufReader<R>, node: String) {
     let mut lines = reader.lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -391,7 +513,10 @@ async fn forward_log<R: tokio::io::AsyncRead + Unpin>(reader: BufReader<R>, node
 }
 
 fn last_lines(text: &str) -> String {
-    let lines: Vec<&str> = text.split(['\n', '\r']).filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = text
+        .split(['\n', '\r'])
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     lines[lines.len().saturating_sub(3)..].join(" | ")
 }
 
@@ -402,7 +527,10 @@ pub fn parse_basebackup_progress(text: &str) -> Option<Progress> {
         let (done, rest) = chunk.split_once('/')?;
         let total = rest.split_whitespace().next()?;
         let kb = |s: &str| s.trim().parse::<u64>().ok().map(|v| v * 1024);
-        Some(Progress { done_bytes: kb(done)?, total_bytes: kb(total)? })
+        Some(Progress {
+            done_bytes: kb(done)?,
+            total_bytes: kb(total)?,
+        })
     })
 }
 
@@ -413,7 +541,13 @@ mod tests {
     #[test]
     fn basebackup_progress_is_parsed_from_the_last_report() {
         let out = "waiting for checkpoint\r    0/22931 kB (0%), 0/1 tablespace\r22940/22940 kB (100%), 1/1 tablespace\n";
-        assert_eq!(parse_basebackup_progress(out), Some(Progress { done_bytes: 22940 * 1024, total_bytes: 22940 * 1024 }));
+        assert_eq!(
+            parse_basebackup_progress(out),
+            Some(Progress {
+                done_bytes: 22940 * 1024,
+                total_bytes: 22940 * 1024
+            })
+        );
         assert_eq!(parse_basebackup_progress("waiting for checkpoint"), None);
     }
 }

@@ -14,6 +14,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::Config;
 use crate::dcs::{Etcd, HistoryEntry};
 use crate::fence::{Guard, Message};
+use crate::operator::{self, Call, Reply, Request};
 use crate::ha::{
     self, Action, DataDir, DcsView, DynamicConfig, HeldLease, Job, LocalPostgres, Lsn, MemberRole,
     MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Settings, Step, Tick,
@@ -161,6 +162,8 @@ pub struct Agent {
     job_done: mpsc::Sender<()>,
     job_done_rx: mpsc::Receiver<()>,
     guard: Option<Guard>,
+    calls_tx: mpsc::Sender<Call>,
+    calls_rx: mpsc::Receiver<Call>,
 }
 
 impl Agent {
@@ -194,6 +197,7 @@ impl Agent {
         let guard = Guard::spawn(&cfg.postgresql.data_dir)
             .map_err(|e| AgentError::Setup(format!("cannot start the fence guard: {e}")))?;
         let (job_done, job_done_rx) = mpsc::channel(4);
+        let (calls_tx, calls_rx) = mpsc::channel(16);
         Ok((
             Agent {
                 settings: settings_for(&cfg),
@@ -223,6 +227,8 @@ impl Agent {
                 job_done,
                 job_done_rx,
                 guard: Some(guard),
+                calls_tx,
+                calls_rx,
                 cfg,
             },
             rx,
@@ -231,6 +237,104 @@ impl Agent {
 
     fn now(&self) -> Tick {
         Tick(self.started.elapsed().as_millis() as u64)
+    }
+
+    /// Where the API sends operator requests.
+    pub fn operator_handle(&self) -> mpsc::Sender<Call> {
+        self.calls_tx.clone()
+    }
+
+    /// Answers one operator request. Long work runs as a job that sends the
+    /// reply when it is done, so the loop keeps renewing meanwhile.
+    async fn handle(&mut self, call: Call) {
+        let node = self.cfg.name.clone();
+        info!(node = %node, request = ?call.request, "operator request");
+        let busy = self.job.as_ref().map(|j| j.kind);
+        let leads = self.leader_lease.is_some();
+        let reply = match call.request {
+            Request::Reload => {
+                if !self.last_local.running {
+                    Reply::message(503, "postgres is not running")
+                } else {
+                    let standby = self.last_local.role == Some(PgRole::Replica);
+                    let up = self.following.as_deref().and_then(|f| self.upstream(f));
+                    match self.pg.write_config(standby, up.as_ref()) {
+                        Ok(()) => match self.pg.reload().await {
+                            Ok(()) => Reply::message(200, "postgres configuration reloaded"),
+                            Err(e) => Reply::message(503, format!("reload failed: {e}")),
+                        },
+                        Err(e) => Reply::message(503, format!("writing the configuration failed: {e}")),
+                    }
+                }
+            }
+            Request::Restart | Request::Reinitialize if busy.is_some() => {
+                Reply::message(409, format!("{busy:?} is already in progress on {node}"))
+            }
+            Request::Restart => {
+                if !self.last_local.running {
+                    Reply::message(503, "postgres is not running: nothing to restart")
+                } else {
+                    let pg = self.pg.clone();
+                    let reply_to = call.reply;
+                    self.spawn_job(Job::Start, async move {
+                        let result = async {
+                            pg.stop(Duration::from_secs(60)).await?;
+                            pg.start(Duration::from_secs(300)).await
+                        }
+                        .await;
+                        let reply = match &result {
+                            Ok(()) => Reply::message(200, "restarted successfully"),
+                            Err(e) => Reply::message(503, format!("restart failed: {e}")),
+                        };
+                        let _ = reply_to.send(reply);
+                        result.map_err(|e| e.to_string())
+                    });
+                    return;
+                }
+            }
+            Request::Reinitialize => {
+                if leads || self.last_view.as_ref().and_then(|v| v.leader.as_ref()).is_some_and(|l| l.name == node) {
+                    Reply::message(412, "refusing to reinitialize the leader: switch over first")
+                } else {
+                    let pg = self.pg.clone();
+                    let reply_to = call.reply;
+                    warn!(node = %node, "reinitialize requested: the data directory will be removed and cloned again");
+                    self.spawn_job(Job::Stop, async move {
+                        let result = async {
+                            pg.stop(Duration::from_secs(60)).await.map_err(|e| e.to_string())?;
+                            match std::fs::remove_dir_all(&pg.cfg.data_dir) {
+                                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                                    Err(format!("removing {}: {e}", pg.cfg.data_dir.display()))
+                                }
+                                _ => Ok(()),
+                            }
+                        }
+                        .await;
+                        let reply = match &result {
+                            Ok(()) => Reply::message(200, "data directory removed: the replica is cloned again"),
+                            Err(e) => Reply::message(503, format!("reinitialize failed: {e}")),
+                        };
+                        let _ = reply_to.send(reply);
+                        result
+                    });
+                    return;
+                }
+            }
+            Request::PatchConfig(patch) => self.change_config(|c| operator::patch_config(c, &patch)).await,
+            Request::PutConfig(doc) => self.change_config(|_| operator::parse_config(&doc)).await,
+        };
+        let _ = call.reply.send(reply);
+    }
+
+    async fn change_config(&self, change: impl Fn(&DynamicConfig) -> Result<DynamicConfig, String>) -> Reply {
+        match self.etcd.update_config(change).await {
+            Ok(Ok(config)) => {
+                info!(node = %self.cfg.name, ?config, "dynamic config changed");
+                Reply::ok(serde_json::to_value(config).expect("serializes"))
+            }
+            Ok(Err(refused)) => Reply::message(422, refused),
+            Err(e) => Reply::message(503, format!("etcd write failed: {e}")),
+        }
     }
 
     /// Runs until `shutdown` is cancelled (then stops Postgres and releases
@@ -254,6 +358,7 @@ impl Agent {
                     while wake_rx.try_recv().is_ok() {}
                 }
                 _ = self.job_done_rx.recv() => {}
+                Some(call) = self.calls_rx.recv() => self.handle(call).await,
                 _ = tokio::time::sleep(wait) => {}
             }
         };
@@ -556,6 +661,7 @@ impl Agent {
                     Ok(true) => {
                         info!(node = %node, "won the initialize race");
                         let seed = DynamicConfig {
+                            paused: false,
                             maximum_lag_on_failover: self.cfg.cluster.maximum_lag_on_failover,
                             primary_start_timeout_ms: self
                                 .cfg
@@ -885,7 +991,7 @@ impl Agent {
                 Duration::from_millis(self.settings.fencing_deadline(l.renewed_at).since(now))
             }),
             pending_restart: obs.local.pending_restart,
-            paused: false,
+            paused: view.is_some_and(|v| v.config.paused),
             promotions: self.promotions,
             loop_durations: self.loop_durations.clone(),
             last_error: self.last_error.clone(),

@@ -101,6 +101,11 @@ pub struct ApiConfig {
     pub listen: Vec<SocketAddr>,
     /// URL other members and the CLI use to reach this API.
     pub advertise_url: String,
+    /// Bearer token that authorizes operator requests.
+    pub token: Option<Secret>,
+    /// Basic-auth credentials that authorize operator requests.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -157,7 +162,7 @@ pub struct LogConfig {
 
 const ENV_PREFIX: &str = "PGHA_";
 /// `PGHA_` variables read by the CLI, not configuration keys.
-const ENV_NOT_CONFIG: &[&str] = &["PGHA_CONFIG", "PGHA_API_URL", "PGHA_API_TOKEN"];
+const ENV_NOT_CONFIG: &[&str] = &["PGHA_CONFIG", "PGHA_API_URL"];
 
 const DEFAULT_NAMESPACE: &str = "/pgha";
 const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -221,7 +226,7 @@ pub enum ConfigError {
     },
     #[error(
         "{}: {var}: unknown environment variable: no configuration key is named so \
-         (besides keys, only PGHA_CONFIG, PGHA_API_URL and PGHA_API_TOKEN are read)",
+         (besides keys, only PGHA_CONFIG and PGHA_API_URL are read)",
         .file.display()
     )]
     UnknownEnv { file: PathBuf, var: String },
@@ -330,6 +335,9 @@ const KEYS: &[(&str, EnvKind)] = &[
     ("postgresql.replication.password_file", EnvKind::Text),
     ("api.listen", EnvKind::List),
     ("api.advertise_url", EnvKind::Text),
+    ("api.token", EnvKind::Text),
+    ("api.username", EnvKind::Text),
+    ("api.password", EnvKind::Text),
     ("timing.ttl", EnvKind::Text),
     ("timing.loop_wait", EnvKind::Text),
     ("timing.retry_timeout", EnvKind::Text),
@@ -551,6 +559,9 @@ struct FileCredentials {
 struct FileApi {
     listen: Option<OneOrMany>,
     advertise_url: String,
+    token: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1378,9 +1389,23 @@ impl FileApi {
                 ),
             ));
         }
+        if self.username.is_some() != self.password.is_some() {
+            return Err(cx.invalid(
+                "api.username",
+                "api.username and api.password go together: set both or neither",
+            ));
+        }
+        for (key, value) in [("api.token", &self.token), ("api.password", &self.password)] {
+            if value.as_deref().is_some_and(str::is_empty) {
+                return Err(cx.invalid(key, "must not be empty"));
+            }
+        }
         Ok(ApiConfig {
             listen,
             advertise_url: url.to_owned(),
+            token: self.token.map(Secret::new),
+            username: self.username,
+            password: self.password.map(Secret::new),
         })
     }
 }
@@ -1806,7 +1831,6 @@ advertise_url = "http://n1.internal:8008"
                 // Read by the CLI, not configuration keys.
                 ("PGHA_CONFIG", "/elsewhere.toml"),
                 ("PGHA_API_URL", "http://x:8008"),
-                ("PGHA_API_TOKEN", "t"),
                 // Not ours.
                 ("PATH", "/usr/bin"),
             ],

@@ -11,4 +11,5 @@ pub mod dcs;
 pub mod fence;
 pub mod ha;
 pub mod net;
+pub mod operator;
 pub mod postgres;

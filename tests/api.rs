@@ -39,7 +39,10 @@ struct Answer {
 
 impl Answer {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     fn json(&self) -> Value {
@@ -57,7 +60,10 @@ fn read_answer(reader: &mut BufReader<TcpStream>, head_request: bool) -> std::io
     let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
     }
     let mut parts = line.trim_end().splitn(3, ' ');
     let version = parts.next().unwrap_or_default();
@@ -73,11 +79,20 @@ fn read_answer(reader: &mut BufReader<TcpStream>, head_request: bool) -> std::io
         if l.is_empty() {
             break;
         }
-        let (k, v) = l.split_once(':').ok_or_else(|| bad(format!("bad header {l:?}")))?;
+        let (k, v) = l
+            .split_once(':')
+            .ok_or_else(|| bad(format!("bad header {l:?}")))?;
         headers.push((k.trim().to_string(), v.trim().to_string()));
     }
-    let mut answer = Answer { status, headers, body: Vec::new() };
-    let len: usize = answer.header("content-length").map_or(Ok(0), str::parse).map_err(|e| bad(format!("{e}")))?;
+    let mut answer = Answer {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    let len: usize = answer
+        .header("content-length")
+        .map_or(Ok(0), str::parse)
+        .map_err(|e| bad(format!("{e}")))?;
     if !head_request {
         answer.body.resize(len, 0);
         reader.read_exact(&mut answer.body)?;
@@ -93,8 +108,12 @@ struct Conn {
 impl Conn {
     fn open(addr: SocketAddr) -> Conn {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        Conn { reader: BufReader::new(stream) }
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        Conn {
+            reader: BufReader::new(stream),
+        }
     }
 
     fn send(&mut self, raw: &[u8]) {
@@ -103,7 +122,8 @@ impl Conn {
 
     fn ask(&mut self, method: &str, target: &str) -> Answer {
         self.send(format!("{method} {target} HTTP/1.1\r\nHost: pgha\r\n\r\n").as_bytes());
-        read_answer(&mut self.reader, method == "HEAD").unwrap_or_else(|e| panic!("{method} {target}: {e}"))
+        read_answer(&mut self.reader, method == "HEAD")
+            .unwrap_or_else(|e| panic!("{method} {target}: {e}"))
     }
 
     /// True when the server closed the connection (EOF) within the read timeout.
@@ -203,15 +223,32 @@ struct TestServer {
 
 impl TestServer {
     fn start(listen: &[&str], snapshot: Snapshot, limits: Limits) -> TestServer {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let listen: Vec<SocketAddr> = listen.iter().map(|a| a.parse().unwrap()).collect();
-        let listeners = runtime.block_on(async { pgha::api::bind_all(&listen) }).expect("bind");
+        let listeners = runtime
+            .block_on(async { pgha::api::bind_all(&listen) })
+            .expect("bind");
         let addrs = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
         let (tx, rx) = watch::channel(Arc::new(snapshot));
         let shutdown = CancellationToken::new();
         let ttl = Duration::from_secs(10);
-        runtime.spawn(pgha::api::serve_on(listeners, rx, ttl, limits, shutdown.clone()));
-        TestServer { addrs, shutdown, snapshots: tx, runtime: Some(runtime) }
+        runtime.spawn(pgha::api::serve_on(
+            listeners,
+            rx,
+            ttl,
+            limits,
+            shutdown.clone(),
+        ));
+        TestServer {
+            addrs,
+            shutdown,
+            snapshots: tx,
+            runtime: Some(runtime),
+        }
     }
 
     fn on_loopback(limits: Limits) -> TestServer {
@@ -277,7 +314,10 @@ fn errors_have_the_right_status_and_say_why() {
     let addr = server.addr();
     let a = ask(addr, "GET", "/no/such/path");
     assert_eq!(a.status, 404);
-    assert!(a.json()["error"].as_str().unwrap().contains("/no/such/path"));
+    assert!(a.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("/no/such/path"));
     for method in ["POST", "PUT", "DELETE", "PATCH", "BREW"] {
         let a = ask(addr, method, "/primary");
         assert_eq!(a.status, 405, "{method}");
@@ -285,11 +325,21 @@ fn errors_have_the_right_status_and_say_why() {
     }
     let a = ask(addr, "GET", "/replica?lag=lots");
     assert_eq!(a.status, 400);
-    assert!(a.json()["error"].as_str().unwrap().starts_with("lag:"), "{}", a.text());
+    assert!(
+        a.json()["error"].as_str().unwrap().starts_with("lag:"),
+        "{}",
+        a.text()
+    );
     assert_eq!(ask(addr, "GET", "/replica?lag=%G0").status, 400);
-    assert_eq!(ask(addr, "GET", "/config").json()["maximum_lag_on_failover"], 1 << 20);
+    assert_eq!(
+        ask(addr, "GET", "/config").json()["maximum_lag_on_failover"],
+        1 << 20
+    );
     assert_eq!(ask(addr, "GET", "/history").json()[1]["kind"], "switchover");
-    assert_eq!(ask(addr, "GET", "/cluster").json()["members"][2]["lag_bytes"], 10_000);
+    assert_eq!(
+        ask(addr, "GET", "/cluster").json()["members"][2]["lag_bytes"],
+        10_000
+    );
 }
 
 #[test]
@@ -324,7 +374,10 @@ fn a_body_over_64_kib_is_refused_with_413_and_a_small_one_is_read() {
 
 #[test]
 fn connections_over_the_limit_get_503_and_are_closed() {
-    let server = TestServer::on_loopback(Limits { max_connections: 4, ..Limits::default() });
+    let server = TestServer::on_loopback(Limits {
+        max_connections: 4,
+        ..Limits::default()
+    });
     let mut held: Vec<Conn> = (0..4).map(|_| Conn::open(server.addr())).collect();
     for c in &mut held {
         assert_eq!(c.ask("GET", "/health").status, 200);
@@ -344,13 +397,20 @@ fn connections_over_the_limit_get_503_and_are_closed() {
 
 #[test]
 fn a_client_that_sends_no_complete_header_is_cut_off() {
-    let server = TestServer::on_loopback(Limits { header_read_timeout: Duration::from_millis(300), ..Limits::default() });
+    let server = TestServer::on_loopback(Limits {
+        header_read_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    });
     let started = Instant::now();
     let mut conn = Conn::open(server.addr());
     conn.send(b"GET /health HTTP/1.1\r\nHost: slowloris\r\n");
     let mut rest = Vec::new();
     let _ = conn.reader.read_to_end(&mut rest);
-    assert!(started.elapsed() < Duration::from_secs(3), "closed after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        started.elapsed()
+    );
     // An idle keep-alive connection is closed the same way.
     let mut conn = Conn::open(server.addr());
     assert_eq!(conn.ask("GET", "/health").status, 200);
@@ -377,7 +437,11 @@ fn ipv4_and_ipv6_listen_addresses_on_one_port_both_serve() {
     let server = TestServer::start(&[&v4, &v6], leader_snapshot(), Limits::default());
     assert_eq!(server.addrs.len(), 2);
     for addr in [v4, v6] {
-        assert_eq!(ask(addr.parse().unwrap(), "GET", "/health").status, 200, "{addr}");
+        assert_eq!(
+            ask(addr.parse().unwrap(), "GET", "/health").status,
+            200,
+            "{addr}"
+        );
     }
 }
 
@@ -385,7 +449,9 @@ fn ipv4_and_ipv6_listen_addresses_on_one_port_both_serve() {
 /// response or closes without a word, and keeps serving others.
 fn assert_well_formed_or_silent(raw: &[u8], server: &TestServer) -> Result<(), TestCaseError> {
     let mut stream = TcpStream::connect(server.addr()).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let _ = stream.write_all(raw);
     let _ = stream.shutdown(Shutdown::Write);
     let mut out = Vec::new();
@@ -393,8 +459,14 @@ fn assert_well_formed_or_silent(raw: &[u8], server: &TestServer) -> Result<(), T
     if !out.is_empty() {
         let text = String::from_utf8_lossy(&out);
         let status_line = text.split("\r\n").next().unwrap_or_default();
-        let code = status_line.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|c| c.parse::<u16>().ok());
-        prop_assert!(code.is_some_and(|c| (100..600).contains(&c)), "bad answer {text:?} to {raw:?}");
+        let code = status_line
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse::<u16>().ok());
+        prop_assert!(
+            code.is_some_and(|c| (100..600).contains(&c)),
+            "bad answer {text:?} to {raw:?}"
+        );
         prop_assert!(text.contains("\r\n\r\n"), "no end of header in {text:?}");
     }
     Ok(())
@@ -402,11 +474,23 @@ fn assert_well_formed_or_silent(raw: &[u8], server: &TestServer) -> Result<(), T
 
 fn arb_request() -> impl Strategy<Value = Vec<u8>> {
     let method = prop_oneof![
-        prop::sample::select(vec!["GET", "HEAD", "OPTIONS", "POST", "PUT", "DELETE", "TRACE", "CONNECT"]).prop_map(String::from),
+        prop::sample::select(vec![
+            "GET", "HEAD", "OPTIONS", "POST", "PUT", "DELETE", "TRACE", "CONNECT"
+        ])
+        .prop_map(String::from),
         "[A-Za-z]{1,12}",
     ];
     let path = prop_oneof![
-        prop::sample::select(vec!["/", "/primary", "/replica", "/metrics", "/cluster", "/readiness", "*"]).prop_map(String::from),
+        prop::sample::select(vec![
+            "/",
+            "/primary",
+            "/replica",
+            "/metrics",
+            "/cluster",
+            "/readiness",
+            "*"
+        ])
+        .prop_map(String::from),
         "/[!-~]{0,60}",
     ];
     let query = prop::option::of("[ -~&&[^ ]]{0,40}");
@@ -436,17 +520,29 @@ fn arb_request() -> impl Strategy<Value = Vec<u8>> {
 
 #[test]
 fn arbitrary_requests_and_bytes_always_get_a_well_formed_answer() {
-    let server = TestServer::on_loopback(Limits { header_read_timeout: Duration::from_secs(2), ..Limits::default() });
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 200, ..ProptestConfig::default() });
+    let server = TestServer::on_loopback(Limits {
+        header_read_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    });
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 200,
+        ..ProptestConfig::default()
+    });
     runner
         .run(&arb_request(), |raw| {
             // A complete request always gets an answer.
             let mut stream = TcpStream::connect(server.addr()).expect("connect");
-            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
             stream.write_all(&raw).unwrap();
             let mut reader = BufReader::new(stream);
             let answer = read_answer(&mut reader, raw.starts_with(b"HEAD "));
-            prop_assert!(answer.is_ok(), "{answer:?} for {:?}", String::from_utf8_lossy(&raw));
+            prop_assert!(
+                answer.is_ok(),
+                "{answer:?} for {:?}",
+                String::from_utf8_lossy(&raw)
+            );
             let status = answer.unwrap().status;
             prop_assert!(
                 [200, 400, 404, 405, 413, 414, 431, 501, 503].contains(&status),
@@ -457,14 +553,24 @@ fn arbitrary_requests_and_bytes_always_get_a_well_formed_answer() {
         })
         .unwrap_or_else(|e| panic!("{e}"));
     runner
-        .run(&prop::collection::vec(any::<u8>(), 0..600), |raw| assert_well_formed_or_silent(&raw, &server))
-        .unwrap_or_else(|e| panic!("{e}"));
-    runner
-        .run(&arb_request().prop_flat_map(|r| { let n = r.len(); (Just(r), 0..n) }), |(raw, cut)| {
-            assert_well_formed_or_silent(&raw[..cut], &server)
+        .run(&prop::collection::vec(any::<u8>(), 0..600), |raw| {
+            assert_well_formed_or_silent(&raw, &server)
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(ask(server.addr(), "GET", "/health").status, 200, "still serving");
+    runner
+        .run(
+            &arb_request().prop_flat_map(|r| {
+                let n = r.len();
+                (Just(r), 0..n)
+            }),
+            |(raw, cut)| assert_well_formed_or_silent(&raw[..cut], &server),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        ask(server.addr(), "GET", "/health").status,
+        200,
+        "still serving"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -473,7 +579,11 @@ fn arbitrary_requests_and_bytes_always_get_a_well_formed_answer() {
 
 /// `promtool`, or `None` after saying loudly that the check is skipped.
 fn promtool() -> Option<PathBuf> {
-    let found = Command::new("promtool").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let found = Command::new("promtool")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     if matches!(found, Ok(s) if s.success()) {
         return Some(PathBuf::from("promtool"));
     }
@@ -491,10 +601,22 @@ fn assert_promtool_accepts(text: &str, source: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run promtool");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    let complaints = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && complaints.trim().is_empty(), "promtool on {source}:\n{complaints}\n---\n{text}");
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && complaints.trim().is_empty(),
+        "promtool on {source}:\n{complaints}\n---\n{text}"
+    );
 }
 
 #[test]
@@ -502,10 +624,19 @@ fn metrics_pass_promtool() {
     let server = TestServer::on_loopback(Limits::default());
     let a = ask(server.addr(), "GET", "/metrics");
     assert_eq!(a.status, 200);
-    assert_eq!(a.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
+    assert_eq!(
+        a.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
     let text = a.text();
-    assert!(text.contains("pgha_switchovers_total{scope=\"batman\",name=\"n1\"} 1\n"), "{text}");
-    assert!(text.contains("pgha_pending_restart{scope=\"batman\",name=\"n1\"} 1\n"), "{text}");
+    assert!(
+        text.contains("pgha_switchovers_total{scope=\"batman\",name=\"n1\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("pgha_pending_restart{scope=\"batman\",name=\"n1\"} 1\n"),
+        "{text}"
+    );
     assert_promtool_accepts(&text, "a hand-made snapshot");
 }
 
@@ -516,34 +647,65 @@ fn repo_file(path: &str) -> PathBuf {
 #[test]
 fn the_shipped_haproxy_config_is_valid() {
     let Some(haproxy) = haproxy() else { return };
-    let out = Command::new(haproxy).arg("-c").arg("-f").arg(repo_file("config/haproxy.cfg")).output().unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(haproxy)
+        .arg("-c")
+        .arg("-f")
+        .arg(repo_file("config/haproxy.cfg"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn the_grafana_dashboard_graphs_only_metrics_we_export() {
     let text = fs::read_to_string(repo_file("config/grafana/pgha-dashboard.json")).unwrap();
     let dashboard: Value = serde_json::from_str(&text).expect("dashboard is JSON");
-    let vars = dashboard["templating"]["list"].as_array().expect("template variables");
-    assert!(vars.iter().any(|v| v["name"] == "scope"), "templated on scope");
+    let vars = dashboard["templating"]["list"]
+        .as_array()
+        .expect("template variables");
+    assert!(
+        vars.iter().any(|v| v["name"] == "scope"),
+        "templated on scope"
+    );
     let server = TestServer::on_loopback(Limits::default());
     let metrics = ask(server.addr(), "GET", "/metrics").text();
-    let families: BTreeSet<&str> = metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    let families: BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
     let mut used = BTreeSet::new();
     for panel in dashboard["panels"].as_array().expect("panels") {
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"].as_str().expect("expr");
-            assert!(expr.contains("scope=~\"$scope\"") || expr.contains("scope=\"$scope\""), "{expr}");
+            assert!(
+                expr.contains("scope=~\"$scope\"") || expr.contains("scope=\"$scope\""),
+                "{expr}"
+            );
             for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
                 if word.starts_with("pgha_") {
-                    let family = ["_bucket", "_sum", "_count"].iter().fold(word, |w, s| w.strip_suffix(s).unwrap_or(w));
-                    assert!(families.contains(family), "{word} in {expr} is not exported");
+                    let family = ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .fold(word, |w, s| w.strip_suffix(s).unwrap_or(w));
+                    assert!(
+                        families.contains(family),
+                        "{word} in {expr} is not exported"
+                    );
                     used.insert(family.to_string());
                 }
             }
         }
     }
-    for needed in ["pgha_primary", "pgha_replication_lag_bytes", "pgha_leader_lease_remaining_seconds", "pgha_failovers_total"] {
+    for needed in [
+        "pgha_primary",
+        "pgha_replication_lag_bytes",
+        "pgha_leader_lease_remaining_seconds",
+        "pgha_failovers_total",
+    ] {
         assert!(used.contains(needed), "the dashboard graphs {needed}");
     }
 }
@@ -571,7 +733,10 @@ fn wait_code(node: &Node, target: &str, want: u16, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(200));
     }
     let status = try_ask(node.api_addr(), "GET", "/status").map(|a| a.text());
-    panic!("{}: GET {target} answered {last}, not {want}, for {timeout:?}; /status: {status:?}", node.name);
+    panic!(
+        "{}: GET {target} answered {last}, not {want}, for {timeout:?}; /status: {status:?}",
+        node.name
+    );
 }
 
 const ON_PRIMARY: &[(&str, u16)] = &[
@@ -632,19 +797,37 @@ fn health_checks_follow_each_nodes_real_role() {
     let mut cluster = Cluster::start(3, Options::default());
     let view = cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
     let primary = view.primaries()[0].name.clone();
-    let replicas: Vec<String> = view.streaming_replicas().iter().map(|m| m.name.clone()).collect();
+    let replicas: Vec<String> = view
+        .streaming_replicas()
+        .iter()
+        .map(|m| m.name.clone())
+        .collect();
 
     for node in &cluster.nodes {
-        let (expected, role) = if node.name == primary { (ON_PRIMARY, "primary") } else { (ON_REPLICA, "replica") };
+        let (expected, role) = if node.name == primary {
+            (ON_PRIMARY, "primary")
+        } else {
+            (ON_REPLICA, "replica")
+        };
         for (target, want) in expected {
             for method in ["GET", "HEAD", "OPTIONS"] {
                 let a = try_ask(node.api_addr(), method, target)
                     .unwrap_or_else(|| panic!("{}: {method} {target}: no answer", node.name));
-                assert_eq!(a.status, *want, "{} ({role}): {method} {target}: {}", node.name, a.text());
+                assert_eq!(
+                    a.status,
+                    *want,
+                    "{} ({role}): {method} {target}: {}",
+                    node.name,
+                    a.text()
+                );
                 if method == "GET" && *target != "/metrics" {
                     let _ = a.json();
                 } else if method != "GET" {
-                    assert!(a.body.is_empty(), "{}: {method} {target} has a body", node.name);
+                    assert!(
+                        a.body.is_empty(),
+                        "{}: {method} {target} has a body",
+                        node.name
+                    );
                 }
             }
         }
@@ -655,10 +838,22 @@ fn health_checks_follow_each_nodes_real_role() {
         let metrics = ask(node.api_addr(), "GET", "/metrics").text();
         let flag = |name: &str| format!("{name}{{scope=\"t\",name=\"{}\"}} ", node.name);
         let is_primary = u8::from(node.name == primary);
-        assert!(metrics.contains(&format!("{}{is_primary}\n", flag("pgha_primary"))), "{metrics}");
-        assert!(metrics.contains(&format!("{}{}\n", flag("pgha_replica"), 1 - is_primary)), "{metrics}");
-        assert!(metrics.contains(&format!("{}1\n", flag("pgha_up"))), "{metrics}");
-        assert!(metrics.contains(&format!("{}1\n", flag("pgha_dcs_reachable"))), "{metrics}");
+        assert!(
+            metrics.contains(&format!("{}{is_primary}\n", flag("pgha_primary"))),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(&format!("{}{}\n", flag("pgha_replica"), 1 - is_primary)),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(&format!("{}1\n", flag("pgha_up"))),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(&format!("{}1\n", flag("pgha_dcs_reachable"))),
+            "{metrics}"
+        );
         assert_promtool_accepts(&metrics, &format!("{} ({role})", node.name));
     }
     let cluster_doc = ask(cluster.node(&primary).api_addr(), "GET", "/cluster").json();
@@ -673,18 +868,35 @@ fn health_checks_follow_each_nodes_real_role() {
     let other = cluster.node(&replicas[1]);
     wait_code(paused, "/replica?lag=0", 200, Duration::from_secs(30));
     paused.query("SELECT pg_wal_replay_pause()");
-    cluster.node(&primary).query("CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 50000) g");
+    cluster.node(&primary).query(
+        "CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 50000) g",
+    );
     // Member status is published about every second: poll.
     wait_code(paused, "/replica?lag=0", 503, Duration::from_secs(15));
     wait_code(paused, "/readiness", 503, Duration::from_secs(15));
     assert_eq!(code(paused, "GET", "/replica?lag=1GB"), 200);
     assert_eq!(code(paused, "GET", "/replica"), 200);
-    wait_code(paused, "/replica?lag=0&mode=write", 200, Duration::from_secs(15));
-    let lag = ask(paused.api_addr(), "GET", "/status").json()["replay_lag_bytes"].as_u64().expect("replay lag");
+    wait_code(
+        paused,
+        "/replica?lag=0&mode=write",
+        200,
+        Duration::from_secs(15),
+    );
+    let lag = ask(paused.api_addr(), "GET", "/status").json()["replay_lag_bytes"]
+        .as_u64()
+        .expect("replay lag");
     assert!(lag > 1 << 20, "replay lag {lag} after writing ~12 MB");
     let metrics = ask(paused.api_addr(), "GET", "/metrics").text();
-    let series = format!("pgha_replication_replay_lag_bytes{{scope=\"t\",name=\"{}\",member=\"{}\"}} ", paused.name, paused.name);
-    let seen: u64 = metrics.lines().find_map(|l| l.strip_prefix(&series)).expect("own replay lag series").parse().unwrap();
+    let series = format!(
+        "pgha_replication_replay_lag_bytes{{scope=\"t\",name=\"{}\",member=\"{}\"}} ",
+        paused.name, paused.name
+    );
+    let seen: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .expect("own replay lag series")
+        .parse()
+        .unwrap();
     assert!(seen > 1 << 20, "{seen}");
     wait_code(other, "/replica?lag=0", 200, Duration::from_secs(15));
 
@@ -695,7 +907,11 @@ fn health_checks_follow_each_nodes_real_role() {
 
 /// `haproxy`, or `None` after saying loudly that the check is skipped.
 fn haproxy() -> Option<PathBuf> {
-    for p in ["/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/haproxy"] {
+    for p in [
+        "/usr/sbin/haproxy",
+        "/usr/bin/haproxy",
+        "/usr/local/sbin/haproxy",
+    ] {
         if Path::new(p).exists() {
             return Some(PathBuf::from(p));
         }
@@ -721,7 +937,12 @@ impl HaProxy {
         let servers = |check: &str| {
             nodes
                 .iter()
-                .map(|n| format!("    server {} 127.0.0.1:{} maxconn 100 check port {} # {check}\n", n.name, n.pg_port, n.api_port))
+                .map(|n| {
+                    format!(
+                        "    server {} 127.0.0.1:{} maxconn 100 check port {} # {check}\n",
+                        n.name, n.pg_port, n.api_port
+                    )
+                })
                 .collect::<String>()
         };
         let cfg = format!(
@@ -747,7 +968,13 @@ impl HaProxy {
             .stderr(out)
             .spawn()
             .expect("start haproxy");
-        HaProxy { primary_port, replica_port, child, log, _dir: dir }
+        HaProxy {
+            primary_port,
+            replica_port,
+            child,
+            log,
+            _dir: dir,
+        }
     }
 }
 
@@ -763,7 +990,11 @@ impl Drop for HaProxy {
 
 /// `pg_is_in_recovery()|inet_server_port()` through a proxy port.
 fn where_am_i(port: u16) -> Option<(bool, u16)> {
-    let out = psql(port, "SELECT pg_is_in_recovery()::text || '|' || inet_server_port()").ok()?;
+    let out = psql(
+        port,
+        "SELECT pg_is_in_recovery()::text || '|' || inet_server_port()",
+    )
+    .ok()?;
     let (recovery, server_port) = out.split_once('|')?;
     Some((recovery == "true", server_port.parse().ok()?))
 }
@@ -773,24 +1004,45 @@ fn haproxy_sends_clients_to_the_primary_and_follows_a_failover() {
     let Some(haproxy) = haproxy() else { return };
     let _serial = serial();
     let timing = Timing::FAST;
-    let mut cluster = Cluster::start(3, Options { timing, ..Options::default() });
+    let mut cluster = Cluster::start(
+        3,
+        Options {
+            timing,
+            ..Options::default()
+        },
+    );
     let view = cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
     let old = view.primaries()[0].name.clone();
     let old_port = cluster.node(&old).pg_port;
-    let replica_ports: Vec<u16> = view.streaming_replicas().iter().map(|m| cluster.node(&m.name).pg_port).collect();
+    let replica_ports: Vec<u16> = view
+        .streaming_replicas()
+        .iter()
+        .map(|m| cluster.node(&m.name).pg_port)
+        .collect();
     let proxy = HaProxy::start(&haproxy, &cluster.nodes);
 
     // HAProxy takes servers as up until their first checks fail: wait for
     // its view to settle, several connections in a row reaching the right kind.
     let settled = |port: u16, ok: &dyn Fn((bool, u16)) -> bool| {
-        (0..6).map(|_| where_am_i(port)).all(|w| w.is_some_and(ok)).then_some(())
+        (0..6)
+            .map(|_| where_am_i(port))
+            .all(|w| w.is_some_and(ok))
+            .then_some(())
     };
-    wait_until("HAProxy's primary port to reach only the primary", Duration::from_secs(20), || {
-        settled(proxy.primary_port, &|w| w == (false, old_port))
-    });
-    wait_until("HAProxy's replica port to reach only replicas", Duration::from_secs(20), || {
-        settled(proxy.replica_port, &|(recovery, port)| recovery && replica_ports.contains(&port))
-    });
+    wait_until(
+        "HAProxy's primary port to reach only the primary",
+        Duration::from_secs(20),
+        || settled(proxy.primary_port, &|w| w == (false, old_port)),
+    );
+    wait_until(
+        "HAProxy's replica port to reach only replicas",
+        Duration::from_secs(20),
+        || {
+            settled(proxy.replica_port, &|(recovery, port)| {
+                recovery && replica_ports.contains(&port)
+            })
+        },
+    );
 
     // The agent dies; its fence guard stops the primary's Postgres.
     let killed_at = Instant::now();
@@ -802,12 +1054,24 @@ fn haproxy_sends_clients_to_the_primary_and_follows_a_failover() {
     let took = killed_at.elapsed();
     eprintln!("new primary reachable through HAProxy {took:?} after the old agent was killed");
     assert!(!recovery);
-    let new = cluster.nodes.iter().find(|n| n.pg_port == port).expect("a cluster node").name.clone();
+    let new = cluster
+        .nodes
+        .iter()
+        .find(|n| n.pg_port == port)
+        .expect("a cluster node")
+        .name
+        .clone();
     assert_ne!(new, old);
     assert_eq!(cluster.node(&new).query("SELECT pg_is_in_recovery()"), "f");
-    wait_until("the old primary's Postgres to be stopped by its fence guard", Duration::from_secs(10), || {
-        cluster.node(&old).postmaster_pid().is_none().then_some(())
-    });
+    wait_until(
+        "the old primary's Postgres to be stopped by its fence guard",
+        Duration::from_secs(10),
+        || cluster.node(&old).postmaster_pid().is_none().then_some(()),
+    );
     // Writes through the proxy land on the new primary.
-    psql(proxy.primary_port, "CREATE TABLE through_haproxy AS SELECT 1 AS id").expect("write through HAProxy");
+    psql(
+        proxy.primary_port,
+        "CREATE TABLE through_haproxy AS SELECT 1 AS id",
+    )
+    .expect("write through HAProxy");
 }

@@ -221,6 +221,37 @@ impl Etcd {
         Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
     }
 
+    /// Read-modify-write of the dynamic config, compare-and-swap on the key's
+    /// revision. `change` may refuse (its message is returned as `Refused`).
+    pub async fn update_config(
+        &self,
+        change: impl Fn(&DynamicConfig) -> std::result::Result<DynamicConfig, String>,
+    ) -> Result<std::result::Result<DynamicConfig, String>> {
+        let key = self.keys.config();
+        for _ in 0..5 {
+            let mut c = self.client.clone();
+            let resp = within(self.timeout, c.get(key.as_str(), None)).await?;
+            let (current, rev) = match resp.kvs().first() {
+                Some(kv) => (
+                    serde_json::from_slice(kv.value()).map_err(|e| DcsError::BadValue { key: key.clone(), problem: e.to_string() })?,
+                    kv.mod_revision(),
+                ),
+                None => (DynamicConfig::default(), 0),
+            };
+            let next = match change(&current) {
+                Ok(n) => n,
+                Err(refused) => return Ok(Err(refused)),
+            };
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)])
+                .and_then([TxnOp::put(key.as_str(), serde_json::to_vec(&next).expect("serializable"), None)]);
+            if within(self.timeout, c.txn(txn)).await?.succeeded() {
+                return Ok(Ok(next));
+            }
+        }
+        Err(DcsError::BadValue { key, problem: "changed concurrently five times".into() })
+    }
+
     /// Writes the dynamic config unless one exists.
     pub async fn seed_config(&self, config: &DynamicConfig) -> Result<bool> {
         self.create(

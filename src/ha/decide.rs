@@ -179,6 +179,10 @@ fn running_leader<'a>(dcs: &'a DcsView, me: &str) -> Option<&'a str> {
 fn lead(obs: &Observation, dcs: &DcsView, now: Tick, steps: &mut Vec<Step>) {
     let local = &obs.local;
     if !local.running {
+        if dcs.config.paused {
+            // Maintenance: an operator may have stopped Postgres on purpose.
+            return;
+        }
         let down_ms = obs.pg_down_since.map(|t| now.since(t)).unwrap_or(0);
         if down_ms >= dcs.config.primary_start_timeout_ms && obs.pg_down_since.is_some() {
             steps.push(Step::new(
@@ -274,6 +278,9 @@ fn follow(
         }
         return;
     }
+    if dcs.config.paused {
+        return;
+    }
     let leader_up = running_leader(dcs, &obs.node).is_some();
     if obs.last_role == Some(PgRole::Primary) || obs.needs_rewind {
         if obs.rewind_failed {
@@ -305,6 +312,9 @@ fn follow(
 /// No node holds the leader key.
 fn elect(obs: &Observation, dcs: &DcsView, steps: &mut Vec<Step>) {
     let local = &obs.local;
+    if dcs.config.paused {
+        return;
+    }
     if !local.running {
         steps.push(Step::new(
             Action::StartReplica { upstream: None },

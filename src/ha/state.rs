@@ -169,8 +169,10 @@ pub struct MemberStatus {
 
 /// Cluster-wide settings kept in the `config` key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct DynamicConfig {
+    /// Maintenance mode: no automatic failover, no automatic restarts.
+    pub paused: bool,
     pub maximum_lag_on_failover: u64,
     pub primary_start_timeout_ms: u64,
     pub member_slot_grace_ms: u64,
@@ -183,6 +185,7 @@ pub struct DynamicConfig {
 impl Default for DynamicConfig {
     fn default() -> Self {
         DynamicConfig {
+            paused: false,
             maximum_lag_on_failover: 1024 * 1024,
             primary_start_timeout_ms: 30_000,
             member_slot_grace_ms: 30_000,

@@ -576,6 +576,23 @@ fn failed_rewind_reclones_only_with_auto_reinit() {
 }
 
 #[test]
+fn paused_cluster_neither_fails_over_nor_restarts() {
+    let mut v = view(None, replicas(&[("n2", 1, 1000), ("n3", 1, 900)]));
+    v.config.paused = true;
+    assert!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(v.clone())), 0).is_empty(), "no failover");
+    assert!(actions(&obs("n2", LocalPostgres::default(), Some(v)), 0).is_empty(), "no automatic start");
+
+    let mut v = view(Some("n1"), healthy_three("n1"));
+    v.config.paused = true;
+    let mut leader = obs("n1", LocalPostgres::default(), Some(v.clone()));
+    leader.pg_down_since = Some(Tick(0));
+    assert_eq!(actions(&leader, 60_000), vec![Action::RenewLeader { lease_id: 42 }], "keeps the key, no restart, no release");
+    let mut old = obs("n3", LocalPostgres::default(), Some(v));
+    old.last_role = Some(PgRole::Primary);
+    assert!(actions(&old, 0).is_empty(), "no rewind or start while paused");
+}
+
+#[test]
 fn running_job_only_renews() {
     let mut o = obs(
         "n1",

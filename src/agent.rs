@@ -17,7 +17,7 @@ use crate::fence::{Guard, Message};
 use crate::operator::{self, Call, Reply, Request};
 use crate::ha::{
     self, Action, DataDir, DcsView, DynamicConfig, HeldLease, Job, LocalPostgres, Lsn, MemberRole,
-    MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Settings, Step, Tick,
+    MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Settings, Step, SwitchoverKey, Tick,
 };
 use crate::postgres::{LocalPg, Upstream};
 
@@ -117,6 +117,7 @@ pub fn settings_for(cfg: &Config) -> Settings {
         ttl_ms: cfg.timing.ttl.as_millis() as u64,
         fencing_margin_ms: margin.as_millis() as u64,
         rewind_after_ms: 5_000,
+        handover_timeout_ms: 10_000,
     }
 }
 
@@ -155,6 +156,8 @@ pub struct Agent {
     needs_rewind: bool,
     rewind_failed: bool,
     last_known_leader: Option<String>,
+    handover_since: Option<Tick>,
+    shutting_down: bool,
     dcs_last_seen: Option<Instant>,
     promotions: u64,
     loop_durations: LoopHistogram,
@@ -220,6 +223,8 @@ impl Agent {
                 needs_rewind: false,
                 rewind_failed: false,
                 last_known_leader: None,
+                handover_since: None,
+                shutting_down: false,
                 dcs_last_seen: None,
                 promotions: 0,
                 loop_durations: LoopHistogram::default(),
@@ -343,6 +348,7 @@ impl Agent {
         info!(node = %self.cfg.name, scope = %self.cfg.scope, "agent starting");
         let (wake_tx, mut wake_rx) = mpsc::channel(16);
         let watcher = tokio::spawn(watch_cluster(self.etcd.clone(), wake_tx, shutdown.clone()));
+        let mut shutdown_deadline: Option<Instant> = None;
         let result = loop {
             let loop_started = Instant::now();
             if let Err(e) = self.pass().await {
@@ -350,9 +356,19 @@ impl Agent {
             }
             self.loop_durations.observe(loop_started.elapsed());
             debug!(node = %self.cfg.name, elapsed_ms = loop_started.elapsed().as_millis() as u64, "loop pass");
+            if let Some(deadline) = shutdown_deadline {
+                if self.graceful_stop_done() || Instant::now() >= deadline {
+                    break Ok(());
+                }
+            }
             let wait = self.next_wait();
             tokio::select! {
-                _ = shutdown.cancelled() => break Ok(()),
+                _ = shutdown.cancelled(), if shutdown_deadline.is_none() => {
+                    shutdown_deadline = Some(Instant::now() + self.cfg.timing.shutdown_timeout);
+                    if !self.begin_graceful_stop().await {
+                        break Ok(());
+                    }
+                }
                 _ = wake_rx.recv() => {
                     // Coalesce a burst of events into one pass.
                     while wake_rx.try_recv().is_ok() {}
@@ -365,6 +381,40 @@ impl Agent {
         watcher.abort();
         self.shut_down().await;
         result
+    }
+
+    /// On SIGINT/SIGTERM a leader hands over to a healthy replica before it
+    /// stops (a switchover request to itself); false when there is nothing
+    /// to hand over and the agent can stop at once.
+    async fn begin_graceful_stop(&mut self) -> bool {
+        self.shutting_down = true;
+        let node = self.cfg.name.clone();
+        let leading = self.leader_lease.is_some()
+            && self.last_local.running
+            && self.last_local.role == Some(PgRole::Primary);
+        if !leading {
+            return false;
+        }
+        let sw = SwitchoverKey { from: node.clone(), to: None, at_ms: None, requested_ms: epoch_ms() };
+        match self.etcd.request_switchover(&sw).await {
+            Ok(created) => {
+                info!(node = %node, created, "stopping: handing leadership over first");
+                true
+            }
+            Err(e) => {
+                warn!(node = %node, error = %e, "stopping: cannot request a handover");
+                false
+            }
+        }
+    }
+
+    /// A graceful stop is complete when leadership was handed over and
+    /// Postgres is down, or when no handover is (or will be) happening.
+    fn graceful_stop_done(&self) -> bool {
+        let handed_over = self.leader_lease.is_none() && !self.last_local.running && self.job.is_none();
+        let no_handover = self.handover_since.is_none()
+            && self.last_view.as_ref().is_none_or(|v| v.switchover.is_none());
+        handed_over || no_handover
     }
 
     /// Time until the next pass: `loop_wait`, backing off while etcd is
@@ -435,6 +485,11 @@ impl Agent {
                     self.needs_rewind = false;
                     self.rewind_failed = false;
                 }
+                if job.kind == Job::Start {
+                    // Running again (as replica of the new leader, or as
+                    // primary after an aborted handover): the handover is over.
+                    self.handover_since = None;
+                }
                 self.last_error = None;
             }
             Ok(Err(e)) => {
@@ -477,11 +532,12 @@ impl Agent {
             }
         }
         let data_dir = self.data_dir.unwrap_or(DataDir::Unusable);
-        let last_role = match (local.running, data_dir) {
-            (false, DataDir::Initialized { .. }) if self.job.is_none() => {
-                self.pg.last_role().await.unwrap_or(None)
-            }
-            _ => None,
+        let (last_role, checkpoint_lsn) = match (local.running, data_dir) {
+            (false, DataDir::Initialized { .. }) if self.job.is_none() => (
+                self.pg.last_role().await.unwrap_or(None),
+                self.pg.checkpoint_location().await.unwrap_or(None),
+            ),
+            _ => (None, None),
         };
         let dcs = match self.etcd.load().await {
             Ok((view, history)) => {
@@ -532,7 +588,9 @@ impl Agent {
             && dcs
                 .as_ref()
                 .is_some_and(|d| d.leader.is_none() && d.initialize.is_some());
-        let peers = match (&dcs, leaderless_replica) {
+        // A leader that stopped to hand over asks its target how much WAL it has.
+        let handing_over = self.handover_since.is_some() && !local.running;
+        let peers = match (&dcs, leaderless_replica || handing_over) {
             (Some(view), true) => Some(self.ask_peers(view).await),
             _ => None,
         };
@@ -570,6 +628,10 @@ impl Agent {
             rewind_failed: self.rewind_failed,
             peers,
             region: self.cfg.region.clone(),
+            wall_ms: epoch_ms(),
+            handover_since: self.handover_since,
+            checkpoint_lsn,
+            shutting_down: self.shutting_down,
             may_bootstrap: self
                 .cfg
                 .cluster
@@ -804,8 +866,9 @@ impl Agent {
                         self.following = None;
                         self.promotions += 1;
                         let local = self.pg.probe().await;
+                        let switchover = obs.dcs.as_ref().is_some_and(|d| d.switchover.is_some());
                         let entry = HistoryEntry {
-                            kind: "failover".into(),
+                            kind: if switchover { "switchover" } else { "failover" }.into(),
                             timeline: local.timeline,
                             lsn: local.wal_position,
                             at_ms: epoch_ms(),
@@ -837,6 +900,24 @@ impl Agent {
                         .await
                         .map_err(|e| e.to_string())
                 });
+            }
+            Action::HandoverStop { to } => {
+                self.handover_since = Some(self.now());
+                let pg = self.pg.clone();
+                self.following = None;
+                self.spawn_job(Job::Stop, async move {
+                    // A checkpoint first keeps the shutdown checkpoint, during
+                    // which no write is possible, short.
+                    if let Err(e) = pg.checkpoint().await {
+                        tracing::warn!(error = %e, to = %to, "checkpoint before handover failed");
+                    }
+                    pg.stop(Duration::from_secs(30)).await.map_err(|e| e.to_string())
+                });
+            }
+            Action::ClearSwitchover => {
+                if let Err(e) = self.etcd.clear_switchover().await {
+                    warn!(node = %node, error = %e, "could not clear the switchover request");
+                }
             }
             Action::CreateSlots { names } => {
                 for name in names {

@@ -116,6 +116,8 @@ pub struct Timing {
     pub loop_wait: Duration,
     /// Timeout of one etcd or Postgres operation before it counts as failed.
     pub retry_timeout: Duration,
+    /// How long a graceful stop (SIGINT/SIGTERM) may take, handover included.
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -175,6 +177,7 @@ const DEFAULT_API_LISTEN: &str = "0.0.0.0:8008";
 const DEFAULT_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_LOOP_WAIT: Duration = Duration::from_secs(1);
 const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(3);
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(45);
 const DEFAULT_MAXIMUM_LAG_ON_FAILOVER: u64 = 1024 * 1024;
 const DEFAULT_PRIMARY_START_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MEMBER_SLOT_GRACE: Duration = Duration::from_secs(30);
@@ -341,6 +344,7 @@ const KEYS: &[(&str, EnvKind)] = &[
     ("timing.ttl", EnvKind::Text),
     ("timing.loop_wait", EnvKind::Text),
     ("timing.retry_timeout", EnvKind::Text),
+    ("timing.shutdown_timeout", EnvKind::Text),
     ("cluster.maximum_lag_on_failover", EnvKind::Text),
     ("cluster.primary_start_timeout", EnvKind::Text),
     ("cluster.member_slot_grace", EnvKind::Text),
@@ -570,6 +574,7 @@ struct FileTiming {
     ttl: Option<FileDuration>,
     loop_wait: Option<FileDuration>,
     retry_timeout: Option<FileDuration>,
+    shutdown_timeout: Option<FileDuration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1454,10 +1459,15 @@ impl FileTiming {
                 ),
             ));
         }
+        let shutdown_timeout = self.shutdown_timeout.map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0);
+        if shutdown_timeout.is_zero() {
+            return Err(cx.invalid("timing.shutdown_timeout", "must be more than 0s"));
+        }
         Ok(Timing {
             ttl,
             loop_wait,
             retry_timeout,
+            shutdown_timeout,
         })
     }
 }

@@ -10,7 +10,7 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 
 use crate::config::EtcdConfig;
-use crate::ha::{DcsView, DynamicConfig, InitializeKey, LeaderKey, Lsn, MemberStatus};
+use crate::ha::{DcsView, DynamicConfig, InitializeKey, LeaderKey, Lsn, MemberStatus, SwitchoverKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
@@ -76,6 +76,9 @@ impl Keys {
     }
     pub fn status(&self) -> String {
         format!("{}status", self.prefix)
+    }
+    pub fn switchover(&self) -> String {
+        format!("{}switchover", self.prefix)
     }
 }
 
@@ -158,6 +161,8 @@ impl Etcd {
                 view.config = serde_json::from_slice::<DynamicConfig>(value).map_err(bad)?;
             } else if key == self.keys.history() {
                 history = serde_json::from_slice(value).map_err(bad)?;
+            } else if key == self.keys.switchover() {
+                view.switchover = Some(serde_json::from_slice::<SwitchoverKey>(value).map_err(bad)?);
             } else if key == self.keys.status() {
                 if let Ok(st) = serde_json::from_slice::<LeaderStatus>(value) {
                     view.last_leader_lsn = Some(st.lsn);
@@ -250,6 +255,18 @@ impl Etcd {
             }
         }
         Err(DcsError::BadValue { key, problem: "changed concurrently five times".into() })
+    }
+
+    /// Records a switchover request unless one is pending; true when ours won.
+    pub async fn request_switchover(&self, sw: &SwitchoverKey) -> Result<bool> {
+        self.create(self.keys.switchover(), serde_json::to_vec(sw).expect("serializable"), None).await
+    }
+
+    /// Deletes the switchover request; true when there was one.
+    pub async fn clear_switchover(&self) -> Result<bool> {
+        let mut c = self.client.clone();
+        let resp = within(self.timeout, c.delete(self.keys.switchover(), None)).await?;
+        Ok(resp.deleted() > 0)
     }
 
     /// Writes the dynamic config unless one exists.

@@ -39,6 +39,11 @@ pub enum Action {
     CreateSlots { names: Vec<String> },
     /// Drop these slots: their members have been gone longer than the grace period.
     DropSlots { names: Vec<String> },
+    /// Planned handover: checkpoint, then stop Postgres so that every
+    /// replica receives all WAL up to the shutdown checkpoint.
+    HandoverStop { to: String },
+    /// Delete the `switchover` key (done, aborted or stale).
+    ClearSwitchover,
     /// A condition the agent must not act on: log it, publish it, exit non-zero.
     Refuse { problem: String },
 }
@@ -80,6 +85,8 @@ impl fmt::Display for Action {
             Action::Stop { then_rewind: true } => f.write_str("stop postgres for rewind"),
             Action::CreateSlots { names } => write!(f, "create slots {}", names.join(",")),
             Action::DropSlots { names } => write!(f, "drop slots {}", names.join(",")),
+            Action::HandoverStop { to } => write!(f, "stop for handover to {to}"),
+            Action::ClearSwitchover => f.write_str("clear switchover"),
             Action::Refuse { .. } => f.write_str("refuse"),
         }
     }

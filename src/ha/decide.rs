@@ -14,6 +14,9 @@ pub struct Settings {
     /// A standby that cannot stream from a leader on a newer timeline for
     /// this long is stopped and rewound.
     pub rewind_after_ms: u64,
+    /// A stopped leader waits this long for its handover target to confirm
+    /// all WAL before it starts again as primary.
+    pub handover_timeout_ms: u64,
 }
 
 impl Settings {
@@ -143,9 +146,9 @@ pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
     }
 
     match &dcs.leader {
-        Some(key) if key.name == obs.node => lead(obs, dcs, now, &mut steps),
+        Some(key) if key.name == obs.node => lead(obs, dcs, settings, now, &mut steps),
         Some(key) => follow(obs, dcs, settings, now, &key.name, &mut steps),
-        None => elect(obs, dcs, &mut steps),
+        None => elect(obs, dcs, settings, &mut steps),
     }
     steps
 }
@@ -176,10 +179,13 @@ fn running_leader<'a>(dcs: &'a DcsView, me: &str) -> Option<&'a str> {
 }
 
 /// We hold the leader key.
-fn lead(obs: &Observation, dcs: &DcsView, now: Tick, steps: &mut Vec<Step>) {
+fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps: &mut Vec<Step>) {
     let local = &obs.local;
+    if super::handover::lead(obs, dcs, settings, now, steps) {
+        return;
+    }
     if !local.running {
-        if dcs.config.paused {
+        if dcs.config.paused || obs.shutting_down {
             // Maintenance: an operator may have stopped Postgres on purpose.
             return;
         }
@@ -249,6 +255,9 @@ fn follow(
     steps: &mut Vec<Step>,
 ) {
     let local = &obs.local;
+    if obs.shutting_down {
+        return;
+    }
     if local.running {
         match local.role {
             Some(PgRole::Primary) => steps.push(Step::new(
@@ -278,10 +287,20 @@ fn follow(
         }
         return;
     }
-    if dcs.config.paused {
+    if dcs.config.paused || obs.shutting_down {
         return;
     }
     let leader_up = running_leader(dcs, &obs.node).is_some();
+    if obs.handover_since.is_some() && obs.last_role == Some(PgRole::Primary) {
+        // We handed over cleanly: the new leader has all our WAL, no rewind.
+        if leader_up {
+            steps.push(Step::new(
+                Action::StartReplica { upstream: Some(leader.to_string()) },
+                format!("handed over to {leader}: follow it"),
+            ));
+        }
+        return;
+    }
     if obs.last_role == Some(PgRole::Primary) || obs.needs_rewind {
         if obs.rewind_failed {
             if dcs.config.auto_reinit && leader_up {
@@ -310,8 +329,15 @@ fn follow(
 }
 
 /// No node holds the leader key.
-fn elect(obs: &Observation, dcs: &DcsView, steps: &mut Vec<Step>) {
+fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, steps: &mut Vec<Step>) {
     let local = &obs.local;
+    if obs.shutting_down || obs.handover_since.is_some() {
+        return;
+    }
+    if let Some(decided) = super::handover::elect(obs, dcs, settings) {
+        steps.extend(decided);
+        return;
+    }
     if dcs.config.paused {
         return;
     }
@@ -338,17 +364,17 @@ fn elect(obs: &Observation, dcs: &DcsView, steps: &mut Vec<Step>) {
     }
 }
 
+/// Whether a member of region `r` may lead under the cluster's primary_region.
+pub fn candidacy_region_ok(dcs: &DcsView, r: &Option<String>) -> bool {
+    dcs.config.primary_region.as_ref().is_none_or(|p| r.as_ref() == Some(p))
+}
+
 /// Whether this replica may take the leader key now, and if not why.
 pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
     if obs.tags.nofailover {
         return Err("tagged nofailover".into());
     }
-    let in_region = |r: &Option<String>| {
-        dcs.config
-            .primary_region
-            .as_ref()
-            .is_none_or(|p| r.as_ref() == Some(p))
-    };
+    let in_region = |r: &Option<String>| candidacy_region_ok(dcs, r);
     if !in_region(&obs.region) {
         return Err("outside primary_region".into());
     }

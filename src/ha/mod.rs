@@ -3,6 +3,7 @@
 
 pub mod action;
 pub mod decide;
+pub mod handover;
 pub mod state;
 
 pub use action::{Action, Step};

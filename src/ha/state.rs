@@ -195,6 +195,20 @@ impl Default for DynamicConfig {
     }
 }
 
+/// The `switchover` key: a planned change of leader, requested by an
+/// operator or by a leader that is shutting down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverKey {
+    /// The leader that hands over.
+    pub from: String,
+    /// The member that takes over; `None` lets the best replica take it.
+    pub to: Option<String>,
+    /// Not before this wall-clock time (ms since the Unix epoch).
+    pub at_ms: Option<u64>,
+    /// When it was requested (ms since the Unix epoch).
+    pub requested_ms: u64,
+}
+
 /// Everything read from etcd in one consistent range read.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DcsView {
@@ -205,6 +219,7 @@ pub struct DcsView {
     pub config: DynamicConfig,
     /// WAL position the leader last published under `status`.
     pub last_leader_lsn: Option<Lsn>,
+    pub switchover: Option<SwitchoverKey>,
 }
 
 impl DcsView {
@@ -274,6 +289,16 @@ pub struct Observation {
     /// The last pg_rewind failed.
     pub rewind_failed: bool,
     /// Positions of the running replicas whose APIs answered, asked while no
-    /// leader exists; `None` when not asked (positions from etcd are used).
+    /// leader exists or while we hand over; `None` when not asked (positions
+    /// from etcd are used).
     pub peers: Option<Vec<PeerPosition>>,
+    /// Wall clock, ms since the Unix epoch (only for scheduled switchovers).
+    pub wall_ms: u64,
+    /// We stopped our primary to hand leadership over, at this instant.
+    pub handover_since: Option<Tick>,
+    /// Stopped data directory: location of its last checkpoint (the shutdown
+    /// checkpoint after a clean stop).
+    pub checkpoint_lsn: Option<Lsn>,
+    /// The agent is shutting down: start nothing, hand over if leading.
+    pub shutting_down: bool,
 }

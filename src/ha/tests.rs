@@ -13,6 +13,7 @@ fn settings() -> Settings {
         ttl_ms: 10_000,
         fencing_margin_ms: 2_000,
         rewind_after_ms: 5_000,
+        handover_timeout_ms: 10_000,
     }
 }
 
@@ -59,6 +60,7 @@ fn view(leader: Option<&str>, members: Vec<MemberStatus>) -> DcsView {
         members,
         config: DynamicConfig::default(),
         last_leader_lsn: None,
+        switchover: None,
     }
 }
 
@@ -97,6 +99,10 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
         needs_rewind: false,
         rewind_failed: false,
         peers: None,
+        wall_ms: 1_000_000,
+        handover_since: None,
+        checkpoint_lsn: None,
+        shutting_down: false,
     }
 }
 
@@ -590,6 +596,105 @@ fn paused_cluster_neither_fails_over_nor_restarts() {
     let mut old = obs("n3", LocalPostgres::default(), Some(v));
     old.last_role = Some(PgRole::Primary);
     assert!(actions(&old, 0).is_empty(), "no rewind or start while paused");
+}
+
+fn switchover(from: &str, to: Option<&str>) -> SwitchoverKey {
+    SwitchoverKey { from: from.into(), to: to.map(Into::into), at_ms: None, requested_ms: 1_000_000 }
+}
+
+fn with_switchover(leader: Option<&str>, sw: SwitchoverKey) -> DcsView {
+    let mut v = view(leader, healthy_three("n1"));
+    v.switchover = Some(sw);
+    v
+}
+
+#[test]
+fn due_switchover_stops_the_leader_for_a_healthy_target() {
+    let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(with_switchover(Some("n1"), switchover("n1", Some("n3")))));
+    assert_eq!(actions(&o, 0), vec![Action::RenewLeader { lease_id: 42 }, Action::HandoverStop { to: "n3".into() }]);
+    let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(with_switchover(Some("n1"), switchover("n1", None))));
+    assert_eq!(actions(&o, 0)[1], Action::HandoverStop { to: "n2".into() }, "best replica, ties by name");
+}
+
+#[test]
+fn switchover_to_an_unfit_target_is_refused_and_cleared() {
+    let mut v = with_switchover(Some("n1"), switchover("n1", Some("n3")));
+    v.members[2].nofailover = true;
+    let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(v.clone()));
+    assert_eq!(actions(&o, 0)[1..], [Action::ClearSwitchover]);
+    v.members[2].nofailover = false;
+    v.members[2].state = "running".into();
+    let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(v.clone()));
+    assert_eq!(actions(&o, 0)[1..], [Action::ClearSwitchover], "not streaming");
+    v.members[2].state = "streaming".into();
+    v.members[2].replay_lsn = Some(Lsn(0));
+    v.members[0].wal_position = Some(Lsn(5 * 1024 * 1024));
+    let o = obs("n1", running(PgRole::Primary, 1, 5 * 1024 * 1024), Some(v));
+    assert_eq!(actions(&o, 0)[1..], [Action::ClearSwitchover], "lagging");
+}
+
+#[test]
+fn scheduled_switchover_waits_for_its_time() {
+    let mut sw = switchover("n1", Some("n2"));
+    sw.at_ms = Some(2_000_000);
+    let mut local = running(PgRole::Primary, 1, 1000);
+    local.slots = vec!["n2".into(), "n3".into()];
+    let mut o = obs("n1", local, Some(with_switchover(Some("n1"), sw)));
+    assert_eq!(actions(&o, 0), vec![Action::RenewLeader { lease_id: 42 }]);
+    o.wall_ms = 2_000_000;
+    assert_eq!(actions(&o, 0)[1], Action::HandoverStop { to: "n2".into() });
+}
+
+#[test]
+fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
+    let mut o = obs("n1", LocalPostgres::default(), Some(with_switchover(Some("n1"), switchover("n1", Some("n2")))));
+    o.handover_since = Some(Tick(0));
+    o.checkpoint_lsn = Some(Lsn(2000));
+    o.peers = Some(vec![PeerPosition { name: "n2".into(), timeline: Some(1), lsn: Lsn(1999) }]);
+    assert_eq!(actions(&o, 5_000), vec![Action::RenewLeader { lease_id: 42 }], "waits");
+    assert_eq!(
+        actions(&o, 10_000),
+        vec![Action::RenewLeader { lease_id: 42 }, Action::StartPrimary, Action::ClearSwitchover],
+        "gives up after handover_timeout and runs as primary again"
+    );
+    o.peers = Some(vec![PeerPosition { name: "n2".into(), timeline: Some(1), lsn: Lsn(2100) }]);
+    assert_eq!(actions(&o, 5_000), vec![Action::RenewLeader { lease_id: 42 }, Action::ReleaseLeader]);
+}
+
+#[test]
+fn switchover_target_takes_the_key_and_others_wait() {
+    let v = with_switchover(None, switchover("n1", Some("n3")));
+    assert_eq!(actions(&obs("n3", running(PgRole::Replica, 1, 1000), Some(v.clone())), 0), vec![Action::AcquireLeader]);
+    assert!(actions(&obs("n2", running(PgRole::Replica, 1, 9000), Some(v.clone())), 0).is_empty(), "n2 is ahead but not the target");
+    let mut late = obs("n2", running(PgRole::Replica, 1, 9000), Some(v));
+    late.wall_ms = 1_000_000 + 30_001;
+    assert_eq!(actions(&late, 0), vec![Action::AcquireLeader], "a stale request no longer binds");
+}
+
+#[test]
+fn handed_over_leader_follows_without_rewind_and_new_leader_clears_the_request() {
+    let v = with_switchover(Some("n2"), switchover("n1", Some("n2")));
+    let mut old = obs("n1", LocalPostgres::default(), Some(v.clone()));
+    old.last_role = Some(PgRole::Primary);
+    old.handover_since = Some(Tick(0));
+    let mut members = healthy_three("n2");
+    members.iter_mut().for_each(|m| m.state = if m.name == "n2" { "running".into() } else { m.state.clone() });
+    let mut v2 = v.clone();
+    v2.members = members;
+    old.dcs = Some(v2.clone());
+    assert_eq!(actions(&old, 0), vec![Action::StartReplica { upstream: Some("n2".into()) }]);
+    let new = obs("n2", running(PgRole::Primary, 2, 1000), Some(v2));
+    assert!(actions(&new, 0).contains(&Action::ClearSwitchover));
+}
+
+#[test]
+fn shutting_down_starts_nothing() {
+    let mut o = obs("n2", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    o.shutting_down = true;
+    assert!(actions(&o, 0).is_empty());
+    let mut leader = obs("n1", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    leader.shutting_down = true;
+    assert_eq!(actions(&leader, 0), vec![Action::RenewLeader { lease_id: 42 }]);
 }
 
 #[test]

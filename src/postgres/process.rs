@@ -206,6 +206,15 @@ impl LocalPg {
         })
     }
 
+    /// Location of the last checkpoint of the stopped data directory.
+    pub async fn checkpoint_location(&self) -> Result<Option<crate::ha::Lsn>> {
+        Ok(self
+            .control_data()
+            .await?
+            .get("Latest checkpoint location")
+            .and_then(|v| crate::ha::Lsn::parse(v)))
+    }
+
     /// initdb with checksums; keeps the generated postgresql.conf as the base config.
     pub async fn initdb(&self) -> Result<()> {
         self.prepare_dirs()?;

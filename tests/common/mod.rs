@@ -12,7 +12,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, killpg, Signal};
@@ -173,6 +175,11 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    /// The address etcd serves clients on.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
     pub fn start() -> Etcd {
         let dir = TestDir::new("pgha-etcd-");
         let (client_port, peer_port) = (free_port(), free_port());
@@ -286,6 +293,16 @@ impl Timing {
 pub struct Options {
     pub scope: String,
     pub timing: Timing,
+    /// Each node reaches etcd through its own [`EtcdProxy`] (see
+    /// [`Node::etcd_proxy`]), which a test can cut to isolate that node.
+    pub etcd_proxy: bool,
+    /// `region = ...` of a node, by node name.
+    pub regions: BTreeMap<String, String>,
+    /// TOML tables appended to every node's config (e.g. `[cluster]`).
+    pub extra_toml: String,
+    /// TOML tables appended to one node's config, by node name (e.g.
+    /// `[tags]`). A table must not appear in both this and `extra_toml`.
+    pub node_toml: BTreeMap<String, String>,
 }
 
 impl Default for Options {
@@ -293,6 +310,10 @@ impl Default for Options {
         Options {
             scope: "t".into(),
             timing: Timing::STANDARD,
+            etcd_proxy: false,
+            regions: BTreeMap::new(),
+            extra_toml: String::new(),
+            node_toml: BTreeMap::new(),
         }
     }
 }
@@ -365,6 +386,8 @@ pub struct Node {
     pub data_dir: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Present when the cluster runs with `Options::etcd_proxy`.
+    etcd_proxy: Option<EtcdProxy>,
     agent: Option<Child>,
     /// Byte offset in `log` where the current run of the agent starts.
     run_log_start: u64,
@@ -372,7 +395,14 @@ pub struct Node {
 }
 
 impl Node {
-    fn new(root: &Path, name: &str, etcd_url: &str, opts: &Options) -> Node {
+    fn new(root: &Path, name: &str, etcd: &Etcd, opts: &Options) -> Node {
+        let etcd_proxy = opts
+            .etcd_proxy
+            .then(|| EtcdProxy::start(etcd.client_addr()));
+        let etcd_url = match &etcd_proxy {
+            Some(proxy) => proxy.url(),
+            None => etcd.url.clone(),
+        };
         let dir = root.join(name);
         fs::create_dir_all(&dir).expect("node dir");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod node dir");
@@ -380,10 +410,15 @@ impl Node {
         let data_dir = dir.join("data");
         let config = dir.join("pgha.toml");
         let t = opts.timing;
-        let text = format!(
+        let region = opts
+            .regions
+            .get(name)
+            .map(|r| format!("region = \"{r}\"\n"))
+            .unwrap_or_default();
+        let mut text = format!(
             r#"scope = "{scope}"
 name = "{name}"
-
+{region}
 [etcd]
 endpoints = ["{etcd_url}"]
 
@@ -415,6 +450,14 @@ retry_timeout = "{retry}s"
             loop_wait = t.loop_wait_s,
             retry = t.retry_timeout_s,
         );
+        for extra in [Some(&opts.extra_toml), opts.node_toml.get(name)]
+            .into_iter()
+            .flatten()
+        {
+            text.push('\n');
+            text.push_str(extra);
+            text.push('\n');
+        }
         fs::write(&config, text).expect("write node config");
         Node {
             name: name.to_string(),
@@ -424,6 +467,7 @@ retry_timeout = "{retry}s"
             dir,
             data_dir,
             config,
+            etcd_proxy,
             agent: None,
             run_log_start: 0,
             last_exit: None,
@@ -544,6 +588,28 @@ retry_timeout = "{retry}s"
             Duration::from_secs(10),
             || (!pid_alive(postmaster)).then_some(()),
         );
+    }
+
+    /// Freezes the agent (SIGSTOP). Its Postgres and fence guard run on.
+    pub fn sigstop(&self) {
+        let pid = self
+            .agent_pid()
+            .unwrap_or_else(|| panic!("{}: agent not running", self.name));
+        kill(Pid::from_raw(pid), Signal::SIGSTOP).expect("SIGSTOP the agent");
+    }
+
+    /// Resumes an agent frozen by [`Node::sigstop`].
+    pub fn sigcont(&self) {
+        if let Some(pid) = self.agent_pid() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        }
+    }
+
+    /// The proxy this node reaches etcd through (`Options::etcd_proxy`).
+    pub fn etcd_proxy(&self) -> &EtcdProxy {
+        self.etcd_proxy
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: started without Options::etcd_proxy", self.name))
     }
 
     /// SIGTERMs the agent and waits for it to exit (it stops Postgres first).
@@ -880,7 +946,7 @@ impl Cluster {
             let node = Node::new(
                 cluster.dir.path(),
                 &format!("n{i}"),
-                &cluster.etcd.url,
+                &cluster.etcd,
                 &cluster.opts,
             );
             cluster.nodes.push(node);
@@ -894,7 +960,7 @@ impl Cluster {
     /// Adds a node named `name`; `prepare` may fill its data directory before
     /// the agent starts.
     pub fn add_node(&mut self, name: &str, prepare: impl FnOnce(&Node)) -> &mut Node {
-        let node = Node::new(self.dir.path(), name, &self.etcd.url, &self.opts);
+        let node = Node::new(self.dir.path(), name, &self.etcd, &self.opts);
         prepare(&node);
         self.nodes.push(node);
         let node = self.nodes.last_mut().expect("just pushed");
@@ -914,6 +980,19 @@ impl Cluster {
             .iter_mut()
             .find(|n| n.name == name)
             .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Postgres ports of all nodes, in node order.
+    pub fn pg_ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.pg_port).collect()
+    }
+
+    /// The node whose Postgres listens on `port`.
+    pub fn node_by_port(&self, port: u16) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.pg_port == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
     }
 
     /// `/cluster` from the first node whose agent runs and answers.
@@ -1047,6 +1126,8 @@ impl Cluster {
     /// SIGKILLs the rest and kills any Postgres left behind.
     pub fn stop_all(&mut self, timeout: Duration) {
         for node in &mut self.nodes {
+            // A frozen agent (a test that failed mid-SIGSTOP) must hear the SIGTERM.
+            node.sigcont();
             node.sigterm_no_wait();
         }
         let deadline = Instant::now() + timeout;
@@ -1097,5 +1178,564 @@ impl Drop for Cluster {
         // Postmasters were stopped above; this catches anything else the agents
         // left (a fence guard, a pg_basebackup) before the directory goes.
         kill_processes_under(self.dir.path());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fault injection and client-side observation for the failover tests
+// ---------------------------------------------------------------------------
+
+/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
+pub fn process_alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// A small current-thread runtime for one harness thread (writer, probe,
+/// proxy): a stall of the test thread never holds them up.
+fn thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A TCP forwarder on a free loopback port in front of etcd, one per node.
+/// `cut()` closes every open connection and refuses new ones (accepts and
+/// drops them) until `heal()`: the node loses etcd, the rest does not.
+pub struct EtcdProxy {
+    pub port: u16,
+    cut: Arc<tokio::sync::watch::Sender<bool>>,
+    shutdown: tokio_util::sync::CancellationToken,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EtcdProxy {
+    pub fn start(target: SocketAddr) -> EtcdProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy port");
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stop = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("etcd-proxy-{port}"))
+            .spawn(move || {
+                thread_runtime().block_on(forward(listener, target, cut_rx, stop));
+            })
+            .expect("spawn proxy thread");
+        EtcdProxy {
+            port,
+            cut: Arc::new(cut),
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes all current connections and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Lets connections through again.
+    pub fn heal(&self) {
+        self.cut.send_replace(false);
+    }
+
+    pub fn is_cut(&self) -> bool {
+        *self.cut.borrow()
+    }
+}
+
+impl Drop for EtcdProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn forward(
+    listener: TcpListener,
+    target: SocketAddr,
+    cut: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    loop {
+        let mut inbound = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+        };
+        if *cut.borrow() {
+            drop(inbound);
+            continue;
+        }
+        let mut cut = cut.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                return;
+            };
+            // Dropping both streams closes both connections.
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                _ = cut.wait_for(|c| *c) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// The table every [`Writer`] inserts into.
+pub const WRITES_TABLE: &str = "pgha_writes";
+
+/// Creates [`WRITES_TABLE`] through `node` (the primary).
+pub fn create_writes_table(node: &Node) {
+    node.query(&format!(
+        "CREATE TABLE IF NOT EXISTS {WRITES_TABLE} (
+             writer text NOT NULL,
+             seq bigint NOT NULL,
+             server_port int NOT NULL,
+             timeline int NOT NULL,
+             ts timestamptz NOT NULL DEFAULT clock_timestamp(),
+             PRIMARY KEY (writer, seq))"
+    ));
+}
+
+/// The `seq`s of `writer`'s rows as the Postgres on `port` has them.
+pub fn stored_seqs(port: u16, writer: &str) -> Result<HashSet<i64>, String> {
+    let out = psql(
+        port,
+        &format!("SELECT seq FROM {WRITES_TABLE} WHERE writer = '{writer}'"),
+    )?;
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.parse().map_err(|e| format!("bad seq {l:?}: {e}")))
+        .collect()
+}
+
+/// What the server said about one acknowledged insert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ack {
+    /// When the client received the acknowledgement.
+    pub at: Instant,
+    /// `inet_server_port()` of the server that committed it.
+    pub port: u16,
+    /// Timeline of that server's WAL insert position at the time.
+    pub timeline: u32,
+    /// Server-side `clock_timestamp()` of the row, seconds since the epoch.
+    pub server_epoch: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Acked(Ack),
+    /// The statement failed with an ERROR: not committed.
+    Rejected { at: Instant, error: String },
+    /// Sent, but no answer (connection lost, FATAL, timeout): it may or may
+    /// not be committed.
+    Unknown { at: Instant, error: String },
+}
+
+/// One insert the writer sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub seq: i64,
+    pub sent_at: Instant,
+    pub outcome: Outcome,
+}
+
+impl Attempt {
+    pub fn ack(&self) -> Option<&Ack> {
+        match &self.outcome {
+            Outcome::Acked(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Everything one writer did.
+#[derive(Debug, Clone, Default)]
+pub struct WriterLog {
+    pub writer: String,
+    pub attempts: Vec<Attempt>,
+    /// Connection attempts that failed (refused, read-only, timed out).
+    pub connect_failures: Vec<(Instant, String)>,
+}
+
+impl WriterLog {
+    pub fn acked(&self) -> impl Iterator<Item = (&Attempt, &Ack)> {
+        self.attempts.iter().filter_map(|a| Some((a, a.ack()?)))
+    }
+
+    pub fn acked_count(&self) -> usize {
+        self.acked().count()
+    }
+
+    pub fn unknown_count(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|a| matches!(a.outcome, Outcome::Unknown { .. }))
+            .count()
+    }
+
+    /// The last acknowledgement received at or before `at`.
+    pub fn last_ack_before(&self, at: Instant) -> Option<&Ack> {
+        self.acked()
+            .map(|(_, a)| a)
+            .filter(|a| a.at <= at)
+            .max_by_key(|a| a.at)
+    }
+
+    /// The first acknowledgement received after `at`.
+    pub fn first_ack_after(&self, at: Instant) -> Option<&Ack> {
+        self.acked()
+            .map(|(_, a)| a)
+            .filter(|a| a.at > at)
+            .min_by_key(|a| a.at)
+    }
+
+    /// Client-seen write unavailability around `at`: from the last
+    /// acknowledgement before it to the first one after it.
+    pub fn outage_around(&self, at: Instant) -> Option<Duration> {
+        Some(self.first_ack_after(at)?.at - self.last_ack_before(at)?.at)
+    }
+
+    /// Acknowledged inserts whose rows are not in `stored`.
+    pub fn lost(&self, stored: &HashSet<i64>) -> Vec<i64> {
+        self.acked()
+            .map(|(a, _)| a.seq)
+            .filter(|s| !stored.contains(s))
+            .collect()
+    }
+}
+
+/// A client that inserts a row into [`WRITES_TABLE`] every `every` through
+/// one libpq connection string (multi-host with
+/// `target_session_attrs=read-write`, or one node directly), reconnecting
+/// on error, and records every attempt's outcome.
+pub struct Writer {
+    pub name: String,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<WriterLog>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How long one connection attempt or one insert may take.
+const WRITER_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Writer {
+    /// Writes to whichever of `ports` accepts writes, as an application
+    /// with a multi-host connection string would.
+    pub fn multi_host(name: &str, ports: &[u16], every: Duration) -> Writer {
+        let hosts = vec!["127.0.0.1"; ports.len()].join(",");
+        let ports = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        Writer::start(
+            name,
+            &format!("host={hosts} port={ports} user=postgres password={SUPERUSER_PASSWORD} dbname=postgres target_session_attrs=read-write connect_timeout=1"),
+            every,
+        )
+    }
+
+    /// Writes to one node only, whatever its role: shows whether that node
+    /// takes writes.
+    pub fn direct(name: &str, port: u16, every: Duration) -> Writer {
+        Writer::start(
+            name,
+            &format!("host=127.0.0.1 port={port} user=postgres password={SUPERUSER_PASSWORD} dbname=postgres connect_timeout=1"),
+            every,
+        )
+    }
+
+    fn start(name: &str, conninfo: &str, every: Duration) -> Writer {
+        let config: tokio_postgres::Config = conninfo.parse().expect("connection string");
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(WriterLog {
+            writer: name.to_string(),
+            ..WriterLog::default()
+        }));
+        let thread = {
+            let (stop, log, name) = (stop.clone(), log.clone(), name.to_string());
+            std::thread::Builder::new()
+                .name(format!("writer-{name}"))
+                .spawn(move || {
+                    thread_runtime().block_on(write_loop(config, name, every, stop, log));
+                })
+                .expect("spawn writer thread")
+        };
+        Writer {
+            name: name.to_string(),
+            stop,
+            log,
+            thread: Some(thread),
+        }
+    }
+
+    /// A copy of the log so far.
+    pub fn log(&self) -> WriterLog {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until the writer has an acknowledgement received after `after`.
+    pub fn wait_for_ack_after(&self, after: Instant, timeout: Duration) -> Ack {
+        wait_until(
+            &format!("writer {}: an acknowledged write", self.name),
+            timeout,
+            || self.log().first_ack_after(after).cloned(),
+        )
+    }
+
+    /// Stops the writer (the insert in flight finishes) and returns its log.
+    pub fn stop(mut self) -> WriterLog {
+        self.halt();
+        self.log()
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+async fn write_loop(
+    config: tokio_postgres::Config,
+    name: String,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<WriterLog>>,
+) {
+    let insert = format!(
+        "INSERT INTO {WRITES_TABLE} (writer, seq, server_port, timeline)
+         VALUES ($1, $2, inet_server_port(),
+                 ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int)
+         RETURNING server_port, timeline, extract(epoch FROM ts)::float8"
+    );
+    let record = |f: &mut dyn FnMut(&mut WriterLog)| f(&mut log.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut session: Option<(tokio_postgres::Client, tokio_postgres::Statement)> = None;
+    let mut seq: i64 = 0;
+    let mut next = tokio::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep_until(next).await;
+        next = (next + every).max(tokio::time::Instant::now());
+        let (client, statement) = match &session {
+            Some(s) => s,
+            None => {
+                let connected = tokio::time::timeout(WRITER_TIMEOUT, async {
+                    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+                    tokio::spawn(connection);
+                    let statement = client.prepare(&insert).await?;
+                    Ok::<_, tokio_postgres::Error>((client, statement))
+                })
+                .await;
+                match connected {
+                    Ok(Ok(s)) => session.insert(s),
+                    Ok(Err(e)) => {
+                        record(&mut |l| l.connect_failures.push((Instant::now(), e.to_string())));
+                        continue;
+                    }
+                    Err(_) => {
+                        record(&mut |l| l.connect_failures.push((Instant::now(), "timed out".into())));
+                        continue;
+                    }
+                }
+            }
+        };
+        seq += 1;
+        let sent_at = Instant::now();
+        let answer =
+            tokio::time::timeout(WRITER_TIMEOUT, client.query_one(statement, &[&name, &seq])).await;
+        let at = Instant::now();
+        let outcome = match answer {
+            Ok(Ok(row)) => Outcome::Acked(Ack {
+                at,
+                port: row.get::<_, i32>(0) as u16,
+                timeline: row.get::<_, i32>(1) as u32,
+                server_epoch: row.get(2),
+            }),
+            Ok(Err(e)) => {
+                // An ERROR aborts the statement; a FATAL or a lost connection
+                // leaves the outcome open.
+                let rejected = e
+                    .as_db_error()
+                    .is_some_and(|d| d.severity() == "ERROR")
+                    && !client.is_closed();
+                if rejected {
+                    Outcome::Rejected {
+                        at,
+                        error: e.to_string(),
+                    }
+                } else {
+                    session = None;
+                    Outcome::Unknown {
+                        at,
+                        error: e.to_string(),
+                    }
+                }
+            }
+            Err(_) => {
+                session = None;
+                Outcome::Unknown {
+                    at,
+                    error: "timed out".into(),
+                }
+            }
+        };
+        record(&mut |l| {
+            l.attempts.push(Attempt {
+                seq,
+                sent_at,
+                outcome: outcome.clone(),
+            })
+        });
+    }
+}
+
+/// One round of [`RoleProbe`]: `pg_is_in_recovery()` of each port, asked at
+/// the same moment (`None`: no answer).
+#[derive(Debug, Clone)]
+pub struct ProbeRound {
+    pub at: Instant,
+    pub in_recovery: Vec<(u16, Option<bool>)>,
+}
+
+impl ProbeRound {
+    /// Ports that answered `pg_is_in_recovery() = false`: writable primaries.
+    pub fn primaries(&self) -> Vec<u16> {
+        self.in_recovery
+            .iter()
+            .filter(|(_, r)| *r == Some(false))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+}
+
+/// Asks every node `SELECT pg_is_in_recovery()` every `every`, all nodes in
+/// parallel over kept-open connections, and records each round.
+pub struct RoleProbe {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<Mutex<Vec<ProbeRound>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RoleProbe {
+    pub fn start(ports: &[u16], every: Duration) -> RoleProbe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, rounds, ports) = (stop.clone(), rounds.clone(), ports.to_vec());
+            std::thread::Builder::new()
+                .name("role-probe".into())
+                .spawn(move || {
+                    thread_runtime().block_on(probe_loop(ports, every, stop, rounds));
+                })
+                .expect("spawn probe thread")
+        };
+        RoleProbe {
+            stop,
+            rounds,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn rounds(&self) -> Vec<ProbeRound> {
+        self.rounds.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The first round after `since` in which `port` answered as a primary.
+    pub fn first_primary_after(&self, port: u16, since: Instant) -> Option<Instant> {
+        self.rounds()
+            .iter()
+            .find(|r| r.at >= since && r.primaries().contains(&port))
+            .map(|r| r.at)
+    }
+
+    pub fn stop(mut self) -> Vec<ProbeRound> {
+        self.halt();
+        self.rounds()
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RoleProbe {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+async fn probe_loop(
+    ports: Vec<u16>,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    rounds: Arc<Mutex<Vec<ProbeRound>>>,
+) {
+    let limit = Duration::from_millis(500);
+    let mut clients: Vec<Option<tokio_postgres::Client>> = ports.iter().map(|_| None).collect();
+    let mut next = tokio::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep_until(next).await;
+        next = (next + every).max(tokio::time::Instant::now());
+        let at = Instant::now();
+        let asks = ports.iter().zip(clients.iter_mut()).map(|(&port, slot)| async move {
+            if slot.is_none() {
+                let conninfo = format!("host=127.0.0.1 port={port} user=postgres password={SUPERUSER_PASSWORD} dbname=postgres connect_timeout=1");
+                let config: tokio_postgres::Config = conninfo.parse().expect("connection string");
+                if let Ok(Ok((client, connection))) =
+                    tokio::time::timeout(limit, config.connect(tokio_postgres::NoTls)).await
+                {
+                    tokio::spawn(connection);
+                    *slot = Some(client);
+                }
+            }
+            let client = slot.as_ref()?;
+            let answer =
+                tokio::time::timeout(limit, client.query_one("SELECT pg_is_in_recovery()", &[]))
+                    .await;
+            match answer {
+                Ok(Ok(row)) => Some(row.get::<_, bool>(0)),
+                _ => {
+                    *slot = None;
+                    None
+                }
+            }
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let round = ProbeRound {
+            at,
+            in_recovery: ports.iter().copied().zip(answers).collect(),
+        };
+        rounds.lock().unwrap_or_else(|p| p.into_inner()).push(round);
     }
 }

@@ -28,7 +28,7 @@ ensure_prereqs() {
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
         # Debian starts a default cluster and etcd as services; pgha runs its own.
-        $sudo systemctl disable --now etcd postgresql >/dev/null 2>&1 || true
+        $sudo systemctl disable --now etcd postgresql prometheus >/dev/null 2>&1 || true
     fi
     if ! command -v cargo >/dev/null; then
         [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"

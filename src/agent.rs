@@ -17,7 +17,7 @@ use crate::fence::{Guard, Message};
 use crate::operator::{self, Call, Reply, Request};
 use crate::ha::{
     self, Action, DataDir, DcsView, DynamicConfig, HeldLease, Job, LocalPostgres, Lsn, MemberRole,
-    MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Settings, Step, SwitchoverKey, Tick,
+    MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Settings, Handover, Step, SwitchoverKey, Tick,
 };
 use crate::postgres::{LocalPg, Upstream};
 
@@ -156,7 +156,7 @@ pub struct Agent {
     needs_rewind: bool,
     rewind_failed: bool,
     last_known_leader: Option<String>,
-    handover_since: Option<Tick>,
+    handover: Option<Handover>,
     shutting_down: bool,
     dcs_last_seen: Option<Instant>,
     promotions: u64,
@@ -223,7 +223,7 @@ impl Agent {
                 needs_rewind: false,
                 rewind_failed: false,
                 last_known_leader: None,
-                handover_since: None,
+                handover: None,
                 shutting_down: false,
                 dcs_last_seen: None,
                 promotions: 0,
@@ -325,10 +325,134 @@ impl Agent {
                     return;
                 }
             }
+            Request::Switchover { leader, candidate, at_ms } => {
+                match self.switchover_request(leader, candidate, at_ms, false) {
+                    Ok(sw) => return self.start_switchover(sw, call.reply).await,
+                    Err(reply) => reply,
+                }
+            }
+            Request::Failover { candidate, force } => {
+                let current = self.last_view.as_ref().and_then(|v| v.leader.as_ref()).map(|l| l.name.clone());
+                let request = match &current {
+                    Some(_) if !force => self.switchover_request(None, Some(candidate), None, false),
+                    _ => self.switchover_request(None, Some(candidate), None, true),
+                };
+                match request {
+                    Ok(sw) => return self.start_switchover(sw, call.reply).await,
+                    Err(reply) => reply,
+                }
+            }
+            Request::CancelSwitchover => match self.etcd.clear_switchover().await {
+                Ok(true) => Reply::message(200, "switchover cancelled"),
+                Ok(false) => Reply::message(404, "no switchover is pending"),
+                Err(e) => Reply::message(503, format!("etcd write failed: {e}")),
+            },
             Request::PatchConfig(patch) => self.change_config(|c| operator::patch_config(c, &patch)).await,
             Request::PutConfig(doc) => self.change_config(|_| operator::parse_config(&doc)).await,
         };
         let _ = call.reply.send(reply);
+    }
+
+    /// Checks a switchover or failover request against the last view of the
+    /// cluster: the answer is the key to write, or the refusal (412).
+    fn switchover_request(
+        &self,
+        leader: Option<String>,
+        candidate: Option<String>,
+        at_ms: Option<u64>,
+        force: bool,
+    ) -> Result<SwitchoverKey, Reply> {
+        let Some(view) = &self.last_view else {
+            return Err(Reply::message(503, "etcd has not been read yet"));
+        };
+        let current = view.leader.as_ref().map(|l| l.name.clone());
+        if let Some(pending) = &view.switchover {
+            return Err(Reply::message(409, format!("a switchover from {} is already pending", pending.from)));
+        }
+        if let (Some(asked), Some(cur)) = (&leader, &current) {
+            if asked != cur {
+                return Err(Reply::message(412, format!("{asked} is not the leader ({cur} is)")));
+            }
+        }
+        if let Some(c) = &candidate {
+            if view.member(c).is_none() {
+                return Err(Reply::message(412, format!("{c} is not a member of the cluster")));
+            }
+            if Some(c) == current.as_ref() {
+                return Err(Reply::message(412, format!("{c} is already the leader")));
+            }
+        }
+        if !force {
+            let Some(cur) = &current else {
+                return Err(Reply::message(412, "no leader to switch over from: use failover"));
+            };
+            let top = view.member(cur).and_then(|m| m.wal_position).unwrap_or_default();
+            let healthy = ha::handover::healthy_replicas_of(cur, top, view);
+            match &candidate {
+                Some(c) if !healthy.iter().any(|m| &m.name == c) => {
+                    let m = view.member(c).expect("checked");
+                    let why = if m.nofailover {
+                        "tagged nofailover".to_string()
+                    } else if m.state != "streaming" {
+                        format!("not streaming (state {})", m.state)
+                    } else {
+                        "lagging above maximum_lag_on_failover or outside primary_region".to_string()
+                    };
+                    return Err(Reply::message(412, format!("{c} cannot take over: {why}")));
+                }
+                None if healthy.is_empty() => {
+                    return Err(Reply::message(412, "no healthy streaming replica to switch over to"));
+                }
+                _ => {}
+            }
+        }
+        if at_ms.is_some_and(|at| at + 24 * 3600 * 1000 < epoch_ms()) {
+            return Err(Reply::message(422, "scheduled_at lies in the past"));
+        }
+        Ok(SwitchoverKey { from: current.unwrap_or_default(), to: candidate, at_ms, requested_ms: epoch_ms(), force })
+    }
+
+    /// Writes the switchover key; a task answers once the leader changed
+    /// (200), at once when it is scheduled for later (202).
+    async fn start_switchover(&self, sw: SwitchoverKey, reply: tokio::sync::oneshot::Sender<Reply>) {
+        match self.etcd.request_switchover(&sw).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = reply.send(Reply::message(409, "a switchover is already pending"));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Reply::message(503, format!("etcd write failed: {e}")));
+                return;
+            }
+        }
+        info!(node = %self.cfg.name, from = %sw.from, to = ?sw.to, force = sw.force, "switchover requested");
+        if sw.at_ms.is_some_and(|at| at > epoch_ms()) {
+            let _ = reply.send(Reply::message(202, format!("switchover scheduled from {}", sw.from)));
+            return;
+        }
+        let etcd = self.etcd.clone();
+        let wait = self.cfg.timing.shutdown_timeout;
+        tokio::spawn(async move {
+            let deadline = Instant::now() + wait;
+            let answer = loop {
+                if let Ok((view, _)) = etcd.load().await {
+                    let leader = view.leader.as_ref().map(|l| l.name.clone());
+                    let moved = leader.as_ref().is_some_and(|l| *l != sw.from && sw.to.as_ref().is_none_or(|t| t == l));
+                    if moved && view.switchover.is_none() {
+                        break Reply::message(200, format!("switched over to {}", leader.unwrap_or_default()));
+                    }
+                    if view.switchover.is_none() && !moved {
+                        break Reply::message(412, "switchover aborted: see the leader's log");
+                    }
+                }
+                if Instant::now() >= deadline {
+                    break Reply::message(503, "switchover did not complete in time; it may still complete");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let _ = reply.send(answer);
+        });
     }
 
     async fn change_config(&self, change: impl Fn(&DynamicConfig) -> Result<DynamicConfig, String>) -> Reply {
@@ -395,7 +519,7 @@ impl Agent {
         if !leading {
             return false;
         }
-        let sw = SwitchoverKey { from: node.clone(), to: None, at_ms: None, requested_ms: epoch_ms() };
+        let sw = SwitchoverKey { from: node.clone(), to: None, at_ms: None, requested_ms: epoch_ms(), force: false };
         match self.etcd.request_switchover(&sw).await {
             Ok(created) => {
                 info!(node = %node, created, "stopping: handing leadership over first");
@@ -412,7 +536,7 @@ impl Agent {
     /// Postgres is down, or when no handover is (or will be) happening.
     fn graceful_stop_done(&self) -> bool {
         let handed_over = self.leader_lease.is_none() && !self.last_local.running && self.job.is_none();
-        let no_handover = self.handover_since.is_none()
+        let no_handover = self.handover.is_none()
             && self.last_view.as_ref().is_none_or(|v| v.switchover.is_none());
         handed_over || no_handover
     }
@@ -488,7 +612,7 @@ impl Agent {
                 if job.kind == Job::Start {
                     // Running again (as replica of the new leader, or as
                     // primary after an aborted handover): the handover is over.
-                    self.handover_since = None;
+                    self.handover = None;
                 }
                 self.last_error = None;
             }
@@ -589,7 +713,7 @@ impl Agent {
                 .as_ref()
                 .is_some_and(|d| d.leader.is_none() && d.initialize.is_some());
         // A leader that stopped to hand over asks its target how much WAL it has.
-        let handing_over = self.handover_since.is_some() && !local.running;
+        let handing_over = self.handover.is_some() && !local.running;
         let peers = match (&dcs, leaderless_replica || handing_over) {
             (Some(view), true) => Some(self.ask_peers(view).await),
             _ => None,
@@ -629,7 +753,7 @@ impl Agent {
             peers,
             region: self.cfg.region.clone(),
             wall_ms: epoch_ms(),
-            handover_since: self.handover_since,
+            handover: self.handover.clone(),
             checkpoint_lsn,
             shutting_down: self.shutting_down,
             may_bootstrap: self
@@ -902,7 +1026,8 @@ impl Agent {
                 });
             }
             Action::HandoverStop { to } => {
-                self.handover_since = Some(self.now());
+                let force = obs.dcs.as_ref().and_then(|d| d.switchover.as_ref()).is_some_and(|s| s.force);
+                self.handover = Some(Handover { since: self.now(), to: to.clone(), force });
                 let pg = self.pg.clone();
                 self.following = None;
                 self.spawn_job(Job::Stop, async move {

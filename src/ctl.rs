@@ -101,3 +101,72 @@ pub async fn list(api: &str, json: bool) -> anyhow::Result<String> {
     out.push_str(&sep);
     Ok(out)
 }
+
+/// Sends an operator request and returns the status and JSON answer.
+pub async fn send(
+    base: &str,
+    method: hyper::Method,
+    path: &str,
+    body: Option<&Value>,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, Value)> {
+    use http_body_util::Full;
+    let url = format!("{}{}", base.trim_end_matches('/'), path);
+    let uri: hyper::Uri = url.parse().with_context(|| format!("invalid API URL {url}"))?;
+    let mut req = hyper::Request::builder().method(method).uri(uri).header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let req = req.body(Full::new(payload)).context("building the request")?;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = tokio::time::timeout(Duration::from_secs(130), client.request(req))
+        .await
+        .with_context(|| format!("{url}: no answer within 130 s"))?
+        .with_context(|| format!("{url}: request failed"))?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.with_context(|| format!("{url}: reading body"))?.to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok((status, value))
+}
+
+/// The API URL of member `name`, found through any member's `/cluster`.
+pub async fn member_api(base: &str, name: &str) -> anyhow::Result<String> {
+    let (_, cluster) = get_json(base, "/cluster").await?;
+    cluster["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == name))
+        .and_then(|m| m["api_url"].as_str())
+        .map(str::to_string)
+        .with_context(|| format!("no member named {name} in the cluster"))
+}
+
+/// `KEY=VALUE` pairs as a JSON merge patch; values parse as JSON when they
+/// can (numbers, booleans, null), else they are strings.
+pub fn config_patch(pairs: &[String]) -> anyhow::Result<Value> {
+    let mut patch = serde_json::Map::new();
+    for pair in pairs {
+        let (k, v) = pair.split_once('=').with_context(|| format!("{pair}: expected KEY=VALUE"))?;
+        let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+        patch.insert(k.trim().to_string(), value);
+    }
+    Ok(Value::Object(patch))
+}
+
+/// `pgha history`: one line per leadership change.
+pub fn render_history(history: &Value) -> String {
+    let mut out = String::from("Time (UTC)               Kind        TL  From -> To       Reason\n");
+    for h in history.as_array().into_iter().flatten() {
+        let at = h["at_ms"].as_u64().unwrap_or(0);
+        let time = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(at));
+        out.push_str(&format!(
+            "{time}  {:<10}  {:<3} {} -> {}  {}\n",
+            h["kind"].as_str().unwrap_or("failover"),
+            h["timeline"].as_u64().map(|t| t.to_string()).unwrap_or_default(),
+            h["old_leader"].as_str().unwrap_or("?"),
+            h["new_leader"].as_str().unwrap_or("?"),
+            h["reason"].as_str().unwrap_or(""),
+        ));
+    }
+    out
+}

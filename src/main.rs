@@ -32,20 +32,164 @@ enum Command {
     },
     /// List the cluster's members.
     List {
-        /// API of any member.
-        #[arg(
-            long,
-            env = "PGHA_API_URL",
-            default_value = "http://127.0.0.1:8008",
-            conflicts_with = "config"
-        )]
-        api: String,
-        /// Find the API through this node's config instead.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        target: Target,
     },
+    /// Planned switchover: the leader hands over to a healthy replica without
+    /// losing a committed write. `--at` schedules it; `--cancel` cancels one.
+    Switchover {
+        #[command(flatten)]
+        target: Target,
+        /// The current leader (checked, optional).
+        #[arg(long)]
+        leader: Option<String>,
+        /// The member to take over (default: the best healthy replica).
+        #[arg(long, alias = "candidate")]
+        to: Option<String>,
+        /// When, as an RFC 3339 time such as 2026-11-26T03:00:00Z.
+        #[arg(long)]
+        at: Option<String>,
+        /// Cancel a pending switchover instead.
+        #[arg(long)]
+        cancel: bool,
+    },
+    /// Make NODE the leader. With a healthy primary this is a switchover,
+    /// unless --force: then the primary is stopped and NODE promoted even if
+    /// it lags, and writes the primary acknowledged that NODE had not received
+    /// are LOST (the old primary is rewound).
+    Failover {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, alias = "candidate")]
+        to: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Maintenance mode: no automatic failover or restarts, cluster-wide.
+    Pause {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Leave maintenance mode.
+    Resume {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Restart NODE's Postgres in its current role.
+    Restart {
+        node: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Reload NODE's Postgres configuration.
+    Reload {
+        node: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove replica NODE's data directory and clone it again from the leader.
+    Reinit {
+        node: String,
+        #[command(flatten)]
+        target: Target,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Every failover and switchover: time, kind, timeline, old and new leader, reason.
+    History {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show or change the dynamic cluster configuration kept in etcd.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print the dynamic config.
+    Show {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Change settings: `pgha config set maximum_lag_on_failover=16777216 paused=false`
+    /// (`KEY=null` resets one to its default).
+    Set {
+        #[arg(required = true)]
+        pairs: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// How the CLI finds and talks to the cluster.
+#[derive(clap::Args)]
+struct Target {
+    /// API of any member.
+    #[arg(long, env = "PGHA_API_URL", default_value = "http://127.0.0.1:8008")]
+    api: String,
+    /// Find the API through this node's config instead.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Bearer token for operator requests.
+    #[arg(long, env = "PGHA_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Target {
+    fn api(&self) -> Result<String, ExitCode> {
+        match &self.config {
+            Some(path) => load_config(path).map(|c| c.api.advertise_url),
+            None => Ok(self.api.clone()),
+        }
+    }
+}
+
+/// Runs one operator request and prints its answer; exit 0 only on 2xx.
+async fn operator(
+    target: &Target,
+    node: Option<&str>,
+    method: hyper::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> ExitCode {
+    let base = match target.api() {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let result = async {
+        let base = match node {
+            Some(n) => pgha::ctl::member_api(&base, n).await?,
+            None => base,
+        };
+        pgha::ctl::send(&base, method, path, body.as_ref(), target.token.as_deref()).await
+    }
+    .await;
+    match result {
+        Ok((status, answer)) => {
+            if target.json {
+                println!("{}", serde_json::json!({ "status": status, "answer": answer }));
+            } else {
+                let text = answer["message"].as_str().map(str::to_string).unwrap_or_else(|| answer.to_string());
+                println!("{status}: {text}");
+            }
+            if (200..300).contains(&status) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -94,10 +238,15 @@ async fn run(cfg: Config) -> ExitCode {
     };
     let stale_after = cfg.timing.ttl;
     let api_shutdown = CancellationToken::new();
-    let api = tokio::spawn(pgha::api::serve(
+    let operator = pgha::api::Operator {
+        calls: agent.operator_handle(),
+        auth: pgha::api::operator::Auth::from_config(&cfg.api),
+    };
+    let api = tokio::spawn(pgha::api::serve_with_operator(
         cfg.api.listen.clone(),
         snapshots,
         stale_after,
+        Some(operator),
         api_shutdown.clone(),
     ));
     let result = tokio::select! {
@@ -145,15 +294,12 @@ async fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::List { api, config, json } => {
-            let api = match config {
-                Some(path) => match load_config(&path) {
-                    Ok(cfg) => cfg.api.advertise_url,
-                    Err(code) => return code,
-                },
-                None => api,
+        Command::List { target } => {
+            let api = match target.api() {
+                Ok(a) => a,
+                Err(code) => return code,
             };
-            match pgha::ctl::list(&api, json).await {
+            match pgha::ctl::list(&api, target.json).await {
                 Ok(out) => {
                     print!("{out}");
                     if !out.ends_with('\n') {
@@ -167,5 +313,82 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Switchover { target, leader, to, at, cancel } => {
+            if cancel {
+                return operator(&target, None, hyper::Method::DELETE, "/switchover", None).await;
+            }
+            let body = serde_json::json!({ "leader": leader, "candidate": to, "scheduled_at": at });
+            operator(&target, None, hyper::Method::POST, "/switchover", Some(body)).await
+        }
+        Command::Failover { target, to, force } => {
+            let body = serde_json::json!({ "candidate": to, "force": force });
+            operator(&target, None, hyper::Method::POST, "/failover", Some(body)).await
+        }
+        Command::Pause { target } => operator(&target, None, hyper::Method::POST, "/pause", None).await,
+        Command::Resume { target } => operator(&target, None, hyper::Method::POST, "/resume", None).await,
+        Command::Restart { node, target } => {
+            operator(&target, Some(&node), hyper::Method::POST, "/restart", None).await
+        }
+        Command::Reload { node, target } => {
+            operator(&target, Some(&node), hyper::Method::POST, "/reload", None).await
+        }
+        Command::Reinit { node, target, force } => {
+            if !force {
+                eprint!("Remove {node}'s data directory and clone it again? Type yes: ");
+                let mut answer = String::new();
+                if std::io::stdin().read_line(&mut answer).is_err() || answer.trim() != "yes" {
+                    eprintln!("not confirmed: nothing done (use --force to skip the question)");
+                    return ExitCode::from(1);
+                }
+            }
+            operator(&target, Some(&node), hyper::Method::POST, "/reinitialize", None).await
+        }
+        Command::History { target } => {
+            let api = match target.api() {
+                Ok(a) => a,
+                Err(code) => return code,
+            };
+            match pgha::ctl::get_json(&api, "/history").await {
+                Ok((_, h)) if target.json => {
+                    println!("{h}");
+                    ExitCode::SUCCESS
+                }
+                Ok((_, h)) => {
+                    print!("{}", pgha::ctl::render_history(&h));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Config { action: ConfigAction::Show { target } } => {
+            let api = match target.api() {
+                Ok(a) => a,
+                Err(code) => return code,
+            };
+            match pgha::ctl::get_json(&api, "/config").await {
+                Ok((200, c)) => {
+                    println!("{}", serde_json::to_string_pretty(&c).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok((status, c)) => {
+                    eprintln!("error: {status}: {c}");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Config { action: ConfigAction::Set { pairs, target } } => match pgha::ctl::config_patch(&pairs) {
+            Ok(patch) => operator(&target, None, hyper::Method::PATCH, "/config", Some(patch)).await,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
     }
 }

@@ -20,6 +20,13 @@ pub enum Request {
     PatchConfig(Value),
     /// Replace the dynamic config.
     PutConfig(Value),
+    /// Planned change of leader, now or at `at_ms` (ms since the Unix epoch).
+    Switchover { leader: Option<String>, candidate: Option<String>, at_ms: Option<u64> },
+    /// Make `candidate` the leader: when a primary is healthy this is a
+    /// switchover unless `force`.
+    Failover { candidate: String, force: bool },
+    /// Cancel a pending (scheduled) switchover.
+    CancelSwitchover,
 }
 
 /// The answer: an HTTP status (Patroni's codes) and a message or document.

@@ -6,6 +6,7 @@
 //! the answers, `status` and `metrics` render them.
 
 pub mod metrics;
+pub mod operator;
 pub mod routes;
 pub mod status;
 #[cfg(test)]
@@ -63,9 +64,20 @@ impl Default for Limits {
 /// How long open connections get to finish their request at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Where operator requests go, and who may send them.
+#[derive(Clone)]
+pub struct Operator {
+    pub calls: tokio::sync::mpsc::Sender<crate::operator::Call>,
+    pub auth: operator::Auth,
+}
+
+/// How long an operator request may wait for the agent's answer.
+const OPERATOR_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// What every connection shares.
 struct Shared {
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    operator: Option<Operator>,
     /// The last snapshot rendered; replaced when the agent publishes a new one.
     rendered: Mutex<Arc<Rendered>>,
     stale_after: Duration,
@@ -97,15 +109,20 @@ pub async fn serve(
     stale_after: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with_operator(listen, snapshots, stale_after, None, shutdown).await
+}
+
+/// Serves the API including the operator endpoints, whose requests go to
+/// the agent through `operator`.
+pub async fn serve_with_operator(
+    listen: Vec<SocketAddr>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stale_after: Duration,
+    operator: Option<Operator>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let listeners = bind_all(&listen)?;
-    serve_on(
-        listeners,
-        snapshots,
-        stale_after,
-        Limits::default(),
-        shutdown,
-    )
-    .await
+    serve_listeners(listeners, snapshots, stale_after, Limits::default(), operator, shutdown).await
 }
 
 /// Binds every address. An IPv6 wildcard (`[::]`) accepts IPv4 too, unless
@@ -152,8 +169,20 @@ pub async fn serve_on(
     limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_listeners(listeners, snapshots, stale_after, limits, None, shutdown).await
+}
+
+async fn serve_listeners(
+    listeners: Vec<TcpListener>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stale_after: Duration,
+    limits: Limits,
+    operator: Option<Operator>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let first = Arc::new(Rendered::new(snapshots.borrow().clone()));
     let shared = Arc::new(Shared {
+        operator,
         snapshots,
         rendered: Mutex::new(first),
         stale_after,
@@ -206,7 +235,7 @@ async fn accept_loop(
                 let shared = shared.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
-                    serve_connection(stream, shared, shutdown).await;
+                    serve_connection(stream, peer, shared, shutdown).await;
                     drop(permit);
                 });
             }
@@ -233,11 +262,16 @@ async fn refuse(mut stream: TcpStream) {
     .await;
 }
 
-async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let header_read_timeout = shared.limits.header_read_timeout;
     let svc = service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+        async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -251,6 +285,57 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, shutdown: Canc
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
         }
+    }
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(routes::JSON));
+    resp
+}
+
+/// Checks credentials, hands the request to the agent and relays its answer.
+async fn operator_request(
+    shared: &Shared,
+    peer: SocketAddr,
+    method: &hyper::Method,
+    path: &str,
+    authorization: Option<&str>,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    let message = |status: StatusCode, m: &str| json_response(status, &serde_json::json!({ "message": m }));
+    let Some(op) = &shared.operator else {
+        return message(StatusCode::SERVICE_UNAVAILABLE, "operator requests are not served here");
+    };
+    if let Err((status, why)) = op.auth.check(authorization, peer) {
+        warn!(%peer, %method, path, status = status.as_u16(), why, "operator request refused");
+        let mut resp = message(status, why);
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"pgha\", Basic realm=\"pgha\""),
+            );
+        }
+        return resp;
+    }
+    let request = match operator::parse(method, path, body) {
+        Ok(r) => r,
+        Err((status, why)) => return message(status, &why),
+    };
+    info!(%peer, %method, path, "operator request");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let call = crate::operator::Call { request, reply: tx };
+    if op.calls.send(call).await.is_err() {
+        return message(StatusCode::SERVICE_UNAVAILABLE, "the agent is not running");
+    }
+    match tokio::time::timeout(OPERATOR_TIMEOUT, rx).await {
+        Ok(Ok(reply)) => json_response(
+            StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            &reply.body,
+        ),
+        Ok(Err(_)) => message(StatusCode::SERVICE_UNAVAILABLE, "the agent dropped the request"),
+        Err(_) => message(StatusCode::SERVICE_UNAVAILABLE, "the agent did not answer in time"),
     }
 }
 
@@ -278,28 +363,29 @@ fn respond_and_close(status: StatusCode, message: &str) -> Response<Full<Bytes>>
     resp
 }
 
-async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let limits = shared.limits;
     let (parts, body) = req.into_parts();
-    let too_large = format!("request body over {} bytes", limits.max_body_bytes);
+    let too_large = || format!("request body over {} bytes", limits.max_body_bytes);
     let declared = parts
         .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
-        return respond_and_close(StatusCode::PAYLOAD_TOO_LARGE, &too_large);
+        return respond_and_close(StatusCode::PAYLOAD_TOO_LARGE, &too_large());
     }
-    // No endpoint takes a body yet, but one must be read for the connection
-    // to carry the next request.
+    // Read the body (operator requests carry JSON; for the others it must
+    // be read for the connection to carry the next request).
+    let mut body_bytes = Bytes::new();
     if body.size_hint().exact() != Some(0) {
         let read = tokio::time::timeout(
             limits.body_read_timeout,
             Limited::new(body, limits.max_body_bytes).collect(),
         );
         match read.await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(collected)) => body_bytes = collected.to_bytes(),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return respond_and_close(StatusCode::PAYLOAD_TOO_LARGE, &too_large);
+                return respond_and_close(StatusCode::PAYLOAD_TOO_LARGE, &too_large());
             }
             Ok(Err(_)) => {
                 return respond_and_close(StatusCode::BAD_REQUEST, "malformed request body")
@@ -311,6 +397,10 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
                 )
             }
         }
+    }
+    if operator::is_operator(&parts.method, parts.uri.path()) {
+        let authorization = parts.headers.get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        return operator_request(shared, peer, &parts.method, parts.uri.path(), authorization, &body_bytes).await;
     }
     let rendered = shared.current();
     let age = rendered.snapshot.taken_at.elapsed();

@@ -291,7 +291,7 @@ fn follow(
         return;
     }
     let leader_up = running_leader(dcs, &obs.node).is_some();
-    if obs.handover_since.is_some() && obs.last_role == Some(PgRole::Primary) {
+    if obs.handover.as_ref().is_some_and(|h| !h.force) && obs.last_role == Some(PgRole::Primary) {
         // We handed over cleanly: the new leader has all our WAL, no rewind.
         if leader_up {
             steps.push(Step::new(
@@ -331,7 +331,7 @@ fn follow(
 /// No node holds the leader key.
 fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, steps: &mut Vec<Step>) {
     let local = &obs.local;
-    if obs.shutting_down || obs.handover_since.is_some() {
+    if obs.shutting_down || obs.handover.is_some() {
         return;
     }
     if let Some(decided) = super::handover::elect(obs, dcs, settings) {

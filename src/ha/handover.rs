@@ -10,10 +10,15 @@ use super::state::*;
 /// Members that may take over from the current leader now, best first.
 fn healthy_replicas<'a>(obs: &Observation, dcs: &'a DcsView) -> Vec<&'a MemberStatus> {
     let top = dcs.member(&obs.node).and_then(|m| m.wal_position).or(obs.local.wal_position).unwrap_or_default();
+    healthy_replicas_of(&obs.node, top, dcs)
+}
+
+/// Replicas of `leader` (whose WAL is at `top`) that may take over, best first.
+pub fn healthy_replicas_of<'a>(leader: &str, top: Lsn, dcs: &'a DcsView) -> Vec<&'a MemberStatus> {
     let mut healthy: Vec<&MemberStatus> = dcs
         .members
         .iter()
-        .filter(|m| m.name != obs.node && m.role == MemberRole::Replica && m.state == "streaming")
+        .filter(|m| m.name != leader && m.role == MemberRole::Replica && m.state == "streaming")
         .filter(|m| !m.nofailover && candidacy_region_ok(dcs, &m.region))
         .filter(|m| {
             let replayed = m.replay_lsn.unwrap_or_default();
@@ -29,6 +34,13 @@ fn healthy_replicas<'a>(obs: &Observation, dcs: &'a DcsView) -> Vec<&'a MemberSt
 
 /// Whom a switchover hands over to, or why it cannot happen.
 pub fn target(obs: &Observation, dcs: &DcsView, sw: &SwitchoverKey) -> Result<String, String> {
+    if sw.force {
+        let to = sw.to.clone().ok_or("a forced failover names its candidate")?;
+        return match dcs.member(&to) {
+            Some(m) if m.role == MemberRole::Replica && matches!(m.state.as_str(), "running" | "streaming") => Ok(to),
+            _ => Err(format!("{to} is not a running replica")),
+        };
+    }
     let healthy = healthy_replicas(obs, dcs);
     match &sw.to {
         Some(to) => {
@@ -62,7 +74,7 @@ pub fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, st
     if !due(obs, sw) {
         return false;
     }
-    let Some(since) = obs.handover_since else {
+    let Some(handover) = &obs.handover else {
         if !running_primary {
             steps.push(Step::new(Action::ClearSwitchover, "switchover aborted: our postgres is not running as primary"));
             return true;
@@ -79,29 +91,33 @@ pub fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, st
     if local.running {
         return true;
     }
-    let to = match target(obs, dcs, sw) {
-        Ok(to) => to,
-        Err(why) => {
-            abort(steps, &why);
-            return true;
-        }
-    };
-    let received = obs.peers.as_ref().and_then(|p| p.iter().find(|p| p.name == to)).map(|p| p.lsn);
+    // The target was chosen while it streamed; now that we are down it
+    // no longer does, and only its own answer about its WAL counts.
+    let to = &handover.to;
+    if sw.force {
+        steps.push(Step::new(Action::ReleaseLeader, format!("forced failover to {to}: release without waiting")));
+        return true;
+    }
+    let received = obs.peers.as_ref().and_then(|p| p.iter().find(|p| p.name == *to)).map(|p| p.lsn);
     match (obs.checkpoint_lsn, received) {
         (Some(stop), Some(got)) if got > stop => steps.push(Step::new(
             Action::ReleaseLeader,
             format!("switchover: {to} received all WAL up to our shutdown checkpoint {stop}"),
         )),
-        _ if now.since(since) >= settings.handover_timeout_ms => {
-            abort(steps, &format!("{to} did not confirm our last WAL within {} ms", settings.handover_timeout_ms))
-        }
+        _ if now.since(handover.since) >= settings.handover_timeout_ms => abort(
+            obs,
+            steps,
+            &format!("{to} did not confirm our last WAL within {} ms", settings.handover_timeout_ms),
+        ),
         _ => {}
     }
     true
 }
 
-fn abort(steps: &mut Vec<Step>, why: &str) {
-    steps.push(Step::new(Action::StartPrimary, format!("switchover aborted ({why}): run as primary again")));
+fn abort(obs: &Observation, steps: &mut Vec<Step>, why: &str) {
+    if !obs.shutting_down {
+        steps.push(Step::new(Action::StartPrimary, format!("switchover aborted ({why}): run as primary again")));
+    }
     steps.push(Step::new(Action::ClearSwitchover, format!("switchover aborted: {why}")));
 }
 

@@ -207,6 +207,10 @@ pub struct SwitchoverKey {
     pub at_ms: Option<u64>,
     /// When it was requested (ms since the Unix epoch).
     pub requested_ms: u64,
+    /// Forced failover: the leader stops and releases without waiting for
+    /// the target to confirm its WAL, and the target need not be healthy.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// Everything read from etcd in one consistent range read.
@@ -261,6 +265,15 @@ pub struct PeerPosition {
     pub lsn: Lsn,
 }
 
+/// A handover under way: since when, and to whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    pub since: Tick,
+    pub to: String,
+    /// Forced: the target may lack some of our WAL, so we rewind before following.
+    pub force: bool,
+}
+
 /// One observation: the only input of `decide` besides config and `now`.
 #[derive(Debug, Clone)]
 pub struct Observation {
@@ -294,8 +307,8 @@ pub struct Observation {
     pub peers: Option<Vec<PeerPosition>>,
     /// Wall clock, ms since the Unix epoch (only for scheduled switchovers).
     pub wall_ms: u64,
-    /// We stopped our primary to hand leadership over, at this instant.
-    pub handover_since: Option<Tick>,
+    /// We stopped our primary to hand leadership over.
+    pub handover: Option<Handover>,
     /// Stopped data directory: location of its last checkpoint (the shutdown
     /// checkpoint after a clean stop).
     pub checkpoint_lsn: Option<Lsn>,

@@ -100,7 +100,7 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
         rewind_failed: false,
         peers: None,
         wall_ms: 1_000_000,
-        handover_since: None,
+        handover: None,
         checkpoint_lsn: None,
         shutting_down: false,
     }
@@ -599,7 +599,7 @@ fn paused_cluster_neither_fails_over_nor_restarts() {
 }
 
 fn switchover(from: &str, to: Option<&str>) -> SwitchoverKey {
-    SwitchoverKey { from: from.into(), to: to.map(Into::into), at_ms: None, requested_ms: 1_000_000 }
+    SwitchoverKey { from: from.into(), to: to.map(Into::into), at_ms: None, requested_ms: 1_000_000, force: false }
 }
 
 fn with_switchover(leader: Option<&str>, sw: SwitchoverKey) -> DcsView {
@@ -648,7 +648,7 @@ fn scheduled_switchover_waits_for_its_time() {
 #[test]
 fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
     let mut o = obs("n1", LocalPostgres::default(), Some(with_switchover(Some("n1"), switchover("n1", Some("n2")))));
-    o.handover_since = Some(Tick(0));
+    o.handover = Some(Handover { since: Tick(0), to: "n2".into(), force: false });
     o.checkpoint_lsn = Some(Lsn(2000));
     o.peers = Some(vec![PeerPosition { name: "n2".into(), timeline: Some(1), lsn: Lsn(1999) }]);
     assert_eq!(actions(&o, 5_000), vec![Action::RenewLeader { lease_id: 42 }], "waits");
@@ -676,7 +676,7 @@ fn handed_over_leader_follows_without_rewind_and_new_leader_clears_the_request()
     let v = with_switchover(Some("n2"), switchover("n1", Some("n2")));
     let mut old = obs("n1", LocalPostgres::default(), Some(v.clone()));
     old.last_role = Some(PgRole::Primary);
-    old.handover_since = Some(Tick(0));
+    old.handover = Some(Handover { since: Tick(0), to: "n2".into(), force: false });
     let mut members = healthy_three("n2");
     members.iter_mut().for_each(|m| m.state = if m.name == "n2" { "running".into() } else { m.state.clone() });
     let mut v2 = v.clone();

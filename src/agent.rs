@@ -545,6 +545,11 @@ impl Agent {
     /// unreachable unless we hold a lease that still needs renewing.
     fn next_wait(&self) -> Duration {
         let base = self.cfg.timing.loop_wait;
+        // During a switchover every member polls fast: the leader waits for
+        // its target's position, and the target's published status must be fresh.
+        if self.last_view.as_ref().is_some_and(|v| v.switchover.is_some()) || self.handover.is_some() {
+            return base.min(Duration::from_millis(100));
+        }
         if self.etcd_failures == 0 || self.leader_lease.is_some() {
             return base;
         }
@@ -718,7 +723,7 @@ impl Agent {
             (Some(view), true) => Some(self.ask_peers(view).await),
             _ => None,
         };
-        if let Some(leader) = dcs.as_ref().and_then(|d| d.leader.as_ref()) {
+        if let Some(leader) = dcs.as_ref().and_then(|d| d.leader.as_ref()).filter(|l| l.name != self.cfg.name) {
             self.last_known_leader = Some(leader.name.clone());
         }
         let mut local = local;
@@ -990,15 +995,19 @@ impl Agent {
                         self.following = None;
                         self.promotions += 1;
                         let local = self.pg.probe().await;
-                        let switchover = obs.dcs.as_ref().is_some_and(|d| d.switchover.is_some());
+                        let switchover = obs.dcs.as_ref().and_then(|d| d.switchover.as_ref());
                         let entry = HistoryEntry {
-                            kind: if switchover { "switchover" } else { "failover" }.into(),
+                            kind: if switchover.is_some() { "switchover" } else { "failover" }.into(),
                             timeline: local.timeline,
                             lsn: local.wal_position,
                             at_ms: epoch_ms(),
                             old_leader: old_leader.filter(|o| *o != node),
                             new_leader: node.clone(),
-                            reason: step.reason.clone(),
+                            reason: match switchover {
+                                Some(sw) if sw.force => format!("forced failover from {}", sw.from),
+                                Some(sw) => format!("switchover from {}", sw.from),
+                                None => step.reason.clone(),
+                            },
                         };
                         info!(node = %node, term, timeline = ?local.timeline, "promoted");
                         let pg = self.pg.clone();

@@ -14,11 +14,12 @@ use tracing::{debug, error, info, warn};
 use crate::config::Config;
 use crate::dcs::{Etcd, HistoryEntry};
 use crate::fence::{Guard, Message};
-use crate::operator::{self, Call, Reply, Request};
 use crate::ha::{
-    self, Action, DataDir, DcsView, DynamicConfig, HeldLease, Job, LocalPostgres, Lsn, MemberRole,
-    MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Settings, Handover, Step, SwitchoverKey, Tick,
+    self, Action, DataDir, DcsView, DynamicConfig, Handover, HeldLease, Job, LocalPostgres, Lsn,
+    MemberRole, MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Settings, Step,
+    SwitchoverKey, Tick,
 };
+use crate::operator::{self, Call, Reply, Request};
 use crate::postgres::{LocalPg, Upstream};
 
 /// What the API serves: the last observation and decision, never a live query.
@@ -268,7 +269,9 @@ impl Agent {
                             Ok(()) => Reply::message(200, "postgres configuration reloaded"),
                             Err(e) => Reply::message(503, format!("reload failed: {e}")),
                         },
-                        Err(e) => Reply::message(503, format!("writing the configuration failed: {e}")),
+                        Err(e) => {
+                            Reply::message(503, format!("writing the configuration failed: {e}"))
+                        }
                     }
                 }
             }
@@ -298,15 +301,26 @@ impl Agent {
                 }
             }
             Request::Reinitialize => {
-                if leads || self.last_view.as_ref().and_then(|v| v.leader.as_ref()).is_some_and(|l| l.name == node) {
-                    Reply::message(412, "refusing to reinitialize the leader: switch over first")
+                if leads
+                    || self
+                        .last_view
+                        .as_ref()
+                        .and_then(|v| v.leader.as_ref())
+                        .is_some_and(|l| l.name == node)
+                {
+                    Reply::message(
+                        412,
+                        "refusing to reinitialize the leader: switch over first",
+                    )
                 } else {
                     let pg = self.pg.clone();
                     let reply_to = call.reply;
                     warn!(node = %node, "reinitialize requested: the data directory will be removed and cloned again");
                     self.spawn_job(Job::Stop, async move {
                         let result = async {
-                            pg.stop(Duration::from_secs(60)).await.map_err(|e| e.to_string())?;
+                            pg.stop(Duration::from_secs(60))
+                                .await
+                                .map_err(|e| e.to_string())?;
                             match std::fs::remove_dir_all(&pg.cfg.data_dir) {
                                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                                     Err(format!("removing {}: {e}", pg.cfg.data_dir.display()))
@@ -316,7 +330,10 @@ impl Agent {
                         }
                         .await;
                         let reply = match &result {
-                            Ok(()) => Reply::message(200, "data directory removed: the replica is cloned again"),
+                            Ok(()) => Reply::message(
+                                200,
+                                "data directory removed: the replica is cloned again",
+                            ),
                             Err(e) => Reply::message(503, format!("reinitialize failed: {e}")),
                         };
                         let _ = reply_to.send(reply);
@@ -325,16 +342,24 @@ impl Agent {
                     return;
                 }
             }
-            Request::Switchover { leader, candidate, at_ms } => {
-                match self.switchover_request(leader, candidate, at_ms, false) {
-                    Ok(sw) => return self.start_switchover(sw, call.reply).await,
-                    Err(reply) => reply,
-                }
-            }
+            Request::Switchover {
+                leader,
+                candidate,
+                at_ms,
+            } => match self.switchover_request(leader, candidate, at_ms, false) {
+                Ok(sw) => return self.start_switchover(sw, call.reply).await,
+                Err(reply) => reply,
+            },
             Request::Failover { candidate, force } => {
-                let current = self.last_view.as_ref().and_then(|v| v.leader.as_ref()).map(|l| l.name.clone());
+                let current = self
+                    .last_view
+                    .as_ref()
+                    .and_then(|v| v.leader.as_ref())
+                    .map(|l| l.name.clone());
                 let request = match &current {
-                    Some(_) if !force => self.switchover_request(None, Some(candidate), None, false),
+                    Some(_) if !force => {
+                        self.switchover_request(None, Some(candidate), None, false)
+                    }
                     _ => self.switchover_request(None, Some(candidate), None, true),
                 };
                 match request {
@@ -347,7 +372,10 @@ impl Agent {
                 Ok(false) => Reply::message(404, "no switchover is pending"),
                 Err(e) => Reply::message(503, format!("etcd write failed: {e}")),
             },
-            Request::PatchConfig(patch) => self.change_config(|c| operator::patch_config(c, &patch)).await,
+            Request::PatchConfig(patch) => {
+                self.change_config(|c| operator::patch_config(c, &patch))
+                    .await
+            }
             Request::PutConfig(doc) => self.change_config(|_| operator::parse_config(&doc)).await,
         };
         let _ = call.reply.send(reply);
@@ -367,16 +395,25 @@ impl Agent {
         };
         let current = view.leader.as_ref().map(|l| l.name.clone());
         if let Some(pending) = &view.switchover {
-            return Err(Reply::message(409, format!("a switchover from {} is already pending", pending.from)));
+            return Err(Reply::message(
+                409,
+                format!("a switchover from {} is already pending", pending.from),
+            ));
         }
         if let (Some(asked), Some(cur)) = (&leader, &current) {
             if asked != cur {
-                return Err(Reply::message(412, format!("{asked} is not the leader ({cur} is)")));
+                return Err(Reply::message(
+                    412,
+                    format!("{asked} is not the leader ({cur} is)"),
+                ));
             }
         }
         if let Some(c) = &candidate {
             if view.member(c).is_none() {
-                return Err(Reply::message(412, format!("{c} is not a member of the cluster")));
+                return Err(Reply::message(
+                    412,
+                    format!("{c} is not a member of the cluster"),
+                ));
             }
             if Some(c) == current.as_ref() {
                 return Err(Reply::message(412, format!("{c} is already the leader")));
@@ -384,9 +421,15 @@ impl Agent {
         }
         if !force {
             let Some(cur) = &current else {
-                return Err(Reply::message(412, "no leader to switch over from: use failover"));
+                return Err(Reply::message(
+                    412,
+                    "no leader to switch over from: use failover",
+                ));
             };
-            let top = view.member(cur).and_then(|m| m.wal_position).unwrap_or_default();
+            let top = view
+                .member(cur)
+                .and_then(|m| m.wal_position)
+                .unwrap_or_default();
             let healthy = ha::handover::healthy_replicas_of(cur, top, view);
             match &candidate {
                 Some(c) if !healthy.iter().any(|m| &m.name == c) => {
@@ -396,12 +439,16 @@ impl Agent {
                     } else if m.state != "streaming" {
                         format!("not streaming (state {})", m.state)
                     } else {
-                        "lagging above maximum_lag_on_failover or outside primary_region".to_string()
+                        "lagging above maximum_lag_on_failover or outside primary_region"
+                            .to_string()
                     };
                     return Err(Reply::message(412, format!("{c} cannot take over: {why}")));
                 }
                 None if healthy.is_empty() => {
-                    return Err(Reply::message(412, "no healthy streaming replica to switch over to"));
+                    return Err(Reply::message(
+                        412,
+                        "no healthy streaming replica to switch over to",
+                    ));
                 }
                 _ => {}
             }
@@ -409,12 +456,22 @@ impl Agent {
         if at_ms.is_some_and(|at| at + 24 * 3600 * 1000 < epoch_ms()) {
             return Err(Reply::message(422, "scheduled_at lies in the past"));
         }
-        Ok(SwitchoverKey { from: current.unwrap_or_default(), to: candidate, at_ms, requested_ms: epoch_ms(), force })
+        Ok(SwitchoverKey {
+            from: current.unwrap_or_default(),
+            to: candidate,
+            at_ms,
+            requested_ms: epoch_ms(),
+            force,
+        })
     }
 
     /// Writes the switchover key; a task answers once the leader changed
     /// (200), at once when it is scheduled for later (202).
-    async fn start_switchover(&self, sw: SwitchoverKey, reply: tokio::sync::oneshot::Sender<Reply>) {
+    async fn start_switchover(
+        &self,
+        sw: SwitchoverKey,
+        reply: tokio::sync::oneshot::Sender<Reply>,
+    ) {
         match self.etcd.request_switchover(&sw).await {
             Ok(true) => {}
             Ok(false) => {
@@ -428,7 +485,10 @@ impl Agent {
         }
         info!(node = %self.cfg.name, from = %sw.from, to = ?sw.to, force = sw.force, "switchover requested");
         if sw.at_ms.is_some_and(|at| at > epoch_ms()) {
-            let _ = reply.send(Reply::message(202, format!("switchover scheduled from {}", sw.from)));
+            let _ = reply.send(Reply::message(
+                202,
+                format!("switchover scheduled from {}", sw.from),
+            ));
             return;
         }
         let etcd = self.etcd.clone();
@@ -438,16 +498,24 @@ impl Agent {
             let answer = loop {
                 if let Ok((view, _)) = etcd.load().await {
                     let leader = view.leader.as_ref().map(|l| l.name.clone());
-                    let moved = leader.as_ref().is_some_and(|l| *l != sw.from && sw.to.as_ref().is_none_or(|t| t == l));
+                    let moved = leader
+                        .as_ref()
+                        .is_some_and(|l| *l != sw.from && sw.to.as_ref().is_none_or(|t| t == l));
                     if moved && view.switchover.is_none() {
-                        break Reply::message(200, format!("switched over to {}", leader.unwrap_or_default()));
+                        break Reply::message(
+                            200,
+                            format!("switched over to {}", leader.unwrap_or_default()),
+                        );
                     }
                     if view.switchover.is_none() && !moved {
                         break Reply::message(412, "switchover aborted: see the leader's log");
                     }
                 }
                 if Instant::now() >= deadline {
-                    break Reply::message(503, "switchover did not complete in time; it may still complete");
+                    break Reply::message(
+                        503,
+                        "switchover did not complete in time; it may still complete",
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
@@ -455,7 +523,10 @@ impl Agent {
         });
     }
 
-    async fn change_config(&self, change: impl Fn(&DynamicConfig) -> Result<DynamicConfig, String>) -> Reply {
+    async fn change_config(
+        &self,
+        change: impl Fn(&DynamicConfig) -> Result<DynamicConfig, String>,
+    ) -> Reply {
         match self.etcd.update_config(change).await {
             Ok(Ok(config)) => {
                 info!(node = %self.cfg.name, ?config, "dynamic config changed");
@@ -519,7 +590,13 @@ impl Agent {
         if !leading {
             return false;
         }
-        let sw = SwitchoverKey { from: node.clone(), to: None, at_ms: None, requested_ms: epoch_ms(), force: false };
+        let sw = SwitchoverKey {
+            from: node.clone(),
+            to: None,
+            at_ms: None,
+            requested_ms: epoch_ms(),
+            force: false,
+        };
         match self.etcd.request_switchover(&sw).await {
             Ok(created) => {
                 info!(node = %node, created, "stopping: handing leadership over first");
@@ -535,9 +612,13 @@ impl Agent {
     /// A graceful stop is complete when leadership was handed over and
     /// Postgres is down, or when no handover is (or will be) happening.
     fn graceful_stop_done(&self) -> bool {
-        let handed_over = self.leader_lease.is_none() && !self.last_local.running && self.job.is_none();
+        let handed_over =
+            self.leader_lease.is_none() && !self.last_local.running && self.job.is_none();
         let no_handover = self.handover.is_none()
-            && self.last_view.as_ref().is_none_or(|v| v.switchover.is_none());
+            && self
+                .last_view
+                .as_ref()
+                .is_none_or(|v| v.switchover.is_none());
         handed_over || no_handover
     }
 
@@ -547,7 +628,12 @@ impl Agent {
         let base = self.cfg.timing.loop_wait;
         // During a switchover every member polls fast: the leader waits for
         // its target's position, and the target's published status must be fresh.
-        if self.last_view.as_ref().is_some_and(|v| v.switchover.is_some()) || self.handover.is_some() {
+        if self
+            .last_view
+            .as_ref()
+            .is_some_and(|v| v.switchover.is_some())
+            || self.handover.is_some()
+        {
             return base.min(Duration::from_millis(100));
         }
         if self.etcd_failures == 0 || self.leader_lease.is_some() {
@@ -723,7 +809,11 @@ impl Agent {
             (Some(view), true) => Some(self.ask_peers(view).await),
             _ => None,
         };
-        if let Some(leader) = dcs.as_ref().and_then(|d| d.leader.as_ref()).filter(|l| l.name != self.cfg.name) {
+        if let Some(leader) = dcs
+            .as_ref()
+            .and_then(|d| d.leader.as_ref())
+            .filter(|l| l.name != self.cfg.name)
+        {
             self.last_known_leader = Some(leader.name.clone());
         }
         let mut local = local;
@@ -997,7 +1087,12 @@ impl Agent {
                         let local = self.pg.probe().await;
                         let switchover = obs.dcs.as_ref().and_then(|d| d.switchover.as_ref());
                         let entry = HistoryEntry {
-                            kind: if switchover.is_some() { "switchover" } else { "failover" }.into(),
+                            kind: if switchover.is_some() {
+                                "switchover"
+                            } else {
+                                "failover"
+                            }
+                            .into(),
                             timeline: local.timeline,
                             lsn: local.wal_position,
                             at_ms: epoch_ms(),
@@ -1035,8 +1130,16 @@ impl Agent {
                 });
             }
             Action::HandoverStop { to } => {
-                let force = obs.dcs.as_ref().and_then(|d| d.switchover.as_ref()).is_some_and(|s| s.force);
-                self.handover = Some(Handover { since: self.now(), to: to.clone(), force });
+                let force = obs
+                    .dcs
+                    .as_ref()
+                    .and_then(|d| d.switchover.as_ref())
+                    .is_some_and(|s| s.force);
+                self.handover = Some(Handover {
+                    since: self.now(),
+                    to: to.clone(),
+                    force,
+                });
                 let pg = self.pg.clone();
                 self.following = None;
                 self.spawn_job(Job::Stop, async move {
@@ -1045,7 +1148,9 @@ impl Agent {
                     if let Err(e) = pg.checkpoint().await {
                         tracing::warn!(error = %e, to = %to, "checkpoint before handover failed");
                     }
-                    pg.stop(Duration::from_secs(30)).await.map_err(|e| e.to_string())
+                    pg.stop(Duration::from_secs(30))
+                        .await
+                        .map_err(|e| e.to_string())
                 });
             }
             Action::ClearSwitchover => {

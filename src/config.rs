@@ -1459,7 +1459,9 @@ impl FileTiming {
                 ),
             ));
         }
-        let shutdown_timeout = self.shutdown_timeout.map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0);
+        let shutdown_timeout = self
+            .shutdown_timeout
+            .map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0);
         if shutdown_timeout.is_zero() {
             return Err(cx.invalid("timing.shutdown_timeout", "must be more than 0s"));
         }

@@ -112,21 +112,34 @@ pub async fn send(
 ) -> anyhow::Result<(u16, Value)> {
     use http_body_util::Full;
     let url = format!("{}{}", base.trim_end_matches('/'), path);
-    let uri: hyper::Uri = url.parse().with_context(|| format!("invalid API URL {url}"))?;
-    let mut req = hyper::Request::builder().method(method).uri(uri).header("content-type", "application/json");
+    let uri: hyper::Uri = url
+        .parse()
+        .with_context(|| format!("invalid API URL {url}"))?;
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json");
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
     let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-    let req = req.body(Full::new(payload)).context("building the request")?;
+    let req = req
+        .body(Full::new(payload))
+        .context("building the request")?;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let resp = tokio::time::timeout(Duration::from_secs(130), client.request(req))
         .await
         .with_context(|| format!("{url}: no answer within 130 s"))?
         .with_context(|| format!("{url}: request failed"))?;
     let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.with_context(|| format!("{url}: reading body"))?.to_bytes();
-    let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .with_context(|| format!("{url}: reading body"))?
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     Ok((status, value))
 }
 
@@ -146,7 +159,9 @@ pub async fn member_api(base: &str, name: &str) -> anyhow::Result<String> {
 pub fn config_patch(pairs: &[String]) -> anyhow::Result<Value> {
     let mut patch = serde_json::Map::new();
     for pair in pairs {
-        let (k, v) = pair.split_once('=').with_context(|| format!("{pair}: expected KEY=VALUE"))?;
+        let (k, v) = pair
+            .split_once('=')
+            .with_context(|| format!("{pair}: expected KEY=VALUE"))?;
         let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
         patch.insert(k.trim().to_string(), value);
     }
@@ -155,14 +170,19 @@ pub fn config_patch(pairs: &[String]) -> anyhow::Result<Value> {
 
 /// `pgha history`: one line per leadership change.
 pub fn render_history(history: &Value) -> String {
-    let mut out = String::from("Time (UTC)               Kind        TL  From -> To       Reason\n");
+    let mut out =
+        String::from("Time (UTC)               Kind        TL  From -> To       Reason\n");
     for h in history.as_array().into_iter().flatten() {
         let at = h["at_ms"].as_u64().unwrap_or(0);
-        let time = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(at));
+        let time =
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(at));
         out.push_str(&format!(
             "{time}  {:<10}  {:<3} {} -> {}  {}\n",
             h["kind"].as_str().unwrap_or("failover"),
-            h["timeline"].as_u64().map(|t| t.to_string()).unwrap_or_default(),
+            h["timeline"]
+                .as_u64()
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
             h["old_leader"].as_str().unwrap_or("?"),
             h["new_leader"].as_str().unwrap_or("?"),
             h["reason"].as_str().unwrap_or(""),

@@ -174,9 +174,15 @@ async fn operator(
     match result {
         Ok((status, answer)) => {
             if target.json {
-                println!("{}", serde_json::json!({ "status": status, "answer": answer }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "status": status, "answer": answer })
+                );
             } else {
-                let text = answer["message"].as_str().map(str::to_string).unwrap_or_else(|| answer.to_string());
+                let text = answer["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| answer.to_string());
                 println!("{status}: {text}");
             }
             if (200..300).contains(&status) {
@@ -313,26 +319,47 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Switchover { target, leader, to, at, cancel } => {
+        Command::Switchover {
+            target,
+            leader,
+            to,
+            at,
+            cancel,
+        } => {
             if cancel {
                 return operator(&target, None, hyper::Method::DELETE, "/switchover", None).await;
             }
             let body = serde_json::json!({ "leader": leader, "candidate": to, "scheduled_at": at });
-            operator(&target, None, hyper::Method::POST, "/switchover", Some(body)).await
+            operator(
+                &target,
+                None,
+                hyper::Method::POST,
+                "/switchover",
+                Some(body),
+            )
+            .await
         }
         Command::Failover { target, to, force } => {
             let body = serde_json::json!({ "candidate": to, "force": force });
             operator(&target, None, hyper::Method::POST, "/failover", Some(body)).await
         }
-        Command::Pause { target } => operator(&target, None, hyper::Method::POST, "/pause", None).await,
-        Command::Resume { target } => operator(&target, None, hyper::Method::POST, "/resume", None).await,
+        Command::Pause { target } => {
+            operator(&target, None, hyper::Method::POST, "/pause", None).await
+        }
+        Command::Resume { target } => {
+            operator(&target, None, hyper::Method::POST, "/resume", None).await
+        }
         Command::Restart { node, target } => {
             operator(&target, Some(&node), hyper::Method::POST, "/restart", None).await
         }
         Command::Reload { node, target } => {
             operator(&target, Some(&node), hyper::Method::POST, "/reload", None).await
         }
-        Command::Reinit { node, target, force } => {
+        Command::Reinit {
+            node,
+            target,
+            force,
+        } => {
             if !force {
                 eprint!("Remove {node}'s data directory and clone it again? Type yes: ");
                 let mut answer = String::new();
@@ -341,7 +368,14 @@ async fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             }
-            operator(&target, Some(&node), hyper::Method::POST, "/reinitialize", None).await
+            operator(
+                &target,
+                Some(&node),
+                hyper::Method::POST,
+                "/reinitialize",
+                None,
+            )
+            .await
         }
         Command::History { target } => {
             let api = match target.api() {
@@ -363,7 +397,9 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Config { action: ConfigAction::Show { target } } => {
+        Command::Config {
+            action: ConfigAction::Show { target },
+        } => {
             let api = match target.api() {
                 Ok(a) => a,
                 Err(code) => return code,
@@ -383,8 +419,12 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Config { action: ConfigAction::Set { pairs, target } } => match pgha::ctl::config_patch(&pairs) {
-            Ok(patch) => operator(&target, None, hyper::Method::PATCH, "/config", Some(patch)).await,
+        Command::Config {
+            action: ConfigAction::Set { pairs, target },
+        } => match pgha::ctl::config_patch(&pairs) {
+            Ok(patch) => {
+                operator(&target, None, hyper::Method::PATCH, "/config", Some(patch)).await
+            }
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ExitCode::from(2)

@@ -21,7 +21,11 @@ pub enum Request {
     /// Replace the dynamic config.
     PutConfig(Value),
     /// Planned change of leader, now or at `at_ms` (ms since the Unix epoch).
-    Switchover { leader: Option<String>, candidate: Option<String>, at_ms: Option<u64> },
+    Switchover {
+        leader: Option<String>,
+        candidate: Option<String>,
+        at_ms: Option<u64>,
+    },
     /// Make `candidate` the leader: when a primary is healthy this is a
     /// switchover unless `force`.
     Failover { candidate: String, force: bool },
@@ -41,7 +45,10 @@ impl Reply {
         Reply { status: 200, body }
     }
     pub fn message(status: u16, message: impl Into<String>) -> Reply {
-        Reply { status, body: serde_json::json!({ "message": message.into() }) }
+        Reply {
+            status,
+            body: serde_json::json!({ "message": message.into() }),
+        }
     }
 }
 
@@ -95,14 +102,23 @@ mod tests {
     #[test]
     fn patch_merges_resets_and_validates() {
         let base = DynamicConfig::default();
-        let c = patch_config(&base, &json!({"paused": true, "maximum_lag_on_failover": 2048})).unwrap();
+        let c = patch_config(
+            &base,
+            &json!({"paused": true, "maximum_lag_on_failover": 2048}),
+        )
+        .unwrap();
         assert!(c.paused);
         assert_eq!(c.maximum_lag_on_failover, 2048);
         let c = patch_config(&c, &json!({"maximum_lag_on_failover": null})).unwrap();
         assert_eq!(c.maximum_lag_on_failover, base.maximum_lag_on_failover);
         assert!(c.paused, "untouched keys stay");
-        assert_eq!(patch_config(&base, &json!({"bogus": 1})).unwrap_err(), "bogus: unknown setting");
-        assert!(patch_config(&base, &json!({"paused": "yes"})).unwrap_err().starts_with("paused:"));
+        assert_eq!(
+            patch_config(&base, &json!({"bogus": 1})).unwrap_err(),
+            "bogus: unknown setting"
+        );
+        assert!(patch_config(&base, &json!({"paused": "yes"}))
+            .unwrap_err()
+            .starts_with("paused:"));
         assert!(patch_config(&base, &json!([1])).is_err());
     }
 

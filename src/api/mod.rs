@@ -122,7 +122,15 @@ pub async fn serve_with_operator(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listeners = bind_all(&listen)?;
-    serve_listeners(listeners, snapshots, stale_after, Limits::default(), operator, shutdown).await
+    serve_listeners(
+        listeners,
+        snapshots,
+        stale_after,
+        Limits::default(),
+        operator,
+        shutdown,
+    )
+    .await
 }
 
 /// Binds every address. An IPv6 wildcard (`[::]`) accepts IPv4 too, unless
@@ -291,7 +299,8 @@ async fn serve_connection(
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(routes::JSON));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(routes::JSON));
     resp
 }
 
@@ -304,9 +313,13 @@ async fn operator_request(
     authorization: Option<&str>,
     body: &[u8],
 ) -> Response<Full<Bytes>> {
-    let message = |status: StatusCode, m: &str| json_response(status, &serde_json::json!({ "message": m }));
+    let message =
+        |status: StatusCode, m: &str| json_response(status, &serde_json::json!({ "message": m }));
     let Some(op) = &shared.operator else {
-        return message(StatusCode::SERVICE_UNAVAILABLE, "operator requests are not served here");
+        return message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "operator requests are not served here",
+        );
     };
     if let Err((status, why)) = op.auth.check(authorization, peer) {
         warn!(%peer, %method, path, status = status.as_u16(), why, "operator request refused");
@@ -334,8 +347,14 @@ async fn operator_request(
             StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             &reply.body,
         ),
-        Ok(Err(_)) => message(StatusCode::SERVICE_UNAVAILABLE, "the agent dropped the request"),
-        Err(_) => message(StatusCode::SERVICE_UNAVAILABLE, "the agent did not answer in time"),
+        Ok(Err(_)) => message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent dropped the request",
+        ),
+        Err(_) => message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent did not answer in time",
+        ),
     }
 }
 
@@ -363,7 +382,11 @@ fn respond_and_close(status: StatusCode, message: &str) -> Response<Full<Bytes>>
     resp
 }
 
-async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    shared: &Shared,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let limits = shared.limits;
     let (parts, body) = req.into_parts();
     let too_large = || format!("request body over {} bytes", limits.max_body_bytes);
@@ -399,8 +422,19 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
         }
     }
     if operator::is_operator(&parts.method, parts.uri.path()) {
-        let authorization = parts.headers.get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        return operator_request(shared, peer, &parts.method, parts.uri.path(), authorization, &body_bytes).await;
+        let authorization = parts
+            .headers
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        return operator_request(
+            shared,
+            peer,
+            &parts.method,
+            parts.uri.path(),
+            authorization,
+            &body_bytes,
+        )
+        .await;
     }
     let rendered = shared.current();
     let age = rendered.snapshot.taken_at.elapsed();

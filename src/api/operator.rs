@@ -26,7 +26,11 @@ impl Auth {
     }
 
     /// `Ok` when the request may act; otherwise the status (401 or 403) and why.
-    pub fn check(&self, authorization: Option<&str>, peer: SocketAddr) -> Result<(), (StatusCode, &'static str)> {
+    pub fn check(
+        &self,
+        authorization: Option<&str>,
+        peer: SocketAddr,
+    ) -> Result<(), (StatusCode, &'static str)> {
         if self.token.is_none() && self.basic.is_none() {
             return if peer.ip().is_loopback() {
                 Ok(())
@@ -39,7 +43,10 @@ impl Auth {
         };
         let (scheme, value) = header.split_once(' ').unwrap_or((header, ""));
         let ok = match scheme.to_ascii_lowercase().as_str() {
-            "bearer" => self.token.as_ref().is_some_and(|t| constant_time_eq(t.expose().as_bytes(), value.trim().as_bytes())),
+            "bearer" => self
+                .token
+                .as_ref()
+                .is_some_and(|t| constant_time_eq(t.expose().as_bytes(), value.trim().as_bytes())),
             "basic" => self.basic.as_ref().is_some_and(|(user, pw)| {
                 let expected = base64_encode(format!("{user}:{}", pw.expose()).as_bytes());
                 constant_time_eq(expected.as_bytes(), value.trim().as_bytes())
@@ -68,7 +75,11 @@ pub fn base64_encode(input: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for i in 0..4 {
             if i <= chunk.len() {
@@ -85,8 +96,16 @@ pub fn base64_encode(input: &[u8]) -> String {
 pub fn is_operator(method: &Method, path: &str) -> bool {
     matches!(
         (method.as_str(), path),
-        ("POST", "/switchover" | "/failover" | "/restart" | "/reload" | "/reinitialize" | "/pause" | "/resume")
-            | ("DELETE", "/switchover" | "/restart")
+        (
+            "POST",
+            "/switchover"
+                | "/failover"
+                | "/restart"
+                | "/reload"
+                | "/reinitialize"
+                | "/pause"
+                | "/resume"
+        ) | ("DELETE", "/switchover" | "/restart")
             | ("PATCH" | "PUT", "/config")
     )
 }
@@ -114,7 +133,11 @@ fn scheduled_at(doc: &Value) -> Result<Option<u64>, String> {
     };
     let t = humantime::parse_rfc3339_weak(&text)
         .map_err(|e| format!("scheduled_at: expected a time like \"2026-11-26T12:00:00Z\": {e}"))?;
-    Ok(Some(t.duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?.as_millis() as u64))
+    Ok(Some(
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_millis() as u64,
+    ))
 }
 
 /// Turns an operator request into what the agent should do, or a 4xx.
@@ -144,18 +167,28 @@ pub fn parse(method: &Method, path: &str, body: &[u8]) -> Result<Request, (Statu
         ("DELETE", "/switchover") => Request::CancelSwitchover,
         ("POST", "/restart") => {
             if doc.get("schedule").is_some() {
-                return Err((StatusCode::UNPROCESSABLE_ENTITY, "scheduled restarts are not supported".into()));
+                return Err((
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "scheduled restarts are not supported".into(),
+                ));
             }
             Request::Restart
         }
-        ("DELETE", "/restart") => return Err((StatusCode::NOT_FOUND, "no scheduled restart".into())),
+        ("DELETE", "/restart") => {
+            return Err((StatusCode::NOT_FOUND, "no scheduled restart".into()))
+        }
         ("POST", "/reload") => Request::Reload,
         ("POST", "/reinitialize") => Request::Reinitialize,
         ("POST", "/pause") => Request::PatchConfig(serde_json::json!({ "paused": true })),
         ("POST", "/resume") => Request::PatchConfig(serde_json::json!({ "paused": false })),
         ("PATCH", "/config") => Request::PatchConfig(doc),
         ("PUT", "/config") => Request::PutConfig(doc),
-        _ => return Err((StatusCode::NOT_FOUND, format!("no such endpoint: {method} {path}"))),
+        _ => {
+            return Err((
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: {method} {path}"),
+            ))
+        }
     })
 }
 
@@ -172,24 +205,47 @@ mod tests {
         let auth = Auth::default();
         assert!(auth.check(None, peer("127.0.0.1")).is_ok());
         assert!(auth.check(None, "[::1]:1".parse().unwrap()).is_ok());
-        assert_eq!(auth.check(None, peer("10.0.0.5")).unwrap_err().0, StatusCode::FORBIDDEN);
+        assert_eq!(
+            auth.check(None, peer("10.0.0.5")).unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
     }
 
     #[test]
     fn token_and_basic_credentials_are_checked() {
-        let auth = Auth { token: Some(Secret::new("s3cret")), basic: Some(("admin".into(), Secret::new("pw"))) };
+        let auth = Auth {
+            token: Some(Secret::new("s3cret")),
+            basic: Some(("admin".into(), Secret::new("pw"))),
+        };
         let p = peer("127.0.0.1");
-        assert_eq!(auth.check(None, p).unwrap_err().0, StatusCode::UNAUTHORIZED, "loopback needs them too once configured");
-        assert_eq!(auth.check(Some("Bearer wrong"), p).unwrap_err().0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            auth.check(None, p).unwrap_err().0,
+            StatusCode::UNAUTHORIZED,
+            "loopback needs them too once configured"
+        );
+        assert_eq!(
+            auth.check(Some("Bearer wrong"), p).unwrap_err().0,
+            StatusCode::UNAUTHORIZED
+        );
         assert!(auth.check(Some("Bearer s3cret"), p).is_ok());
-        assert!(auth.check(Some(&format!("Basic {}", base64_encode(b"admin:pw"))), p).is_ok());
-        assert!(auth.check(Some(&format!("Basic {}", base64_encode(b"admin:no"))), p).is_err());
+        assert!(auth
+            .check(Some(&format!("Basic {}", base64_encode(b"admin:pw"))), p)
+            .is_ok());
+        assert!(auth
+            .check(Some(&format!("Basic {}", base64_encode(b"admin:no"))), p)
+            .is_err());
         assert!(auth.check(Some("Digest x"), p).is_err());
     }
 
     #[test]
     fn base64_matches_rfc4648() {
-        for (plain, enc) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
+        for (plain, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64_encode(plain.as_bytes()), enc);
         }
     }
@@ -199,15 +255,53 @@ mod tests {
         let post = Method::POST;
         assert_eq!(
             parse(&post, "/switchover", br#"{"leader":"n1","candidate":"n2"}"#).unwrap(),
-            Request::Switchover { leader: Some("n1".into()), candidate: Some("n2".into()), at_ms: None }
+            Request::Switchover {
+                leader: Some("n1".into()),
+                candidate: Some("n2".into()),
+                at_ms: None
+            }
         );
-        assert!(matches!(parse(&post, "/switchover", br#"{"scheduled_at":"2030-01-01T00:00:00Z"}"#).unwrap(), Request::Switchover { at_ms: Some(_), .. }));
-        assert_eq!(parse(&post, "/switchover", b"{nope").unwrap_err().0, StatusCode::BAD_REQUEST);
-        assert_eq!(parse(&post, "/switchover", br#"{"candidate":5}"#).unwrap_err().0, StatusCode::BAD_REQUEST);
-        assert_eq!(parse(&post, "/failover", b"{}").unwrap_err().0, StatusCode::BAD_REQUEST);
-        assert_eq!(parse(&post, "/failover", br#"{"candidate":"n2","force":true}"#).unwrap(), Request::Failover { candidate: "n2".into(), force: true });
-        assert_eq!(parse(&post, "/pause", b"").unwrap(), Request::PatchConfig(serde_json::json!({"paused": true})));
-        assert_eq!(parse(&Method::DELETE, "/restart", b"").unwrap_err().0, StatusCode::NOT_FOUND);
-        assert_eq!(parse(&Method::PATCH, "/config", b"[1]").unwrap_err().0, StatusCode::BAD_REQUEST);
+        assert!(matches!(
+            parse(
+                &post,
+                "/switchover",
+                br#"{"scheduled_at":"2030-01-01T00:00:00Z"}"#
+            )
+            .unwrap(),
+            Request::Switchover { at_ms: Some(_), .. }
+        ));
+        assert_eq!(
+            parse(&post, "/switchover", b"{nope").unwrap_err().0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            parse(&post, "/switchover", br#"{"candidate":5}"#)
+                .unwrap_err()
+                .0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            parse(&post, "/failover", b"{}").unwrap_err().0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            parse(&post, "/failover", br#"{"candidate":"n2","force":true}"#).unwrap(),
+            Request::Failover {
+                candidate: "n2".into(),
+                force: true
+            }
+        );
+        assert_eq!(
+            parse(&post, "/pause", b"").unwrap(),
+            Request::PatchConfig(serde_json::json!({"paused": true}))
+        );
+        assert_eq!(
+            parse(&Method::DELETE, "/restart", b"").unwrap_err().0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            parse(&Method::PATCH, "/config", b"[1]").unwrap_err().0,
+            StatusCode::BAD_REQUEST
+        );
     }
 }

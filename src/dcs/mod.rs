@@ -10,7 +10,9 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 
 use crate::config::EtcdConfig;
-use crate::ha::{DcsView, DynamicConfig, InitializeKey, LeaderKey, Lsn, MemberStatus, SwitchoverKey};
+use crate::ha::{
+    DcsView, DynamicConfig, InitializeKey, LeaderKey, Lsn, MemberStatus, SwitchoverKey,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
@@ -162,7 +164,8 @@ impl Etcd {
             } else if key == self.keys.history() {
                 history = serde_json::from_slice(value).map_err(bad)?;
             } else if key == self.keys.switchover() {
-                view.switchover = Some(serde_json::from_slice::<SwitchoverKey>(value).map_err(bad)?);
+                view.switchover =
+                    Some(serde_json::from_slice::<SwitchoverKey>(value).map_err(bad)?);
             } else if key == self.keys.status() {
                 if let Ok(st) = serde_json::from_slice::<LeaderStatus>(value) {
                     view.last_leader_lsn = Some(st.lsn);
@@ -238,7 +241,10 @@ impl Etcd {
             let resp = within(self.timeout, c.get(key.as_str(), None)).await?;
             let (current, rev) = match resp.kvs().first() {
                 Some(kv) => (
-                    serde_json::from_slice(kv.value()).map_err(|e| DcsError::BadValue { key: key.clone(), problem: e.to_string() })?,
+                    serde_json::from_slice(kv.value()).map_err(|e| DcsError::BadValue {
+                        key: key.clone(),
+                        problem: e.to_string(),
+                    })?,
                     kv.mod_revision(),
                 ),
                 None => (DynamicConfig::default(), 0),
@@ -249,17 +255,29 @@ impl Etcd {
             };
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)])
-                .and_then([TxnOp::put(key.as_str(), serde_json::to_vec(&next).expect("serializable"), None)]);
+                .and_then([TxnOp::put(
+                    key.as_str(),
+                    serde_json::to_vec(&next).expect("serializable"),
+                    None,
+                )]);
             if within(self.timeout, c.txn(txn)).await?.succeeded() {
                 return Ok(Ok(next));
             }
         }
-        Err(DcsError::BadValue { key, problem: "changed concurrently five times".into() })
+        Err(DcsError::BadValue {
+            key,
+            problem: "changed concurrently five times".into(),
+        })
     }
 
     /// Records a switchover request unless one is pending; true when ours won.
     pub async fn request_switchover(&self, sw: &SwitchoverKey) -> Result<bool> {
-        self.create(self.keys.switchover(), serde_json::to_vec(sw).expect("serializable"), None).await
+        self.create(
+            self.keys.switchover(),
+            serde_json::to_vec(sw).expect("serializable"),
+            None,
+        )
+        .await
     }
 
     /// Deletes the switchover request; true when there was one.

@@ -295,7 +295,9 @@ fn follow(
         // We handed over cleanly: the new leader has all our WAL, no rewind.
         if leader_up {
             steps.push(Step::new(
-                Action::StartReplica { upstream: Some(leader.to_string()) },
+                Action::StartReplica {
+                    upstream: Some(leader.to_string()),
+                },
                 format!("handed over to {leader}: follow it"),
             ));
         }
@@ -366,7 +368,10 @@ fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, steps: &mut Vec<
 
 /// Whether a member of region `r` may lead under the cluster's primary_region.
 pub fn candidacy_region_ok(dcs: &DcsView, r: &Option<String>) -> bool {
-    dcs.config.primary_region.as_ref().is_none_or(|p| r.as_ref() == Some(p))
+    dcs.config
+        .primary_region
+        .as_ref()
+        .is_none_or(|p| r.as_ref() == Some(p))
 }
 
 /// Whether this replica may take the leader key now, and if not why.

@@ -9,7 +9,11 @@ use super::state::*;
 
 /// Members that may take over from the current leader now, best first.
 fn healthy_replicas<'a>(obs: &Observation, dcs: &'a DcsView) -> Vec<&'a MemberStatus> {
-    let top = dcs.member(&obs.node).and_then(|m| m.wal_position).or(obs.local.wal_position).unwrap_or_default();
+    let top = dcs
+        .member(&obs.node)
+        .and_then(|m| m.wal_position)
+        .or(obs.local.wal_position)
+        .unwrap_or_default();
     healthy_replicas_of(&obs.node, top, dcs)
 }
 
@@ -26,7 +30,13 @@ pub fn healthy_replicas_of<'a>(leader: &str, top: Lsn, dcs: &'a DcsView) -> Vec<
         })
         .collect();
     healthy.sort_by(|a, b| {
-        let key = |m: &MemberStatus| (m.timeline, m.receive_lsn.max(m.replay_lsn), m.failover_priority);
+        let key = |m: &MemberStatus| {
+            (
+                m.timeline,
+                m.receive_lsn.max(m.replay_lsn),
+                m.failover_priority,
+            )
+        };
         key(b).cmp(&key(a)).then_with(|| a.name.cmp(&b.name))
     });
     healthy
@@ -35,9 +45,17 @@ pub fn healthy_replicas_of<'a>(leader: &str, top: Lsn, dcs: &'a DcsView) -> Vec<
 /// Whom a switchover hands over to, or why it cannot happen.
 pub fn target(obs: &Observation, dcs: &DcsView, sw: &SwitchoverKey) -> Result<String, String> {
     if sw.force {
-        let to = sw.to.clone().ok_or("a forced failover names its candidate")?;
+        let to = sw
+            .to
+            .clone()
+            .ok_or("a forced failover names its candidate")?;
         return match dcs.member(&to) {
-            Some(m) if m.role == MemberRole::Replica && matches!(m.state.as_str(), "running" | "streaming") => Ok(to),
+            Some(m)
+                if m.role == MemberRole::Replica
+                    && matches!(m.state.as_str(), "running" | "streaming") =>
+            {
+                Ok(to)
+            }
             _ => Err(format!("{to} is not a running replica")),
         };
     }
@@ -47,10 +65,15 @@ pub fn target(obs: &Observation, dcs: &DcsView, sw: &SwitchoverKey) -> Result<St
             if healthy.iter().any(|m| &m.name == to) {
                 Ok(to.clone())
             } else {
-                Err(format!("{to} is not a healthy streaming replica eligible for promotion"))
+                Err(format!(
+                    "{to} is not a healthy streaming replica eligible for promotion"
+                ))
             }
         }
-        None => healthy.first().map(|m| m.name.clone()).ok_or_else(|| "no healthy streaming replica to hand over to".into()),
+        None => healthy
+            .first()
+            .map(|m| m.name.clone())
+            .ok_or_else(|| "no healthy streaming replica to hand over to".into()),
     }
 }
 
@@ -59,7 +82,13 @@ fn due(obs: &Observation, sw: &SwitchoverKey) -> bool {
 }
 
 /// Leader side; true when it decided everything for this pass.
-pub fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps: &mut Vec<Step>) -> bool {
+pub fn lead(
+    obs: &Observation,
+    dcs: &DcsView,
+    settings: &Settings,
+    now: Tick,
+    steps: &mut Vec<Step>,
+) -> bool {
     let local = &obs.local;
     let running_primary = local.running && local.role == Some(PgRole::Primary);
     let Some(sw) = &dcs.switchover else {
@@ -67,7 +96,10 @@ pub fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, st
     };
     if sw.from != obs.node {
         if running_primary {
-            steps.push(Step::new(Action::ClearSwitchover, format!("switchover from {} done: we lead", sw.from)));
+            steps.push(Step::new(
+                Action::ClearSwitchover,
+                format!("switchover from {} done: we lead", sw.from),
+            ));
         }
         return false;
     }
@@ -76,7 +108,10 @@ pub fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, st
     }
     let Some(handover) = &obs.handover else {
         if !running_primary {
-            steps.push(Step::new(Action::ClearSwitchover, "switchover aborted: our postgres is not running as primary"));
+            steps.push(Step::new(
+                Action::ClearSwitchover,
+                "switchover aborted: our postgres is not running as primary",
+            ));
             return true;
         }
         match target(obs, dcs, sw) {
@@ -84,7 +119,10 @@ pub fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, st
                 Action::HandoverStop { to: to.clone() },
                 format!("switchover to {to}: checkpoint and stop so it receives all WAL"),
             )),
-            Err(why) => steps.push(Step::new(Action::ClearSwitchover, format!("switchover aborted: {why}"))),
+            Err(why) => steps.push(Step::new(
+                Action::ClearSwitchover,
+                format!("switchover aborted: {why}"),
+            )),
         }
         return true;
     };
@@ -95,10 +133,17 @@ pub fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, st
     // no longer does, and only its own answer about its WAL counts.
     let to = &handover.to;
     if sw.force {
-        steps.push(Step::new(Action::ReleaseLeader, format!("forced failover to {to}: release without waiting")));
+        steps.push(Step::new(
+            Action::ReleaseLeader,
+            format!("forced failover to {to}: release without waiting"),
+        ));
         return true;
     }
-    let received = obs.peers.as_ref().and_then(|p| p.iter().find(|p| p.name == *to)).map(|p| p.lsn);
+    let received = obs
+        .peers
+        .as_ref()
+        .and_then(|p| p.iter().find(|p| p.name == *to))
+        .map(|p| p.lsn);
     match (obs.checkpoint_lsn, received) {
         (Some(stop), Some(got)) if got > stop => steps.push(Step::new(
             Action::ReleaseLeader,
@@ -107,7 +152,10 @@ pub fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, st
         _ if now.since(handover.since) >= settings.handover_timeout_ms => abort(
             obs,
             steps,
-            &format!("{to} did not confirm our last WAL within {} ms", settings.handover_timeout_ms),
+            &format!(
+                "{to} did not confirm our last WAL within {} ms",
+                settings.handover_timeout_ms
+            ),
         ),
         _ => {}
     }
@@ -116,9 +164,15 @@ pub fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, st
 
 fn abort(obs: &Observation, steps: &mut Vec<Step>, why: &str) {
     if !obs.shutting_down {
-        steps.push(Step::new(Action::StartPrimary, format!("switchover aborted ({why}): run as primary again")));
+        steps.push(Step::new(
+            Action::StartPrimary,
+            format!("switchover aborted ({why}): run as primary again"),
+        ));
     }
-    steps.push(Step::new(Action::ClearSwitchover, format!("switchover aborted: {why}")));
+    steps.push(Step::new(
+        Action::ClearSwitchover,
+        format!("switchover aborted: {why}"),
+    ));
 }
 
 /// Candidate side while no leader exists: `Some(steps)` when a fresh

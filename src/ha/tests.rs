@@ -585,21 +585,44 @@ fn failed_rewind_reclones_only_with_auto_reinit() {
 fn paused_cluster_neither_fails_over_nor_restarts() {
     let mut v = view(None, replicas(&[("n2", 1, 1000), ("n3", 1, 900)]));
     v.config.paused = true;
-    assert!(actions(&obs("n2", running(PgRole::Replica, 1, 1000), Some(v.clone())), 0).is_empty(), "no failover");
-    assert!(actions(&obs("n2", LocalPostgres::default(), Some(v)), 0).is_empty(), "no automatic start");
+    assert!(
+        actions(
+            &obs("n2", running(PgRole::Replica, 1, 1000), Some(v.clone())),
+            0
+        )
+        .is_empty(),
+        "no failover"
+    );
+    assert!(
+        actions(&obs("n2", LocalPostgres::default(), Some(v)), 0).is_empty(),
+        "no automatic start"
+    );
 
     let mut v = view(Some("n1"), healthy_three("n1"));
     v.config.paused = true;
     let mut leader = obs("n1", LocalPostgres::default(), Some(v.clone()));
     leader.pg_down_since = Some(Tick(0));
-    assert_eq!(actions(&leader, 60_000), vec![Action::RenewLeader { lease_id: 42 }], "keeps the key, no restart, no release");
+    assert_eq!(
+        actions(&leader, 60_000),
+        vec![Action::RenewLeader { lease_id: 42 }],
+        "keeps the key, no restart, no release"
+    );
     let mut old = obs("n3", LocalPostgres::default(), Some(v));
     old.last_role = Some(PgRole::Primary);
-    assert!(actions(&old, 0).is_empty(), "no rewind or start while paused");
+    assert!(
+        actions(&old, 0).is_empty(),
+        "no rewind or start while paused"
+    );
 }
 
 fn switchover(from: &str, to: Option<&str>) -> SwitchoverKey {
-    SwitchoverKey { from: from.into(), to: to.map(Into::into), at_ms: None, requested_ms: 1_000_000, force: false }
+    SwitchoverKey {
+        from: from.into(),
+        to: to.map(Into::into),
+        at_ms: None,
+        requested_ms: 1_000_000,
+        force: false,
+    }
 }
 
 fn with_switchover(leader: Option<&str>, sw: SwitchoverKey) -> DcsView {
@@ -610,10 +633,28 @@ fn with_switchover(leader: Option<&str>, sw: SwitchoverKey) -> DcsView {
 
 #[test]
 fn due_switchover_stops_the_leader_for_a_healthy_target() {
-    let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(with_switchover(Some("n1"), switchover("n1", Some("n3")))));
-    assert_eq!(actions(&o, 0), vec![Action::RenewLeader { lease_id: 42 }, Action::HandoverStop { to: "n3".into() }]);
-    let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(with_switchover(Some("n1"), switchover("n1", None))));
-    assert_eq!(actions(&o, 0)[1], Action::HandoverStop { to: "n2".into() }, "best replica, ties by name");
+    let o = obs(
+        "n1",
+        running(PgRole::Primary, 1, 1000),
+        Some(with_switchover(Some("n1"), switchover("n1", Some("n3")))),
+    );
+    assert_eq!(
+        actions(&o, 0),
+        vec![
+            Action::RenewLeader { lease_id: 42 },
+            Action::HandoverStop { to: "n3".into() }
+        ]
+    );
+    let o = obs(
+        "n1",
+        running(PgRole::Primary, 1, 1000),
+        Some(with_switchover(Some("n1"), switchover("n1", None))),
+    );
+    assert_eq!(
+        actions(&o, 0)[1],
+        Action::HandoverStop { to: "n2".into() },
+        "best replica, ties by name"
+    );
 }
 
 #[test]
@@ -625,7 +666,11 @@ fn switchover_to_an_unfit_target_is_refused_and_cleared() {
     v.members[2].nofailover = false;
     v.members[2].state = "running".into();
     let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(v.clone()));
-    assert_eq!(actions(&o, 0)[1..], [Action::ClearSwitchover], "not streaming");
+    assert_eq!(
+        actions(&o, 0)[1..],
+        [Action::ClearSwitchover],
+        "not streaming"
+    );
     v.members[2].state = "streaming".into();
     v.members[2].replay_lsn = Some(Lsn(0));
     v.members[0].wal_position = Some(Lsn(5 * 1024 * 1024));
@@ -647,28 +692,72 @@ fn scheduled_switchover_waits_for_its_time() {
 
 #[test]
 fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
-    let mut o = obs("n1", LocalPostgres::default(), Some(with_switchover(Some("n1"), switchover("n1", Some("n2")))));
-    o.handover = Some(Handover { since: Tick(0), to: "n2".into(), force: false });
+    let mut o = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(with_switchover(Some("n1"), switchover("n1", Some("n2")))),
+    );
+    o.handover = Some(Handover {
+        since: Tick(0),
+        to: "n2".into(),
+        force: false,
+    });
     o.checkpoint_lsn = Some(Lsn(2000));
-    o.peers = Some(vec![PeerPosition { name: "n2".into(), timeline: Some(1), lsn: Lsn(1999) }]);
-    assert_eq!(actions(&o, 5_000), vec![Action::RenewLeader { lease_id: 42 }], "waits");
+    o.peers = Some(vec![PeerPosition {
+        name: "n2".into(),
+        timeline: Some(1),
+        lsn: Lsn(1999),
+    }]);
+    assert_eq!(
+        actions(&o, 5_000),
+        vec![Action::RenewLeader { lease_id: 42 }],
+        "waits"
+    );
     assert_eq!(
         actions(&o, 10_000),
-        vec![Action::RenewLeader { lease_id: 42 }, Action::StartPrimary, Action::ClearSwitchover],
+        vec![
+            Action::RenewLeader { lease_id: 42 },
+            Action::StartPrimary,
+            Action::ClearSwitchover
+        ],
         "gives up after handover_timeout and runs as primary again"
     );
-    o.peers = Some(vec![PeerPosition { name: "n2".into(), timeline: Some(1), lsn: Lsn(2100) }]);
-    assert_eq!(actions(&o, 5_000), vec![Action::RenewLeader { lease_id: 42 }, Action::ReleaseLeader]);
+    o.peers = Some(vec![PeerPosition {
+        name: "n2".into(),
+        timeline: Some(1),
+        lsn: Lsn(2100),
+    }]);
+    assert_eq!(
+        actions(&o, 5_000),
+        vec![Action::RenewLeader { lease_id: 42 }, Action::ReleaseLeader]
+    );
 }
 
 #[test]
 fn switchover_target_takes_the_key_and_others_wait() {
     let v = with_switchover(None, switchover("n1", Some("n3")));
-    assert_eq!(actions(&obs("n3", running(PgRole::Replica, 1, 1000), Some(v.clone())), 0), vec![Action::AcquireLeader]);
-    assert!(actions(&obs("n2", running(PgRole::Replica, 1, 9000), Some(v.clone())), 0).is_empty(), "n2 is ahead but not the target");
+    assert_eq!(
+        actions(
+            &obs("n3", running(PgRole::Replica, 1, 1000), Some(v.clone())),
+            0
+        ),
+        vec![Action::AcquireLeader]
+    );
+    assert!(
+        actions(
+            &obs("n2", running(PgRole::Replica, 1, 9000), Some(v.clone())),
+            0
+        )
+        .is_empty(),
+        "n2 is ahead but not the target"
+    );
     let mut late = obs("n2", running(PgRole::Replica, 1, 9000), Some(v));
     late.wall_ms = 1_000_000 + 30_001;
-    assert_eq!(actions(&late, 0), vec![Action::AcquireLeader], "a stale request no longer binds");
+    assert_eq!(
+        actions(&late, 0),
+        vec![Action::AcquireLeader],
+        "a stale request no longer binds"
+    );
 }
 
 #[test]
@@ -676,25 +765,51 @@ fn handed_over_leader_follows_without_rewind_and_new_leader_clears_the_request()
     let v = with_switchover(Some("n2"), switchover("n1", Some("n2")));
     let mut old = obs("n1", LocalPostgres::default(), Some(v.clone()));
     old.last_role = Some(PgRole::Primary);
-    old.handover = Some(Handover { since: Tick(0), to: "n2".into(), force: false });
+    old.handover = Some(Handover {
+        since: Tick(0),
+        to: "n2".into(),
+        force: false,
+    });
     let mut members = healthy_three("n2");
-    members.iter_mut().for_each(|m| m.state = if m.name == "n2" { "running".into() } else { m.state.clone() });
+    members.iter_mut().for_each(|m| {
+        m.state = if m.name == "n2" {
+            "running".into()
+        } else {
+            m.state.clone()
+        }
+    });
     let mut v2 = v.clone();
     v2.members = members;
     old.dcs = Some(v2.clone());
-    assert_eq!(actions(&old, 0), vec![Action::StartReplica { upstream: Some("n2".into()) }]);
+    assert_eq!(
+        actions(&old, 0),
+        vec![Action::StartReplica {
+            upstream: Some("n2".into())
+        }]
+    );
     let new = obs("n2", running(PgRole::Primary, 2, 1000), Some(v2));
     assert!(actions(&new, 0).contains(&Action::ClearSwitchover));
 }
 
 #[test]
 fn shutting_down_starts_nothing() {
-    let mut o = obs("n2", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    let mut o = obs(
+        "n2",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
     o.shutting_down = true;
     assert!(actions(&o, 0).is_empty());
-    let mut leader = obs("n1", LocalPostgres::default(), Some(view(Some("n1"), healthy_three("n1"))));
+    let mut leader = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
     leader.shutting_down = true;
-    assert_eq!(actions(&leader, 0), vec![Action::RenewLeader { lease_id: 42 }]);
+    assert_eq!(
+        actions(&leader, 0),
+        vec![Action::RenewLeader { lease_id: 42 }]
+    );
 }
 
 #[test]

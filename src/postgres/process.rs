@@ -215,14 +215,20 @@ impl LocalPg {
             .and_then(|v| crate::ha::Lsn::parse(v)))
     }
 
-    /// initdb with checksums; keeps the generated postgresql.conf as the base config.
-    pub async fn initdb(&self) -> Result<()> {
+    /// Creates the (empty) data directory, private to the Postgres user.
+    fn create_data_dir(&self) -> Result<&Path> {
         self.prepare_dirs()?;
-        let dir = &self.cfg.data_dir;
+        let dir = self.cfg.data_dir.as_path();
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(io_err("chmod data dir"))?;
         self.chown(dir)?;
+        Ok(dir)
+    }
+
+    /// initdb with checksums; keeps the generated postgresql.conf as the base config.
+    pub async fn initdb(&self) -> Result<()> {
+        let dir = self.create_data_dir()?;
         let mut cmd = self.command("initdb");
         cmd.arg("-D")
             .arg(dir)
@@ -394,12 +400,7 @@ impl LocalPg {
 
     /// Clones `from` with pg_basebackup (WAL streamed), publishing progress.
     pub async fn basebackup(&self, from: &Upstream) -> Result<()> {
-        self.prepare_dirs()?;
-        let dir = &self.cfg.data_dir;
-        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err("chmod data dir"))?;
-        self.chown(dir)?;
+        let dir = self.create_data_dir()?;
         let mut cmd = self.command("pg_basebackup");
         cmd.arg("-D")
             .arg(dir)

@@ -160,12 +160,26 @@ impl Etcd {
                     mod_revision: kv.mod_revision(),
                 });
             } else if key == self.keys.config() {
-                view.config = serde_json::from_slice::<DynamicConfig>(value).map_err(bad)?;
+                // A config an operator mangled by hand must not look like an
+                // etcd outage (that would fence the primary): defaults apply.
+                match serde_json::from_slice::<DynamicConfig>(value) {
+                    Ok(c) => view.config = c,
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "unreadable dynamic config: using defaults")
+                    }
+                }
             } else if key == self.keys.history() {
-                history = serde_json::from_slice(value).map_err(bad)?;
+                match serde_json::from_slice(value) {
+                    Ok(h) => history = h,
+                    Err(e) => tracing::warn!(key, error = %e, "unreadable history: ignored"),
+                }
             } else if key == self.keys.switchover() {
-                view.switchover =
-                    Some(serde_json::from_slice::<SwitchoverKey>(value).map_err(bad)?);
+                match serde_json::from_slice::<SwitchoverKey>(value) {
+                    Ok(sw) => view.switchover = Some(sw),
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "unreadable switchover request: ignored")
+                    }
+                }
             } else if key == self.keys.status() {
                 if let Ok(st) = serde_json::from_slice::<LeaderStatus>(value) {
                     view.last_leader_lsn = Some(st.lsn);

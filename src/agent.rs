@@ -393,6 +393,11 @@ impl Agent {
         let Some(view) = &self.last_view else {
             return Err(Reply::message(503, "etcd has not been read yet"));
         };
+        // Judge members by what was last published, but this node by its
+        // own latest status (its key in etcd may be a pass behind).
+        let mut view = view.clone();
+        view.members = self.snapshot.borrow().members.clone();
+        let view = &view;
         let current = view.leader.as_ref().map(|l| l.name.clone());
         if let Some(pending) = &view.switchover {
             return Err(Reply::message(

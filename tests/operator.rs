@@ -1,0 +1,363 @@
+//! Operator controls against a real cluster: credentials on operator
+//! endpoints, maintenance mode, planned switchover under write load,
+//! concurrent switchover requests, and the graceful handover a leader makes
+//! on SIGTERM (a platform's rolling deploy). Judged by the data a writer got
+//! acknowledged, as in the failover tests.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{
+    create_writes_table, serial, stored_seqs, wait_until, Cluster, Node, Options, Timing, Writer,
+    WriterLog,
+};
+
+const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(90);
+const WRITE_EVERY: Duration = Duration::from_millis(20);
+const TOKEN: &str = "operator-s3cret";
+
+fn fast() -> Options {
+    Options {
+        timing: Timing::FAST,
+        ..Options::default()
+    }
+}
+
+/// One HTTP/1.1 request with an optional JSON body and bearer token.
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(130))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Restarts `name` with an API token in its config (other nodes keep none).
+fn require_token(cluster: &mut Cluster, name: &str) {
+    let node = cluster.node_mut(name);
+    node.sigterm();
+    let text = std::fs::read_to_string(&node.config).expect("config");
+    let text = text.replacen("[api]\n", &format!("[api]\ntoken = \"{TOKEN}\"\n"), 1);
+    std::fs::write(&node.config, text).expect("write config");
+    node.restart();
+}
+
+fn healthy(cluster: &mut Cluster) -> String {
+    let view = cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
+    view.primaries()[0].name.clone()
+}
+
+fn replica_names(cluster: &mut Cluster, primary: &str) -> Vec<String> {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .filter(|n| n != primary)
+        .collect()
+}
+
+fn start_writer(cluster: &Cluster) -> Writer {
+    let writer = Writer::multi_host("app", &cluster.pg_ports(), WRITE_EVERY);
+    wait_until("25 acknowledged writes", Duration::from_secs(20), || {
+        (writer.log().acked_count() >= 25).then_some(())
+    });
+    writer
+}
+
+/// Stops the writer and returns its log and the acknowledged writes that
+/// `primary` does not have.
+fn settle(writer: Writer, primary: &Node) -> (WriterLog, Vec<i64>) {
+    let log = writer.stop();
+    let stored = stored_seqs(primary.pg_port, &log.writer).expect("read back the rows");
+    let lost = log.lost(&stored);
+    (log, lost)
+}
+
+/// Longest time between two acknowledged writes.
+fn longest_gap(log: &WriterLog) -> Duration {
+    let mut at: Vec<Instant> = log.acked().map(|(_, a)| a.at).collect();
+    at.sort();
+    at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+}
+
+#[test]
+fn operator_endpoints_need_credentials_and_pause_stops_automatic_actions() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(3, fast());
+    let primary = healthy(&mut cluster);
+    let guarded = replica_names(&mut cluster, &primary)[0].clone();
+    require_token(&mut cluster, &guarded);
+    cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
+    let api = cluster.node(&guarded).api_addr();
+
+    assert_eq!(
+        http(api, "POST", "/pause", "", None).0,
+        401,
+        "no credentials"
+    );
+    assert_eq!(
+        http(api, "POST", "/pause", "", Some("wrong")).0,
+        401,
+        "wrong token"
+    );
+    let config = cluster.node(&primary).get_json("/config").expect("config");
+    assert_eq!(config["paused"], false, "a refused request changed nothing");
+    let (status, body) = http(api, "POST", "/pause", "", Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    wait_until(
+        "every node to see the pause",
+        Duration::from_secs(10),
+        || {
+            cluster
+                .nodes
+                .iter()
+                .all(|n| n.get_json("/config").is_some_and(|c| c["paused"] == true))
+                .then_some(())
+        },
+    );
+    // Without configured credentials, loopback clients may act.
+    let open = cluster.node(&primary).api_addr();
+    assert_eq!(http(open, "POST", "/reload", "", None).0, 200);
+    assert_eq!(
+        http(open, "PATCH", "/config", r#"{"bogus": 1}"#, None).0,
+        422,
+        "unknown setting"
+    );
+    assert_eq!(
+        http(open, "PATCH", "/config", "{not json", None).0,
+        400,
+        "malformed JSON"
+    );
+
+    // Paused: the primary's Postgres dies, and nothing happens.
+    let pid = cluster.node(&primary).postmaster_pid().expect("postmaster");
+    common::kill_postmaster(&cluster.node(&primary).data_dir);
+    wait_until("the postmaster to be gone", Duration::from_secs(10), || {
+        (!common::process_alive(pid)).then_some(())
+    });
+    let quiet_until = Instant::now() + Duration::from_secs(3 * Timing::FAST.ttl_s);
+    while Instant::now() < quiet_until {
+        let view = cluster.view().expect("cluster view");
+        assert_eq!(
+            view.leader.as_deref(),
+            Some(primary.as_str()),
+            "leadership moved while paused"
+        );
+        assert!(
+            cluster.node(&primary).postmaster_pid().is_none(),
+            "postgres was restarted while paused"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let (status, body) = http(api, "POST", "/resume", "", Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let view = cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
+    assert_eq!(
+        view.primaries()[0].name,
+        primary,
+        "after resume the leader restarts its own postgres"
+    );
+}
+
+#[test]
+fn switchover_under_load_loses_nothing_and_the_old_primary_follows_without_rewind() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(3, fast());
+    let old = healthy(&mut cluster);
+    create_writes_table(cluster.node(&old));
+    let target = replica_names(&mut cluster, &old)[1].clone();
+    let writer = start_writer(&cluster);
+
+    let api = cluster.node(&old).api_addr();
+    let asked = Instant::now();
+    let (status, body) = http(
+        api,
+        "POST",
+        "/switchover",
+        &format!(r#"{{"leader":"{old}","candidate":"{target}"}}"#),
+        None,
+    );
+    let took = asked.elapsed();
+    assert_eq!(status, 200, "{body}");
+    let view = cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
+    assert_eq!(view.primaries()[0].name, target, "{view:#?}");
+    writer.wait_for_ack_after(Instant::now(), Duration::from_secs(10));
+
+    let (log, lost) = settle(writer, cluster.node(&target));
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost in a switchover: {lost:?}"
+    );
+    let old_log = cluster.node(&old).current_run_log();
+    assert!(
+        !old_log.contains("action=rewind"),
+        "the old primary needed a rewind"
+    );
+    assert!(old_log.contains(&format!("action=start replica of {target}")));
+    let history = cluster.node(&target).get_json("/history").expect("history");
+    let last = history.as_array().and_then(|h| h.last()).expect("entry");
+    assert_eq!(last["kind"], "switchover");
+    assert_eq!(last["old_leader"], old.as_str());
+    assert_eq!(last["new_leader"], target.as_str());
+    eprintln!(
+        "SUMMARY switchover: request answered after {} ms, longest write gap {} ms, {} writes acked, {} lost",
+        took.as_millis(),
+        longest_gap(&log).as_millis(),
+        log.acked_count(),
+        lost.len()
+    );
+}
+
+#[test]
+fn of_two_concurrent_switchover_requests_exactly_one_runs() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(3, fast());
+    let old = healthy(&mut cluster);
+    let replicas = replica_names(&mut cluster, &old);
+    // Each node judges a candidate from the member keys it last read.
+    for r in &replicas {
+        wait_until(
+            &format!("{r} to see both replicas streaming"),
+            Duration::from_secs(20),
+            || {
+                let view = cluster.node(r).cluster_view()?;
+                (view.streaming_replicas().len() == 2).then_some(())
+            },
+        );
+    }
+    let requests: Vec<(SocketAddr, String)> = replicas
+        .iter()
+        .map(|r| {
+            (
+                cluster.node(r).api_addr(),
+                format!(r#"{{"candidate":"{r}"}}"#),
+            )
+        })
+        .collect();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(requests.len()));
+    let answers: Vec<(u16, String)> = requests
+        .into_iter()
+        .map(|(api, body)| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                http(api, "POST", "/switchover", &body, None)
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("request thread"))
+        .collect();
+    // The loser finds the winner's request pending (409), or the cluster
+    // already changing under it (412): either way it does not run.
+    let mut statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    statuses.sort();
+    assert!(
+        statuses == [200, 409] || statuses == [200, 412],
+        "{answers:?}"
+    );
+    let view = cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
+    assert_ne!(view.primaries()[0].name, old);
+    let history = cluster
+        .node(&view.primaries()[0].name)
+        .get_json("/history")
+        .expect("history");
+    assert_eq!(
+        history.as_array().map(Vec::len),
+        Some(1),
+        "exactly one switchover ran: {history}"
+    );
+}
+
+#[test]
+fn sigterm_on_the_primary_hands_over_then_exits_and_a_rolling_restart_loses_nothing() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(3, fast());
+    let first = healthy(&mut cluster);
+    create_writes_table(cluster.node(&first));
+    let writer = start_writer(&cluster);
+
+    // The primary first: it must hand over before it exits.
+    let stopping = Instant::now();
+    let status = cluster.node_mut(&first).sigterm();
+    let took = stopping.elapsed();
+    assert!(status.success(), "{first} exited with {status}");
+    assert!(
+        took < Duration::from_secs(45),
+        "graceful stop took {took:?}, over shutdown_timeout"
+    );
+    let log = cluster.node(&first).current_run_log();
+    assert!(
+        log.contains("handing leadership over first"),
+        "no handover in {first}'s log"
+    );
+    let view = cluster.wait_for(
+        "a new leader while the old one is down",
+        Duration::from_secs(20),
+        |v| v.leader.as_ref().is_some_and(|l| *l != first),
+    );
+    let second = view.leader.clone().expect("leader");
+    eprintln!(
+        "SUMMARY sigterm on primary: agent exited after {} ms, {second} leads",
+        took.as_millis()
+    );
+    cluster.node_mut(&first).restart();
+    cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
+
+    // Then every node once more, one after another, as a rolling deploy does.
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    for name in names {
+        let step = Instant::now();
+        let status = cluster.node_mut(&name).sigterm();
+        assert!(status.success(), "{name} exited with {status}");
+        cluster.node_mut(&name).restart();
+        cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
+        eprintln!(
+            "SUMMARY rolling restart: {name} back after {} ms",
+            step.elapsed().as_millis()
+        );
+    }
+    writer.wait_for_ack_after(Instant::now(), Duration::from_secs(10));
+    let primary = cluster.wait_healthy(BOOTSTRAP_TIMEOUT).primaries()[0]
+        .name
+        .clone();
+    let (log, lost) = settle(writer, cluster.node(&primary));
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost across the rolling restart: {lost:?}"
+    );
+    eprintln!(
+        "SUMMARY rolling restart: longest write gap {} ms, {} writes acked, {} lost",
+        longest_gap(&log).as_millis(),
+        log.acked_count(),
+        lost.len()
+    );
+}

@@ -159,6 +159,7 @@ pub struct Agent {
     last_known_leader: Option<String>,
     handover: Option<Handover>,
     shutting_down: bool,
+    replica_timeline: Option<u32>,
     dcs_last_seen: Option<Instant>,
     promotions: u64,
     loop_durations: LoopHistogram,
@@ -226,6 +227,7 @@ impl Agent {
                 last_known_leader: None,
                 handover: None,
                 shutting_down: false,
+                replica_timeline: None,
                 dcs_last_seen: None,
                 promotions: 0,
                 loop_durations: LoopHistogram::default(),
@@ -723,6 +725,9 @@ impl Agent {
         }
         // Whatever the job did to the data directory, look again.
         self.data_dir = None;
+        if matches!(job.kind, Job::Rewind | Job::Clone) {
+            self.replica_timeline = None;
+        }
     }
 
     async fn observe(&mut self) -> Observation {
@@ -823,6 +828,14 @@ impl Agent {
         }
         let mut local = local;
         local.following = self.following.clone();
+        // A standby's timeline comes from its WAL receiver while it streams,
+        // else from its last restartpoint, which lags: keep the highest seen.
+        if local.role == Some(PgRole::Replica) {
+            local.timeline = local.timeline.max(self.replica_timeline);
+            self.replica_timeline = local.timeline;
+        } else if local.running {
+            self.replica_timeline = None;
+        }
         let stalled = local.running
             && local.role == Some(PgRole::Replica)
             && local.following.is_some()
@@ -891,6 +904,7 @@ impl Agent {
                         lsn: lsn("receive_lsn")
                             .max(lsn("replay_lsn"))
                             .unwrap_or_default(),
+                        replay_lsn: lsn("replay_lsn").unwrap_or_default(),
                     })
                 }
             });

@@ -1075,3 +1075,63 @@ fn haproxy_sends_clients_to_the_primary_and_follows_a_failover() {
     )
     .expect("write through HAProxy");
 }
+
+// ---------------------------------------------------------------------------
+// Never blocks: a hung Postgres
+// ---------------------------------------------------------------------------
+
+#[test]
+fn health_answers_at_once_while_postgres_is_sigstopped_and_turns_503() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let _serial = serial();
+    let mut cluster = Cluster::start(
+        1,
+        Options {
+            timing: Timing::FAST,
+            ..Options::default()
+        },
+    );
+    cluster.wait_for("a primary", BOOTSTRAP_TIMEOUT, |v| {
+        v.primaries().len() == 1
+    });
+    let node = &cluster.nodes[0];
+    let api = node.api_addr();
+    assert_eq!(ask(api, "GET", "/health").status, 200);
+    let pid = Pid::from_raw(node.postmaster_pid().expect("postmaster"));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP postgres");
+    let resume = scopeguard(move || {
+        let _ = kill(pid, Signal::SIGCONT);
+    });
+
+    let until = Instant::now() + Duration::from_secs(8);
+    let mut slowest = Duration::ZERO;
+    let mut saw_503 = false;
+    while Instant::now() < until {
+        let asked = Instant::now();
+        let answer = try_ask(api, "GET", "/health").expect("an answer");
+        slowest = slowest.max(asked.elapsed());
+        saw_503 |= answer.status == 503;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        slowest < Duration::from_millis(50),
+        "/health took {slowest:?} with postgres stopped"
+    );
+    assert!(saw_503, "/health kept answering 200 for a hung postgres");
+    drop(resume);
+    eprintln!("SUMMARY /health with postgres SIGSTOPped: slowest answer {slowest:?}, turned 503");
+}
+
+/// Runs `f` when dropped (also when the test panics).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

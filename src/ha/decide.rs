@@ -415,10 +415,10 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
                 m.name
             ));
         }
-        let (timeline, lsn) = match &obs.peers {
+        let (timeline, lsn, replayed) = match &obs.peers {
             // Live answers win; a member whose API did not answer is ignored.
             Some(peers) => match peers.iter().find(|p| p.name == m.name) {
-                Some(p) => (p.timeline, p.lsn),
+                Some(p) => (p.timeline, p.lsn, p.replay_lsn),
                 None => continue,
             },
             None => {
@@ -430,9 +430,17 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
                 (
                     m.timeline,
                     m.receive_lsn.max(m.replay_lsn).unwrap_or_default(),
+                    m.replay_lsn.unwrap_or_default(),
                 )
             }
         };
+        // A member that may not lead itself (replay too far behind) must
+        // not keep the others from leading.
+        if dcs.last_leader_lsn.is_some_and(|last| {
+            last.0.saturating_sub(replayed.0) > dcs.config.maximum_lag_on_failover
+        }) {
+            continue;
+        }
         let theirs = (timeline.unwrap_or(0), lsn, m.failover_priority);
         if theirs > me || (theirs == me && m.name < obs.node) {
             return Err(format!("{} is a better candidate", m.name));

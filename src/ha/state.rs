@@ -262,7 +262,10 @@ pub struct OrphanSlot {
 pub struct PeerPosition {
     pub name: String,
     pub timeline: Option<u32>,
+    /// Received (or replayed, whichever is further).
     pub lsn: Lsn,
+    /// Replayed.
+    pub replay_lsn: Lsn,
 }
 
 /// A handover under way: since when, and to whom.

@@ -494,6 +494,33 @@ fn nofailover_lagging_and_waiting_candidates_stay_replicas() {
 }
 
 #[test]
+fn a_replica_too_far_behind_in_replay_does_not_block_the_others() {
+    let far = 1000 + 4 * 1024 * 1024;
+    let mut v = view(None, replicas(&[("n2", 1, far), ("n3", 1, far)]));
+    v.members[0].replay_lsn = Some(Lsn(1000));
+    v.last_leader_lsn = Some(Lsn(far));
+    assert_eq!(
+        actions(
+            &obs("n3", running(PgRole::Replica, 1, far), Some(v.clone())),
+            0
+        ),
+        vec![Action::AcquireLeader]
+    );
+    let mut n3 = obs("n3", running(PgRole::Replica, 1, far), Some(v));
+    n3.peers = Some(vec![PeerPosition {
+        name: "n2".into(),
+        timeline: Some(1),
+        lsn: Lsn(far + 10),
+        replay_lsn: Lsn(1000),
+    }]);
+    assert_eq!(
+        actions(&n3, 0),
+        vec![Action::AcquireLeader],
+        "live answer: received more, replayed far less"
+    );
+}
+
+#[test]
 fn nofailover_member_does_not_block_others() {
     let mut members = replicas(&[("n2", 1, 1000), ("n3", 1, 9000)]);
     members[1].nofailover = true;
@@ -545,6 +572,7 @@ fn live_peer_positions_override_etcd_and_unreachable_peers_are_ignored() {
         name: "n2".into(),
         timeline: Some(1),
         lsn: Lsn(500),
+        replay_lsn: Lsn(500),
     }]);
     assert_eq!(
         actions(&n3, 0),
@@ -561,6 +589,7 @@ fn live_peer_positions_override_etcd_and_unreachable_peers_are_ignored() {
         name: "n2".into(),
         timeline: Some(1),
         lsn: Lsn(1500),
+        replay_lsn: Lsn(1500),
     }]);
     assert!(actions(&n3, 0).is_empty(), "n2 is ahead");
 }
@@ -707,6 +736,7 @@ fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
         name: "n2".into(),
         timeline: Some(1),
         lsn: Lsn(1999),
+        replay_lsn: Lsn(1999),
     }]);
     assert_eq!(
         actions(&o, 5_000),
@@ -726,6 +756,7 @@ fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
         name: "n2".into(),
         timeline: Some(1),
         lsn: Lsn(2100),
+        replay_lsn: Lsn(2100),
     }]);
     assert_eq!(
         actions(&o, 5_000),

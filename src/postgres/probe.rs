@@ -9,6 +9,9 @@ use super::process::{LocalPg, PgError, Result};
 use crate::ha::{LocalPostgres, Lsn, PgRole};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// pg_promote waits up to 60 s itself; everything else is quick.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(65);
 
 fn lsn(s: Option<String>) -> Option<Lsn> {
     s.as_deref().and_then(Lsn::parse)
@@ -49,19 +52,40 @@ impl LocalPg {
             *guard = Some(self.connect().await?);
         }
         let client = guard.as_ref().expect("just connected");
-        match f(client).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
+        // No statement may hold the agent loop on a hung Postgres.
+        match tokio::time::timeout(STATEMENT_TIMEOUT, f(client)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
                 if client.is_closed() {
                     *guard = None;
                 }
                 Err(PgError::Sql(e))
             }
+            Err(_) => {
+                *guard = None;
+                Err(PgError::Other(format!(
+                    "postgres did not answer within {STATEMENT_TIMEOUT:?}"
+                )))
+            }
         }
     }
 
     /// Observes the running Postgres. `running = false` when it does not answer.
+    /// A Postgres that does not answer within `PROBE_TIMEOUT` (hung,
+    /// SIGSTOPped, stuck on I/O) counts as not running; its connection is
+    /// dropped so the next probe starts afresh.
     pub async fn probe(&self) -> LocalPostgres {
+        match tokio::time::timeout(PROBE_TIMEOUT, self.probe_once()).await {
+            Ok(local) => local,
+            Err(_) => {
+                tracing::warn!(node = %self.node, timeout = ?PROBE_TIMEOUT, "postgres did not answer the probe");
+                *self.client.lock().await = None;
+                LocalPostgres::default()
+            }
+        }
+    }
+
+    async fn probe_once(&self) -> LocalPostgres {
         let row = self
             .with_client(|c| {
                 Box::pin(c.query_one(

@@ -326,6 +326,12 @@ pub struct MemberView {
     pub state: String,
     pub timeline: Option<u32>,
     pub lag_bytes: Option<u64>,
+    /// How far this member's replayed WAL is behind the leader's position.
+    #[serde(default)]
+    pub replay_lag_bytes: Option<u64>,
+    /// Primary: its write position; replica: its replay position (`X/Y`).
+    #[serde(default)]
+    pub wal_position: Option<String>,
     pub api_url: String,
     pub pg_port: u16,
     #[serde(default)]
@@ -453,6 +459,7 @@ retry_timeout = "{retry}s"
         for extra in [Some(&opts.extra_toml), opts.node_toml.get(name)]
             .into_iter()
             .flatten()
+            .filter(|t| !t.is_empty())
         {
             text.push('\n');
             text.push_str(extra);
@@ -1219,7 +1226,9 @@ pub struct EtcdProxy {
 impl EtcdProxy {
     pub fn start(target: SocketAddr) -> EtcdProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy port");
-        listener.set_nonblocking(true).expect("nonblocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         let port = listener.local_addr().expect("proxy addr").port();
         let (cut, cut_rx) = tokio::sync::watch::channel(false);
         let shutdown = tokio_util::sync::CancellationToken::new();
@@ -1346,10 +1355,16 @@ pub struct Ack {
 pub enum Outcome {
     Acked(Ack),
     /// The statement failed with an ERROR: not committed.
-    Rejected { at: Instant, error: String },
+    Rejected {
+        at: Instant,
+        error: String,
+    },
     /// Sent, but no answer (connection lost, FATAL, timeout): it may or may
     /// not be committed.
-    Unknown { at: Instant, error: String },
+    Unknown {
+        at: Instant,
+        error: String,
+    },
 }
 
 /// One insert the writer sent.
@@ -1504,6 +1519,22 @@ impl Writer {
         )
     }
 
+    /// Waits until the writer has an acknowledgement from the server on
+    /// `port` received after `after`.
+    pub fn wait_for_ack_on(&self, port: u16, after: Instant, timeout: Duration) -> Ack {
+        wait_until(
+            &format!("writer {}: a write acknowledged by port {port}", self.name),
+            timeout,
+            || {
+                self.log()
+                    .acked()
+                    .map(|(_, a)| a)
+                    .find(|a| a.at > after && a.port == port)
+                    .cloned()
+            },
+        )
+    }
+
     /// Stops the writer (the insert in flight finishes) and returns its log.
     pub fn stop(mut self) -> WriterLog {
         self.halt();
@@ -1537,7 +1568,8 @@ async fn write_loop(
                  ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int)
          RETURNING server_port, timeline, extract(epoch FROM ts)::float8"
     );
-    let record = |f: &mut dyn FnMut(&mut WriterLog)| f(&mut log.lock().unwrap_or_else(|p| p.into_inner()));
+    let record =
+        |f: &mut dyn FnMut(&mut WriterLog)| f(&mut log.lock().unwrap_or_else(|p| p.into_inner()));
     let mut session: Option<(tokio_postgres::Client, tokio_postgres::Statement)> = None;
     let mut seq: i64 = 0;
     let mut next = tokio::time::Instant::now();
@@ -1561,7 +1593,10 @@ async fn write_loop(
                         continue;
                     }
                     Err(_) => {
-                        record(&mut |l| l.connect_failures.push((Instant::now(), "timed out".into())));
+                        record(&mut |l| {
+                            l.connect_failures
+                                .push((Instant::now(), "timed out".into()))
+                        });
                         continue;
                     }
                 }
@@ -1582,10 +1617,8 @@ async fn write_loop(
             Ok(Err(e)) => {
                 // An ERROR aborts the statement; a FATAL or a lost connection
                 // leaves the outcome open.
-                let rejected = e
-                    .as_db_error()
-                    .is_some_and(|d| d.severity() == "ERROR")
-                    && !client.is_closed();
+                let rejected =
+                    e.as_db_error().is_some_and(|d| d.severity() == "ERROR") && !client.is_closed();
                 if rejected {
                     Outcome::Rejected {
                         at,
@@ -1665,7 +1698,10 @@ impl RoleProbe {
     }
 
     pub fn rounds(&self) -> Vec<ProbeRound> {
-        self.rounds.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.rounds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The first round after `since` in which `port` answered as a primary.

@@ -1092,16 +1092,22 @@ fn health_answers_at_once_while_postgres_is_sigstopped_and_turns_503() {
             ..Options::default()
         },
     );
-    cluster.wait_for("a primary", BOOTSTRAP_TIMEOUT, |v| {
-        v.primaries().len() == 1
-    });
+    cluster.wait_for("a primary", BOOTSTRAP_TIMEOUT, |v| v.primaries().len() == 1);
     let node = &cluster.nodes[0];
     let api = node.api_addr();
     assert_eq!(ask(api, "GET", "/health").status, 200);
     let pid = Pid::from_raw(node.postmaster_pid().expect("postmaster"));
-    kill(pid, Signal::SIGSTOP).expect("SIGSTOP postgres");
+    // Postgres' children each start their own session: stop every child
+    // of the postmaster too, so no backend answers.
+    let mut pids = children_of(pid.as_raw());
+    pids.push(pid.as_raw());
+    for p in &pids {
+        kill(Pid::from_raw(*p), Signal::SIGSTOP).expect("SIGSTOP postgres");
+    }
     let resume = scopeguard(move || {
-        let _ = kill(pid, Signal::SIGCONT);
+        for p in &pids {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGCONT);
+        }
     });
 
     let until = Instant::now() + Duration::from_secs(8);
@@ -1112,6 +1118,13 @@ fn health_answers_at_once_while_postgres_is_sigstopped_and_turns_503() {
         let answer = try_ask(api, "GET", "/health").expect("an answer");
         slowest = slowest.max(asked.elapsed());
         saw_503 |= answer.status == 503;
+        if std::env::var_os("PGHA_TEST_VERBOSE").is_some() {
+            eprintln!(
+                "{} {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
@@ -1121,6 +1134,28 @@ fn health_answers_at_once_while_postgres_is_sigstopped_and_turns_503() {
     assert!(saw_503, "/health kept answering 200 for a hung postgres");
     drop(resume);
     eprintln!("SUMMARY /health with postgres SIGSTOPped: slowest answer {slowest:?}, turned 503");
+}
+
+/// PIDs whose parent is `parent`, from /proc.
+fn children_of(parent: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The command may contain spaces: fields after the last ')' are fixed.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 /// Runs `f` when dropped (also when the test panics).

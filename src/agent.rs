@@ -616,17 +616,15 @@ impl Agent {
         }
     }
 
-    /// A graceful stop is complete when leadership was handed over and
-    /// Postgres is down, or when no handover is (or will be) happening.
+    /// A graceful stop is complete once no switchover is pending any more:
+    /// the new leader cleared it after taking over, or it was aborted (then
+    /// `shut_down` stops Postgres and releases the key itself).
     fn graceful_stop_done(&self) -> bool {
-        let handed_over =
-            self.leader_lease.is_none() && !self.last_local.running && self.job.is_none();
-        let no_handover = self.handover.is_none()
+        self.job.is_none()
             && self
                 .last_view
                 .as_ref()
-                .is_none_or(|v| v.switchover.is_none());
-        handed_over || no_handover
+                .is_none_or(|v| v.switchover.is_none())
     }
 
     /// Time until the next pass: `loop_wait`, backing off while etcd is

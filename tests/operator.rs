@@ -196,6 +196,18 @@ fn switchover_under_load_loses_nothing_and_the_old_primary_follows_without_rewin
     let target = replica_names(&mut cluster, &old)[1].clone();
     let writer = start_writer(&cluster);
 
+    // The leader judges its candidate from published statuses: wait until
+    // they show the target caught up (a WAL segment switch right after
+    // bootstrap can make a just-cloned replica look far behind).
+    wait_until(
+        &format!("{old} to see {target} caught up"),
+        Duration::from_secs(30),
+        || {
+            let view = cluster.node(&old).cluster_view()?;
+            let lag = view.member(&target)?.replay_lag_bytes?;
+            (lag < 1024 * 1024).then_some(())
+        },
+    );
     let api = cluster.node(&old).api_addr();
     let asked = Instant::now();
     let (status, body) = http(

@@ -124,6 +124,27 @@ fn assert_one_writable_primary(logs: &[WriterLog], old_port: u16, new_port: u16)
     first_new.at - last_old.at
 }
 
+/// Every check that two nodes never took writes at once, after a fault:
+/// on client acknowledgements, on the stored rows and in the role probe.
+/// Returns the gap between the two primaries' writes.
+fn assert_single_writer(
+    logs: &[WriterLog],
+    probe: RoleProbe,
+    new: &Node,
+    old_port: u16,
+    new_port: u16,
+) -> Duration {
+    let gap = assert_one_writable_primary(logs, old_port, new_port);
+    assert_rows_do_not_overlap(new, old_port, new_port);
+    let rounds = probe.stop();
+    assert!(
+        two_primaries(&rounds).is_empty(),
+        "{:#?}",
+        two_primaries(&rounds)
+    );
+    gap
+}
+
 /// The same on the stored data: every row the old primary wrote that
 /// survived precedes every row the new primary wrote (one machine, one clock).
 fn assert_rows_do_not_overlap(primary: &Node, old_port: u16, new_port: u16) {
@@ -347,14 +368,7 @@ fn a_primary_cut_off_from_etcd_fences_itself_before_a_replica_is_promoted() {
     let mut writers = direct;
     writers.push(writer);
     let (logs, lost) = settle(writers, cluster.node(&new));
-    let gap = assert_one_writable_primary(&logs, old_port, new_port);
-    assert_rows_do_not_overlap(cluster.node(&new), old_port, new_port);
-    let rounds = probe.stop();
-    assert!(
-        two_primaries(&rounds).is_empty(),
-        "{:#?}",
-        two_primaries(&rounds)
-    );
+    let gap = assert_single_writer(&logs, probe, cluster.node(&new), old_port, new_port);
     let app = logs.last().expect("app writer");
     eprintln!(
         "SUMMARY etcd cut: old primary's last ack {} ms after the cut (deadline <= {} ms), promoted after {} ms, gap between primaries {} ms, app outage {} ms, {} writes acked, {} lost",
@@ -583,14 +597,7 @@ fn a_frozen_primary_agent_is_fenced_by_its_guard_and_rejoins_after_sigcont() {
             log.writer
         );
     }
-    let gap = assert_one_writable_primary(&logs, old_port, new_port);
-    assert_rows_do_not_overlap(cluster.node(&new), old_port, new_port);
-    let rounds = probe.stop();
-    assert!(
-        two_primaries(&rounds).is_empty(),
-        "{:#?}",
-        two_primaries(&rounds)
-    );
+    let gap = assert_single_writer(&logs, probe, cluster.node(&new), old_port, new_port);
     let app = logs.last().expect("app writer");
     eprintln!(
         "SUMMARY frozen agent: postmaster stopped {} ms after SIGSTOP (deadline <= {} ms), promoted after {} ms, gap between primaries {} ms, app outage {} ms, {} writes acked, {} lost",
@@ -642,14 +649,7 @@ fn a_primary_whose_agent_dies_is_stopped_at_once_and_takes_no_writes_after_promo
             log.writer
         );
     }
-    let gap = assert_one_writable_primary(&logs, old_port, new_port);
-    assert_rows_do_not_overlap(cluster.node(&new), old_port, new_port);
-    let rounds = probe.stop();
-    assert!(
-        two_primaries(&rounds).is_empty(),
-        "{:#?}",
-        two_primaries(&rounds)
-    );
+    let gap = assert_single_writer(&logs, probe, cluster.node(&new), old_port, new_port);
     let app = logs.last().expect("app writer");
     eprintln!(
         "SUMMARY agent sigkill, postgres left running: postmaster stopped {} ms after the kill, promoted after {} ms, gap between primaries {} ms, app outage {} ms, {} writes acked, {} lost",

@@ -17,8 +17,12 @@ use crate::fence::{Guard, Message};
 use crate::ha::{
     self, Action, DataDir, DcsView, DynamicConfig, Handover, HeldLease, Job, LocalPostgres, Lsn,
     MemberRole, MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Settings, Step,
-    SwitchoverKey, Tick,
+    SwitchoverKey, SyncApplied, Tick,
 };
+
+/// How long after a reload of `synchronous_standby_names` the primary's WAL
+/// position is taken as the mark every later commit waited behind.
+const SYNC_SETTLE_MS: u64 = 1000;
 use crate::operator::{self, Call, Reply, Request};
 use crate::postgres::{LocalPg, Upstream};
 
@@ -45,11 +49,34 @@ pub struct Snapshot {
     pub pending_restart: bool,
     /// Maintenance mode (automatic failover and restarts off).
     pub paused: bool,
+    /// The `sync` key: the standbys the leader's acknowledged commits are on.
+    pub sync: Option<crate::ha::SyncKey>,
+    /// Primary: the standbys Postgres waits for now.
+    pub sync_standbys: Option<crate::ha::SyncSet>,
     /// Promotions this agent performed since it started.
     pub promotions: u64,
     /// Durations of the agent loop's passes.
     pub loop_durations: LoopHistogram,
     pub last_error: Option<String>,
+}
+
+impl Snapshot {
+    /// This member is in the leader's published synchronous set.
+    pub fn is_sync_standby(&self, name: &str) -> bool {
+        self.leader.as_deref() != Some(name)
+            && self
+                .sync
+                .as_ref()
+                .is_some_and(|k| k.set.quorum > 0 && k.set.contains(name))
+    }
+
+    /// Leader in synchronous_mode `on` whose Postgres waits for no standby.
+    pub fn sync_fallback(&self) -> bool {
+        let mode = self.config.as_ref().map(|c| c.synchronous_mode);
+        mode == Some(crate::ha::SyncMode::On)
+            && self.leader.as_deref() == Some(self.me.name.as_str())
+            && self.sync_standbys.as_ref().is_some_and(|s| s.quorum == 0)
+    }
 }
 
 /// Cumulative histogram of loop pass durations, Prometheus style.
@@ -160,6 +187,9 @@ pub struct Agent {
     handover: Option<Handover>,
     shutting_down: bool,
     replica_timeline: Option<u32>,
+    sync_applied: Option<SyncApplied>,
+    /// A step the rest of this pass depends on failed: skip the rest.
+    pass_blocked: bool,
     dcs_last_seen: Option<Instant>,
     promotions: u64,
     loop_durations: LoopHistogram,
@@ -194,6 +224,8 @@ impl Agent {
             fencing_remaining: None,
             pending_restart: false,
             paused: false,
+            sync: None,
+            sync_standbys: None,
             promotions: 0,
             loop_durations: LoopHistogram::default(),
             last_error: None,
@@ -228,6 +260,8 @@ impl Agent {
                 handover: None,
                 shutting_down: false,
                 replica_timeline: None,
+                sync_applied: None,
+                pass_blocked: false,
                 dcs_last_seen: None,
                 promotions: 0,
                 loop_durations: LoopHistogram::default(),
@@ -654,9 +688,13 @@ impl Agent {
         let obs = self.observe().await;
         let now = self.now();
         let steps = ha::decide(&obs, &self.settings, now);
+        self.pass_blocked = false;
         for step in steps {
             self.execute(step, &obs).await?;
             self.feed_guard();
+            if self.pass_blocked {
+                break;
+            }
         }
         self.feed_guard();
         self.publish(&obs).await;
@@ -743,6 +781,16 @@ impl Agent {
         } else {
             self.pg.probe().await
         };
+        if let Some(applied) = self.sync_applied.as_mut() {
+            // A second after the reload every backend and WAL sender has
+            // re-read the setting: commits from here on waited for the set.
+            if applied.mark.is_none()
+                && local.role == Some(PgRole::Primary)
+                && now.since(applied.at) >= SYNC_SETTLE_MS
+            {
+                applied.mark = local.wal_position;
+            }
+        }
         if local.running {
             self.pg_down_since = None;
         } else {
@@ -867,6 +915,7 @@ impl Agent {
             handover: self.handover.clone(),
             checkpoint_lsn,
             shutting_down: self.shutting_down,
+            sync_applied: self.sync_applied.clone(),
             may_bootstrap: self
                 .cfg
                 .cluster
@@ -959,6 +1008,8 @@ impl Agent {
                     Ok(true) => {
                         info!(node = %node, "won the initialize race");
                         let seed = DynamicConfig {
+                            synchronous_mode: self.cfg.cluster.synchronous_mode,
+                            synchronous_node_count: self.cfg.cluster.synchronous_node_count,
                             paused: false,
                             maximum_lag_on_failover: self.cfg.cluster.maximum_lag_on_failover,
                             primary_start_timeout_ms: self
@@ -1170,6 +1221,47 @@ impl Agent {
                         .map_err(|e| e.to_string())
                 });
             }
+            Action::SetSyncStandbys { set } => match self.pg.set_sync_standbys(&set).await {
+                Ok(()) => {
+                    info!(node = %node, term, standbys = %set, reason = %step.reason, "synchronous standbys set");
+                    self.sync_applied = Some(SyncApplied {
+                        set,
+                        at: self.now(),
+                        mark: None,
+                    });
+                }
+                Err(e) => {
+                    warn!(node = %node, term, error = %e, "could not set synchronous standbys");
+                    self.pass_blocked = true;
+                }
+            },
+            Action::PublishSync { set } => {
+                let published = match self.leader_lease {
+                    Some(lease) => self
+                        .etcd
+                        .publish_sync(&node, lease.lease_id, &set)
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|ok| ok.then_some(()).ok_or("leader key not ours".into())),
+                    None => Err("no leader lease".to_string()),
+                };
+                match published {
+                    Ok(()) => {
+                        info!(node = %node, term, sync = %set, reason = %step.reason, "sync key published")
+                    }
+                    Err(e) => {
+                        warn!(node = %node, term, error = %e, "could not publish the sync key");
+                        self.pass_blocked = true;
+                    }
+                }
+            }
+            Action::DeleteSync => {
+                if let Some(lease) = self.leader_lease {
+                    if let Err(e) = self.etcd.delete_sync(&node, lease.lease_id).await {
+                        warn!(node = %node, term, error = %e, "could not delete the sync key");
+                    }
+                }
+            }
             Action::ClearSwitchover => {
                 if let Err(e) = self.etcd.clear_switchover().await {
                     warn!(node = %node, error = %e, "could not clear the switchover request");
@@ -1329,6 +1421,10 @@ impl Agent {
             }),
             pending_restart: obs.local.pending_restart,
             paused: view.is_some_and(|v| v.config.paused),
+            sync: view.and_then(|v| v.sync.clone()),
+            sync_standbys: (obs.local.role == Some(PgRole::Primary))
+                .then(|| obs.local.sync_standbys.clone())
+                .flatten(),
             promotions: self.promotions,
             loop_durations: self.loop_durations.clone(),
             last_error: self.last_error.clone(),

@@ -133,6 +133,9 @@ pub struct ClusterDefaults {
     /// Reclone a former primary whose rewind failed (the old data directory
     /// is moved aside, never deleted).
     pub auto_reinit: bool,
+    /// Written to the dynamic config when this node bootstraps the cluster.
+    pub synchronous_mode: crate::ha::SyncMode,
+    pub synchronous_node_count: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -195,6 +198,7 @@ const PARAMETERS_WITH_OWN_KEY: &[(&str, &str)] = &[
     ("listen_addresses", "postgresql.listen_addresses"),
     ("unix_socket_directories", "postgresql.socket_dir"),
     ("data_directory", "postgresql.data_dir"),
+    ("synchronous_standby_names", "cluster.synchronous_mode"),
 ];
 
 // ---------------------------------------------------------------------------
@@ -350,6 +354,8 @@ const KEYS: &[(&str, EnvKind)] = &[
     ("cluster.member_slot_grace", EnvKind::Text),
     ("cluster.primary_region", EnvKind::Text),
     ("cluster.auto_reinit", EnvKind::Boolean),
+    ("cluster.synchronous_mode", EnvKind::Text),
+    ("cluster.synchronous_node_count", EnvKind::Integer),
     ("tags.nofailover", EnvKind::Boolean),
     ("tags.noloadbalance", EnvKind::Boolean),
     ("tags.nosync", EnvKind::Boolean),
@@ -585,6 +591,8 @@ struct FileCluster {
     member_slot_grace: Option<FileDuration>,
     primary_region: Option<String>,
     auto_reinit: Option<bool>,
+    synchronous_mode: Option<crate::ha::SyncMode>,
+    synchronous_node_count: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -992,7 +1000,7 @@ impl FileConfig {
             postgresql: self.postgresql.validate(cx)?,
             api: self.api.validate(cx)?,
             timing: self.timing.validate(cx)?,
-            cluster: self.cluster.validate(),
+            cluster: self.cluster.validate(cx)?,
             tags: self.tags.validate(),
             log: self.log.validate(cx)?,
             region: self.region.filter(|r| !r.is_empty()),
@@ -1475,8 +1483,14 @@ impl FileTiming {
 }
 
 impl FileCluster {
-    fn validate(self) -> ClusterDefaults {
-        ClusterDefaults {
+    fn validate(self, cx: &Context<'_>) -> Result<ClusterDefaults, ConfigError> {
+        let synchronous_node_count = self.synchronous_node_count.unwrap_or(1);
+        if synchronous_node_count == 0 {
+            return Err(cx.invalid("cluster.synchronous_node_count", "expected at least 1"));
+        }
+        Ok(ClusterDefaults {
+            synchronous_mode: self.synchronous_mode.unwrap_or_default(),
+            synchronous_node_count,
             maximum_lag_on_failover: self
                 .maximum_lag_on_failover
                 .map_or(DEFAULT_MAXIMUM_LAG_ON_FAILOVER, |b| b.0),
@@ -1488,7 +1502,7 @@ impl FileCluster {
                 .map_or(DEFAULT_MEMBER_SLOT_GRACE, |d| d.0),
             primary_region: self.primary_region.filter(|r| !r.is_empty()),
             auto_reinit: self.auto_reinit.unwrap_or(false),
-        }
+        })
     }
 }
 

@@ -53,8 +53,13 @@ pub async fn list(api: &str, json: bool) -> anyhow::Result<String> {
         ) {
             state = format!("{state} {}/{} MiB", done >> 20, total >> 20);
         }
+        let quorum = cluster["synchronous_mode"] == "quorum";
         let role = match (m["leader"].as_bool(), m["role"].as_str()) {
             (Some(true), Some("primary")) => "Leader".to_string(),
+            (_, Some("replica")) if m["sync_standby"] == true && quorum => {
+                "Quorum Standby".to_string()
+            }
+            (_, Some("replica")) if m["sync_standby"] == true => "Sync Standby".to_string(),
             (_, Some("replica")) => "Replica".to_string(),
             (_, Some(r)) => r.to_string(),
             _ => String::new(),
@@ -99,6 +104,23 @@ pub async fn list(api: &str, json: bool) -> anyhow::Result<String> {
         }
     }
     out.push_str(&sep);
+    if let Some(mode) = cluster["synchronous_mode"].as_str().filter(|m| *m != "off") {
+        let quorum = cluster["sync"]["quorum"].as_u64().unwrap_or(0);
+        let names: Vec<&str> = cluster["sync"]["members"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        let detail = if quorum == 0 {
+            "no standby holds every acknowledged commit: asynchronous fallback, no automatic failover"
+                .to_string()
+        } else {
+            format!(
+                "every acknowledged commit is on {quorum} of [{}]",
+                names.join(", ")
+            )
+        };
+        out.push_str(&format!("Synchronous mode: {mode}; {detail}\n"));
+    }
     Ok(out)
 }
 

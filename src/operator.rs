@@ -83,7 +83,7 @@ pub fn patch_config(current: &DynamicConfig, patch: &Value) -> Result<DynamicCon
 
 /// Checks a whole dynamic config document.
 pub fn parse_config(doc: &Value) -> Result<DynamicConfig, String> {
-    serde_path_to_error::deserialize(doc.clone()).map_err(|e| {
+    let config: DynamicConfig = serde_path_to_error::deserialize(doc.clone()).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
         if path == "." {
@@ -91,7 +91,11 @@ pub fn parse_config(doc: &Value) -> Result<DynamicConfig, String> {
         } else {
             format!("{path}: {inner}")
         }
-    })
+    })?;
+    if config.synchronous_node_count == 0 {
+        return Err("synchronous_node_count: expected at least 1".into());
+    }
+    Ok(config)
 }
 
 #[cfg(test)]

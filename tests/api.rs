@@ -201,6 +201,8 @@ fn leader_snapshot() -> Snapshot {
             },
         ],
         config: Some(DynamicConfig::default()),
+        sync: None,
+        sync_standbys: None,
         dcs_reachable: true,
         dcs_last_seen: Some(Instant::now()),
         lease_remaining: Some(Duration::from_secs(3600)),

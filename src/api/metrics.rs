@@ -115,8 +115,14 @@ pub fn render(s: &Snapshot, age: Duration, stale_after: Duration) -> String {
     m.single(
         "pgha_sync_standby",
         "gauge",
-        "1 when this node is a synchronous standby (synchronous replication is not implemented: always 0).",
-        0,
+        "1 when the leader's published synchronous set names this node.",
+        flag(h.replica && s.is_sync_standby(&me.name)),
+    );
+    m.single(
+        "pgha_sync_fallback",
+        "gauge",
+        "1 when this leader runs synchronous_mode on without a synchronous standby (asynchronous fallback).",
+        flag(s.sync_fallback()),
     );
     m.family("pgha_timeline", "gauge", "Postgres timeline of this node.");
     if let Some(tl) = me.timeline {

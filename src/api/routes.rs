@@ -298,11 +298,9 @@ pub fn route(
             JSON,
             None,
         ),
-        // Synchronous replication is not implemented yet: no member is ever
-        // a synchronous standby, so /sync always fails and /async holds for
-        // every running replica. Revisit both with synchronous_mode.
-        Endpoint::Sync => (false, JSON, None),
-        Endpoint::Async => (replica_ok, JSON, None),
+        // A synchronous standby is one the leader's published claim names.
+        Endpoint::Sync => (replica_ok && s.is_sync_standby(&me.name), JSON, None),
+        Endpoint::Async => (replica_ok && !s.is_sync_standby(&me.name), JSON, None),
         Endpoint::Health => (h.running, JSON, None),
         Endpoint::Liveness => {
             let body = json!({

@@ -35,6 +35,8 @@ impl Rendered {
             "leader": s.leader,
             "term": s.leader_revision,
             "members": s.members.iter().map(|m| member_json(s, m)).collect::<Vec<_>>(),
+            "synchronous_mode": s.config.as_ref().map(|c| c.synchronous_mode.as_str()),
+            "sync": s.sync,
         });
         Rendered {
             status_open: Bytes::from(status_open),
@@ -115,6 +117,7 @@ fn member_json(s: &Snapshot, m: &MemberStatus) -> Value {
         "state": m.state,
         "timeline": m.timeline,
         "leader": is_leader,
+        "sync_standby": s.is_sync_standby(&m.name),
         "lag_bytes": lag_bytes(&s.members, leader, m),
         "replay_lag_bytes": replay_lag_bytes(&s.members, leader, m),
         "wal_position": m.wal_position.map(|l| l.to_string()),
@@ -173,6 +176,12 @@ fn status_json(s: &Snapshot) -> Value {
         ),
         ("pending_restart", json!(s.pending_restart)),
         ("pause", json!(s.paused)),
+        (
+            "synchronous_mode",
+            json!(s.config.as_ref().map(|c| c.synchronous_mode.as_str())),
+        ),
+        ("synchronous_standbys", json!(s.sync_standbys)),
+        ("sync_fallback", json!(s.sync_fallback())),
         ("last_error", json!(s.last_error)),
         ("xlog", xlog),
         (

@@ -74,6 +74,8 @@ fn cluster(me: &str) -> Snapshot {
         fencing_remaining: leads.then_some(Duration::from_secs(7)),
         pending_restart: false,
         paused: false,
+        sync: None,
+        sync_standbys: None,
         promotions: 0,
         loop_durations: LoopHistogram::default(),
         last_error: None,

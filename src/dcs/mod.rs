@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::EtcdConfig;
 use crate::ha::{
-    DcsView, DynamicConfig, InitializeKey, LeaderKey, Lsn, MemberStatus, SwitchoverKey,
+    DcsView, DynamicConfig, InitializeKey, LeaderKey, Lsn, MemberStatus, SwitchoverKey, SyncKey,
+    SyncSet,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,9 @@ impl Keys {
     }
     pub fn switchover(&self) -> String {
         format!("{}switchover", self.prefix)
+    }
+    pub fn sync(&self) -> String {
+        format!("{}sync", self.prefix)
     }
 }
 
@@ -180,6 +184,16 @@ impl Etcd {
                         tracing::warn!(key, error = %e, "unreadable switchover request: ignored")
                     }
                 }
+            } else if key == self.keys.sync() {
+                // Unreadable: it claims nothing, so it blocks automatic
+                // promotion rather than lifting the synchronous rules.
+                view.sync = Some(serde_json::from_slice::<SyncKey>(value).unwrap_or_else(|e| {
+                    tracing::warn!(key, error = %e, "unreadable sync key: no member counts as synchronous");
+                    SyncKey {
+                        leader: String::new(),
+                        set: SyncSet::none(),
+                    }
+                }));
             } else if key == self.keys.status() {
                 if let Ok(st) = serde_json::from_slice::<LeaderStatus>(value) {
                     view.last_leader_lsn = Some(st.lsn);
@@ -384,6 +398,35 @@ impl Etcd {
                 Compare::lease(key.as_str(), CompareOp::Equal, lease_id),
             ])
             .and_then([TxnOp::put(self.keys.status(), v, None)]);
+        let mut c = self.client.clone();
+        Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
+    }
+
+    /// Writes the leader's synchronous claim, only while the key is ours under this lease.
+    pub async fn publish_sync(&self, node: &str, lease_id: i64, set: &SyncSet) -> Result<bool> {
+        let v = serde_json::to_vec(&SyncKey {
+            leader: node.to_string(),
+            set: set.clone(),
+        })
+        .expect("serializable");
+        self.if_leader(node, lease_id, TxnOp::put(self.keys.sync(), v, None))
+            .await
+    }
+
+    /// Deletes the sync key, only while the leader key is ours under this lease.
+    pub async fn delete_sync(&self, node: &str, lease_id: i64) -> Result<bool> {
+        self.if_leader(node, lease_id, TxnOp::delete(self.keys.sync(), None))
+            .await
+    }
+
+    async fn if_leader(&self, node: &str, lease_id: i64, op: TxnOp) -> Result<bool> {
+        let key = self.keys.leader();
+        let txn = Txn::new()
+            .when([
+                Compare::value(key.as_str(), CompareOp::Equal, node.as_bytes()),
+                Compare::lease(key.as_str(), CompareOp::Equal, lease_id),
+            ])
+            .and_then([op]);
         let mut c = self.client.clone();
         Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
     }

@@ -44,6 +44,14 @@ pub enum Action {
     HandoverStop { to: String },
     /// Delete the `switchover` key (done, aborted or stale).
     ClearSwitchover,
+    /// Make Postgres wait for these standbys (`synchronous_standby_names`,
+    /// reload). When it fails, the rest of the pass is skipped.
+    SetSyncStandbys { set: super::state::SyncSet },
+    /// Write our claim to the `sync` key (compare: we hold the leader key).
+    /// When it fails, the rest of the pass is skipped.
+    PublishSync { set: super::state::SyncSet },
+    /// Delete the `sync` key (synchronous mode is off).
+    DeleteSync,
     /// A condition the agent must not act on: log it, publish it, exit non-zero.
     Refuse { problem: String },
 }
@@ -87,6 +95,9 @@ impl fmt::Display for Action {
             Action::DropSlots { names } => write!(f, "drop slots {}", names.join(",")),
             Action::HandoverStop { to } => write!(f, "stop for handover to {to}"),
             Action::ClearSwitchover => f.write_str("clear switchover"),
+            Action::SetSyncStandbys { set } => write!(f, "wait for standbys {set}"),
+            Action::PublishSync { set } => write!(f, "publish sync {set}"),
+            Action::DeleteSync => f.write_str("delete sync key"),
             Action::Refuse { .. } => f.write_str("refuse"),
         }
     }

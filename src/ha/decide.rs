@@ -222,12 +222,14 @@ fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps:
         ));
     }
     if local.role == Some(PgRole::Replica) {
+        super::sync::before_promote(obs, dcs, steps);
         steps.push(Step::new(
             Action::Promote,
             "we hold the leader key: promote",
         ));
         return;
     }
+    super::sync::manage(obs, dcs, steps);
     let expired: Vec<String> = obs
         .orphan_slots
         .iter()
@@ -382,6 +384,9 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
     let in_region = |r: &Option<String>| candidacy_region_ok(dcs, r);
     if !in_region(&obs.region) {
         return Err("outside primary_region".into());
+    }
+    if let Some(proof) = super::sync::candidacy(obs, dcs) {
+        return proof;
     }
     let mine = position(&obs.local);
     // Lag counts what is replayed: WAL received but not replayed (replay

@@ -5,6 +5,7 @@ pub mod action;
 pub mod decide;
 pub mod handover;
 pub mod state;
+pub mod sync;
 
 pub use action::{Action, Step};
 pub use decide::{decide, slot_name, Settings};

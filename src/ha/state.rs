@@ -78,6 +78,164 @@ pub struct LocalPostgres {
     pub slots: Vec<String>,
     /// Settings changed that take effect only after a restart.
     pub pending_restart: bool,
+    /// Primary: `synchronous_standby_names` in effect, when it is one the
+    /// agent writes (`None`: something else, or not probed).
+    pub sync_standbys: Option<SyncSet>,
+    /// Primary: its WAL senders (`pg_stat_replication`).
+    pub replication: Vec<Replication>,
+}
+
+/// One WAL sender on the primary, as `pg_stat_replication` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replication {
+    /// `application_name`: the member's name.
+    pub name: String,
+    /// `streaming`, `catchup`, `backup`, ...
+    pub state: String,
+    pub flush_lsn: Lsn,
+}
+
+/// A set of standbys and how many of them hold every acknowledged commit.
+///
+/// As `synchronous_standby_names` it tells Postgres whom to wait for (`ANY
+/// quorum (members)`); published in etcd (the `sync` key) it is the leader's
+/// claim that every commit it acknowledged is on at least `quorum` of
+/// `members`. `quorum == 0` claims nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SyncSet {
+    /// Sorted member names; `*` (Postgres' "any standby") only in
+    /// `synchronous_standby_names`, never in a published claim that allows
+    /// a promotion.
+    pub members: Vec<String>,
+    pub quorum: u32,
+}
+
+impl SyncSet {
+    pub fn new(mut members: Vec<String>, quorum: u32) -> SyncSet {
+        members.sort();
+        members.dedup();
+        let quorum = quorum.min(members.len() as u32);
+        SyncSet { members, quorum }
+    }
+
+    pub fn none() -> SyncSet {
+        SyncSet::default()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.members.iter().any(|m| m == name)
+    }
+
+    /// Every commit that satisfies `self` also satisfies `other`: holding
+    /// on `quorum` of our members puts it on enough of `other`'s.
+    pub fn implies(&self, other: &SyncSet) -> bool {
+        if other.quorum == 0 {
+            return true;
+        }
+        if self.members.iter().any(|m| m == "*") {
+            return false;
+        }
+        let outside = self.members.iter().filter(|m| !other.contains(m)).count() as u32;
+        self.quorum.saturating_sub(outside) >= other.quorum
+    }
+
+    /// The strongest claim both `self` and `other` guarantee.
+    pub fn weakest_of(&self, other: &SyncSet) -> SyncSet {
+        let mut members = self.members.clone();
+        members.extend(other.members.iter().cloned());
+        let quorum = self.quorum.min(other.quorum);
+        SyncSet::new(members, quorum)
+    }
+}
+
+impl fmt::Display for SyncSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.quorum == 0 || self.members.is_empty() {
+            return f.write_str("none");
+        }
+        write!(f, "{} of [{}]", self.quorum, self.members.join(","))
+    }
+}
+
+/// `synchronous_mode` in the dynamic config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// Asynchronous replication.
+    #[default]
+    Off,
+    /// The leader picks `synchronous_node_count` standbys; falls back to
+    /// asynchronous when none is available.
+    On,
+    /// As `On`, but never falls back: commits wait instead.
+    Strict,
+    /// `ANY n (all healthy standbys)`.
+    Quorum,
+}
+
+impl SyncMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Off => "off",
+            SyncMode::On => "on",
+            SyncMode::Strict => "strict",
+            SyncMode::Quorum => "quorum",
+        }
+    }
+}
+
+impl fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for SyncMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for SyncMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SyncMode, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(false) => Ok(SyncMode::Off),
+            Raw::Bool(true) => Ok(SyncMode::On),
+            Raw::Text(t) => match t.as_str() {
+                "off" | "false" => Ok(SyncMode::Off),
+                "on" | "true" => Ok(SyncMode::On),
+                "strict" => Ok(SyncMode::Strict),
+                "quorum" => Ok(SyncMode::Quorum),
+                other => Err(serde::de::Error::custom(format!(
+                    "expected one of off, on, strict, quorum, got {other:?}"
+                ))),
+            },
+        }
+    }
+}
+
+/// The `sync` key: which standbys the leader's acknowledged commits are on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncKey {
+    /// The leader that published it.
+    pub leader: String,
+    #[serde(flatten)]
+    pub set: SyncSet,
+}
+
+/// The agent's record of the last `synchronous_standby_names` it applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncApplied {
+    pub set: SyncSet,
+    pub at: Tick,
+    /// The primary's WAL position from the first probe a safe while after
+    /// the reload: every commit acknowledged after it waited for `set`.
+    pub mark: Option<Lsn>,
 }
 
 /// What is in the data directory.
@@ -180,6 +338,9 @@ pub struct DynamicConfig {
     pub primary_region: Option<String>,
     /// Reclone a former primary whose rewind failed.
     pub auto_reinit: bool,
+    pub synchronous_mode: SyncMode,
+    /// Standbys the primary waits for (`on`, `strict`), or the `n` of `ANY n` (`quorum`).
+    pub synchronous_node_count: u32,
 }
 
 impl Default for DynamicConfig {
@@ -191,6 +352,8 @@ impl Default for DynamicConfig {
             member_slot_grace_ms: 30_000,
             primary_region: None,
             auto_reinit: false,
+            synchronous_mode: SyncMode::Off,
+            synchronous_node_count: 1,
         }
     }
 }
@@ -224,6 +387,8 @@ pub struct DcsView {
     /// WAL position the leader last published under `status`.
     pub last_leader_lsn: Option<Lsn>,
     pub switchover: Option<SwitchoverKey>,
+    /// The `sync` key.
+    pub sync: Option<SyncKey>,
 }
 
 impl DcsView {
@@ -317,4 +482,6 @@ pub struct Observation {
     pub checkpoint_lsn: Option<Lsn>,
     /// The agent is shutting down: start nothing, hand over if leading.
     pub shutting_down: bool,
+    /// The last `synchronous_standby_names` this agent applied.
+    pub sync_applied: Option<SyncApplied>,
 }

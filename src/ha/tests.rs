@@ -61,6 +61,7 @@ fn view(leader: Option<&str>, members: Vec<MemberStatus>) -> DcsView {
         config: DynamicConfig::default(),
         last_leader_lsn: None,
         switchover: None,
+        sync: None,
     }
 }
 
@@ -72,6 +73,7 @@ fn running(role: PgRole, tl: u32, lsn: u64) -> LocalPostgres {
         wal_position: Some(Lsn(lsn)),
         receive_lsn: (role == PgRole::Replica).then_some(Lsn(lsn)),
         replay_lsn: (role == PgRole::Replica).then_some(Lsn(lsn)),
+        sync_standbys: Some(SyncSet::none()),
         ..Default::default()
     }
 }
@@ -103,6 +105,7 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
         handover: None,
         checkpoint_lsn: None,
         shutting_down: false,
+        sync_applied: None,
     }
 }
 
@@ -854,6 +857,291 @@ fn running_job_only_renews() {
     assert_eq!(actions(&o, 0), vec![Action::RenewLeader { lease_id: 42 }]);
     o.dcs = Some(view(Some("n2"), healthy_three("n2")));
     assert!(actions(&o, 0).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Synchronous replication
+// ---------------------------------------------------------------------------
+
+fn set(members: &[&str], quorum: u32) -> SyncSet {
+    SyncSet::new(members.iter().map(|m| m.to_string()).collect(), quorum)
+}
+
+fn streaming(name: &str, flush: u64) -> Replication {
+    Replication {
+        name: name.into(),
+        state: "streaming".into(),
+        flush_lsn: Lsn(flush),
+    }
+}
+
+/// n1 leads with a running primary at LSN 1000, both replicas streaming.
+fn sync_leader(mode: SyncMode, in_pg: SyncSet, claim: Option<SyncSet>) -> Observation {
+    let mut v = view(Some("n1"), healthy_three("n1"));
+    v.config.synchronous_mode = mode;
+    v.sync = claim.map(|set| SyncKey {
+        leader: "n1".into(),
+        set,
+    });
+    let mut local = running(PgRole::Primary, 1, 1000);
+    local.slots = vec!["n2".into(), "n3".into()];
+    local.sync_standbys = Some(in_pg);
+    local.replication = vec![streaming("n2", 1000), streaming("n3", 900)];
+    let mut o = obs("n1", local, Some(v));
+    o.leader_lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(0),
+    });
+    o
+}
+
+fn sync_actions(o: &Observation) -> Vec<Action> {
+    actions(o, 100)
+        .into_iter()
+        .filter(|a| !matches!(a, Action::RenewLeader { .. }))
+        .collect()
+}
+
+#[test]
+fn sync_set_claims_compose() {
+    let a = set(&["n2"], 1);
+    let b = set(&["n3"], 1);
+    assert!(!b.implies(&a), "commits on n3 say nothing about n2");
+    let both = a.weakest_of(&b);
+    assert_eq!(both, set(&["n2", "n3"], 1));
+    assert!(a.implies(&both) && b.implies(&both));
+    assert!(set(&["n2", "n3"], 2).implies(&a));
+    assert!(set(&["n2"], 1).implies(&SyncSet::none()));
+    assert!(!set(&["*"], 1).implies(&a));
+    for s in [
+        set(&["n2"], 1),
+        set(&["a b", "x\"y"], 2),
+        SyncSet::none(),
+        set(&["*"], 1),
+    ] {
+        assert_eq!(
+            sync::parse_standby_names(&sync::standby_names(&s)),
+            Some(s.clone())
+        );
+    }
+    assert_eq!(
+        sync::standby_names(&set(&["n2", "n3"], 1)),
+        "ANY 1 (\"n2\", \"n3\")"
+    );
+    assert_eq!(sync::parse_standby_names("FIRST 1 (n2)"), None);
+}
+
+#[test]
+fn sync_on_publishes_a_weaker_claim_before_waiting_for_a_standby() {
+    // Asynchronous so far, no claim: publish "n2, claims nothing" first.
+    let o = sync_leader(SyncMode::On, SyncSet::none(), None);
+    assert_eq!(
+        sync_actions(&o),
+        vec![
+            Action::PublishSync {
+                set: set(&["n2"], 0)
+            },
+            Action::SetSyncStandbys {
+                set: set(&["n2"], 1)
+            },
+        ]
+    );
+}
+
+#[test]
+fn sync_claim_strengthens_only_after_the_standby_flushed_past_the_mark() {
+    let mut o = sync_leader(SyncMode::On, set(&["n2"], 1), Some(set(&["n2"], 0)));
+    // Applied, but the settle time has not passed: no mark yet.
+    o.sync_applied = Some(SyncApplied {
+        set: set(&["n2"], 1),
+        at: Tick(0),
+        mark: None,
+    });
+    assert_eq!(sync_actions(&o), vec![]);
+    o.sync_applied.as_mut().unwrap().mark = Some(Lsn(1200));
+    assert_eq!(sync_actions(&o), vec![], "n2 flushed 1000 < mark 1200");
+    o.local.replication[0].flush_lsn = Lsn(1200);
+    assert_eq!(
+        sync_actions(&o),
+        vec![Action::PublishSync {
+            set: set(&["n2"], 1)
+        }]
+    );
+    // Unknown since when Postgres waits (agent restarted): apply again.
+    o.sync_applied = None;
+    assert_eq!(
+        sync_actions(&o),
+        vec![Action::SetSyncStandbys {
+            set: set(&["n2"], 1)
+        }]
+    );
+}
+
+#[test]
+fn sync_standby_lost_is_replaced_through_the_union_claim() {
+    let mut o = sync_leader(SyncMode::On, set(&["n2"], 1), Some(set(&["n2"], 1)));
+    o.local.replication.remove(0);
+    assert_eq!(
+        sync_actions(&o),
+        vec![
+            Action::PublishSync {
+                set: set(&["n2", "n3"], 1)
+            },
+            Action::SetSyncStandbys {
+                set: set(&["n3"], 1)
+            },
+        ]
+    );
+}
+
+#[test]
+fn sync_on_falls_back_strict_keeps_waiting_quorum_waits_for_any() {
+    let mut o = sync_leader(SyncMode::On, set(&["n2"], 1), Some(set(&["n2"], 1)));
+    o.local.replication.clear();
+    assert_eq!(
+        sync_actions(&o),
+        vec![
+            Action::PublishSync {
+                set: set(&["n2"], 0)
+            },
+            Action::SetSyncStandbys {
+                set: SyncSet::none()
+            },
+        ]
+    );
+    let mut strict = sync_leader(SyncMode::Strict, set(&["n2"], 1), Some(set(&["n2"], 1)));
+    strict.local.replication.clear();
+    assert_eq!(
+        sync_actions(&strict),
+        vec![],
+        "strict: commits keep waiting"
+    );
+    let quorum = sync_leader(SyncMode::Quorum, SyncSet::none(), None);
+    assert_eq!(
+        sync_actions(&quorum),
+        vec![
+            Action::PublishSync {
+                set: set(&["n2", "n3"], 0)
+            },
+            Action::SetSyncStandbys {
+                set: set(&["n2", "n3"], 1)
+            },
+        ]
+    );
+    // nosync members are never chosen.
+    let mut nosync = sync_leader(SyncMode::On, SyncSet::none(), None);
+    nosync.dcs.as_mut().unwrap().members[1].nosync = true;
+    assert_eq!(
+        sync_actions(&nosync),
+        vec![
+            Action::PublishSync {
+                set: set(&["n3"], 0)
+            },
+            Action::SetSyncStandbys {
+                set: set(&["n3"], 1)
+            },
+        ]
+    );
+}
+
+#[test]
+fn sync_mode_off_stops_waiting_before_withdrawing_the_claim() {
+    let o = sync_leader(SyncMode::Off, set(&["n2"], 1), Some(set(&["n2"], 1)));
+    assert_eq!(
+        sync_actions(&o),
+        vec![Action::SetSyncStandbys {
+            set: SyncSet::none()
+        }]
+    );
+    let o = sync_leader(SyncMode::Off, SyncSet::none(), Some(set(&["n2"], 1)));
+    assert_eq!(sync_actions(&o), vec![Action::DeleteSync]);
+}
+
+/// No leader; n1 was the primary; n2 and n3 are replicas with live answers.
+fn sync_election(me: &str, claim: SyncSet, positions: &[(&str, u64)]) -> Observation {
+    let mut v = view(None, replicas(&[("n2", 1, 1000), ("n3", 1, 1000)]));
+    v.config.synchronous_mode = SyncMode::On;
+    v.sync = Some(SyncKey {
+        leader: "n1".into(),
+        set: claim,
+    });
+    let my_lsn = positions.iter().find(|p| p.0 == me).unwrap().1;
+    let mut o = obs(me, running(PgRole::Replica, 1, my_lsn), Some(v));
+    o.peers = Some(
+        positions
+            .iter()
+            .filter(|p| p.0 != me)
+            .map(|(n, l)| PeerPosition {
+                name: n.to_string(),
+                timeline: Some(1),
+                lsn: Lsn(*l),
+                replay_lsn: Lsn(*l),
+            })
+            .collect(),
+    );
+    o
+}
+
+#[test]
+fn only_a_member_of_the_published_set_is_promoted() {
+    // n3 is further ahead but only n2 is synchronous.
+    let claim = set(&["n2"], 1);
+    let n2 = sync_election("n2", claim.clone(), &[("n2", 1000), ("n3", 2000)]);
+    assert_eq!(actions(&n2, 0), vec![Action::AcquireLeader]);
+    let n3 = sync_election("n3", claim, &[("n2", 1000), ("n3", 2000)]);
+    assert_eq!(actions(&n3, 0), vec![]);
+    assert!(decide::candidacy(&n3, n3.dcs.as_ref().unwrap())
+        .unwrap_err()
+        .contains("not in the synchronous set"));
+    // A claim of nothing (fallback) promotes nobody automatically.
+    let none = sync_election("n2", set(&["n2"], 0), &[("n2", 1000), ("n3", 1000)]);
+    assert_eq!(actions(&none, 0), vec![]);
+}
+
+#[test]
+fn quorum_promotion_needs_enough_members_to_prove_it() {
+    // ANY 1 (n2, n3): a candidate must see both (3 - ... = 2 members).
+    let claim = set(&["n2", "n3"], 1);
+    let mut alone = sync_election("n2", claim.clone(), &[("n2", 1000), ("n3", 900)]);
+    alone.peers = Some(vec![]);
+    assert_eq!(actions(&alone, 0), vec![]);
+    assert!(decide::candidacy(&alone, alone.dcs.as_ref().unwrap())
+        .unwrap_err()
+        .contains("sees 1 of the 2"));
+    let both = sync_election("n2", claim.clone(), &[("n2", 1000), ("n3", 900)]);
+    assert_eq!(actions(&both, 0), vec![Action::AcquireLeader]);
+    let behind = sync_election("n3", claim, &[("n2", 1000), ("n3", 900)]);
+    assert_eq!(actions(&behind, 0), vec![]);
+    // Without live answers nothing is proven.
+    let mut blind = sync_election("n2", set(&["n2"], 1), &[("n2", 1000), ("n3", 900)]);
+    blind.peers = None;
+    assert_eq!(actions(&blind, 0), vec![]);
+}
+
+#[test]
+fn new_leader_publishes_its_empty_claim_before_promoting() {
+    let mut v = view(Some("n2"), replicas(&[("n2", 1, 1000), ("n3", 1, 1000)]));
+    v.config.synchronous_mode = SyncMode::Strict;
+    v.sync = Some(SyncKey {
+        leader: "n1".into(),
+        set: set(&["n2"], 1),
+    });
+    let mut local = running(PgRole::Replica, 1, 1000);
+    local.slots = vec!["n3".into()];
+    local.sync_standbys = Some(SyncSet::none());
+    let o = obs("n2", local, Some(v));
+    assert_eq!(
+        sync_actions(&o),
+        vec![
+            Action::PublishSync {
+                set: SyncSet::none()
+            },
+            Action::SetSyncStandbys {
+                set: set(&["n3"], 1)
+            },
+            Action::Promote,
+        ]
+    );
 }
 
 fn arb_local() -> impl Strategy<Value = LocalPostgres> {

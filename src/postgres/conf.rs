@@ -97,6 +97,9 @@ pub fn managed_parameters(
     p
 }
 
+/// The file that holds `synchronous_standby_names`, in the data directory.
+pub const SYNC_CONF: &str = "pgha.sync.conf";
+
 /// postgresql.conf as the agent writes it.
 pub fn render_postgresql_conf(params: &BTreeMap<String, String>) -> String {
     let mut s = String::from(
@@ -107,7 +110,18 @@ pub fn render_postgresql_conf(params: &BTreeMap<String, String>) -> String {
     for (k, v) in params {
         s.push_str(&format!("{k} = {v}\n"));
     }
+    s.push_str(&format!(
+        "\n# synchronous_standby_names, set by pgha at run time (synchronous_mode).\ninclude_if_exists '{SYNC_CONF}'\n"
+    ));
     s
+}
+
+/// pgha.sync.conf.
+pub fn render_sync_conf(standby_names: &str) -> String {
+    format!(
+        "# Written by pgha (synchronous_mode): the standbys commits wait for.\nsynchronous_standby_names = {}\n",
+        quote_conf(standby_names)
+    )
 }
 
 /// pg_hba.conf: operator lines first, then local superuser access through

@@ -6,12 +6,24 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 
 use super::process::{LocalPg, PgError, Result};
-use crate::ha::{LocalPostgres, Lsn, PgRole};
+use crate::ha::{LocalPostgres, Lsn, PgRole, Replication, SyncSet};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// pg_promote waits up to 60 s itself; everything else is quick.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(65);
+
+/// One `pg_stat_replication` row as the probe renders it: `name state lsn`
+/// (the name last-but-two words from the end, so it may hold spaces).
+fn parse_replication(row: &str) -> Option<Replication> {
+    let (rest, flush) = row.rsplit_once(' ')?;
+    let (name, state) = rest.rsplit_once(' ')?;
+    Some(Replication {
+        name: name.to_string(),
+        state: state.to_string(),
+        flush_lsn: Lsn::parse(flush)?,
+    })
+}
 
 fn lsn(s: Option<String>) -> Option<Lsn> {
     s.as_deref().and_then(Lsn::parse)
@@ -100,7 +112,10 @@ impl LocalPg {
                             NULL::text,
                             (SELECT timeline_id FROM pg_control_checkpoint()),
                             ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'),
-                            EXISTS (SELECT 1 FROM pg_settings WHERE pending_restart)",
+                            EXISTS (SELECT 1 FROM pg_settings WHERE pending_restart),
+                            current_setting('synchronous_standby_names'),
+                            ARRAY(SELECT application_name || ' ' || state || ' ' || COALESCE(flush_lsn, '0/0')::text
+                                  FROM pg_stat_replication WHERE NOT pg_is_in_recovery())",
                     &[],
                 ))
             })
@@ -134,6 +149,12 @@ impl LocalPg {
             following: None,
             slots: row.get(8),
             pending_restart: row.get(9),
+            sync_standbys: crate::ha::sync::parse_standby_names(row.get(10)),
+            replication: row
+                .get::<_, Vec<String>>(11)
+                .iter()
+                .filter_map(|r| parse_replication(r))
+                .collect(),
         }
     }
 
@@ -169,6 +190,28 @@ impl LocalPg {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Makes Postgres wait for `set`: writes pgha.sync.conf, reloads, and
+    /// returns once a fresh session sees the new setting.
+    pub async fn set_sync_standbys(&self, set: &SyncSet) -> Result<()> {
+        let names = crate::ha::sync::standby_names(set);
+        self.write_sync_conf(&names)?;
+        self.reload().await?;
+        let client = self.connect().await?;
+        for _ in 0..50 {
+            let row = client
+                .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+                .await?;
+            let now: String = row.get(0);
+            if now == names {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(PgError::Other(format!(
+            "synchronous_standby_names did not become {names:?} after a reload"
+        )))
     }
 
     pub async fn create_slot(&self, name: &str) -> Result<()> {

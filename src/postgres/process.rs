@@ -289,6 +289,7 @@ impl LocalPg {
                 .filter(|l| {
                     !l.trim_start().starts_with("primary_conninfo")
                         && !l.trim_start().starts_with("primary_slot_name")
+                        && !l.trim_start().starts_with("synchronous_standby_names")
                 })
                 .map(|l| format!("{l}\n"))
                 .collect();
@@ -297,6 +298,16 @@ impl LocalPg {
             }
         }
         Ok(())
+    }
+
+    /// Writes `pgha.sync.conf` (included last by postgresql.conf). It stays
+    /// in the data directory, so a primary that restarts keeps waiting for
+    /// the standbys it waited for.
+    pub fn write_sync_conf(&self, standby_names: &str) -> Result<()> {
+        self.write_owned(
+            &self.cfg.data_dir.join(conf::SYNC_CONF),
+            &conf::render_sync_conf(standby_names),
+        )
     }
 
     /// PID of a postmaster running on our data directory, from postmaster.pid.

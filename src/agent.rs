@@ -188,6 +188,7 @@ pub struct Agent {
     shutting_down: bool,
     replica_timeline: Option<u32>,
     sync_applied: Option<SyncApplied>,
+    failsafe: Arc<crate::failsafe::Promise>,
     /// A step the rest of this pass depends on failed: skip the rest.
     pass_blocked: bool,
     dcs_last_seen: Option<Instant>,
@@ -261,6 +262,7 @@ impl Agent {
                 shutting_down: false,
                 replica_timeline: None,
                 sync_applied: None,
+                failsafe: Arc::default(),
                 pass_blocked: false,
                 dcs_last_seen: None,
                 promotions: 0,
@@ -279,6 +281,73 @@ impl Agent {
 
     fn now(&self) -> Tick {
         Tick(self.started.elapsed().as_millis() as u64)
+    }
+
+    /// The failsafe confirmations the API gives on this node's behalf.
+    pub fn failsafe_promise(&self) -> Arc<crate::failsafe::Promise> {
+        self.failsafe.clone()
+    }
+
+    fn tick_of(&self, at: Instant) -> Tick {
+        Tick(at.saturating_duration_since(self.started).as_millis() as u64)
+    }
+
+    /// Failsafe mode, etcd unreachable, we lead: ask every member we last
+    /// saw in etcd to confirm us. When all do, that counts as a lease
+    /// renewal sent when we asked; when one does not, the fencing deadline
+    /// runs out as usual.
+    async fn failsafe_round(&self) -> Option<Tick> {
+        self.leader_lease?;
+        let view = self.last_view.as_ref().filter(|v| v.config.failsafe_mode)?;
+        let others: Vec<(String, String)> = view
+            .members
+            .iter()
+            .filter(|m| m.name != self.cfg.name)
+            .map(|m| (m.name.clone(), m.api_url.clone()))
+            .collect();
+        let sent_at = self.now();
+        let timeout = self.cfg.timing.retry_timeout.min(Duration::from_secs(1));
+        let body = serde_json::json!({ "leader": self.cfg.name });
+        let asks = others.iter().map(|(name, url)| {
+            let body = body.clone();
+            async move {
+                let answer = tokio::time::timeout(
+                    timeout,
+                    crate::ctl::send(url, hyper::Method::POST, "/failsafe", Some(&body), None),
+                )
+                .await;
+                match answer {
+                    Ok(Ok((200, _))) => Ok(()),
+                    Ok(Ok((status, v))) => Err(format!("{name}: {status} {}", v["message"])),
+                    Ok(Err(e)) => Err(format!("{name}: {e}")),
+                    Err(_) => Err(format!("{name}: no answer within {timeout:?}")),
+                }
+            }
+        });
+        let refusals: Vec<String> = futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        if refusals.is_empty() {
+            info!(node = %self.cfg.name, members = others.len(), "failsafe: every member confirmed us while etcd is unreachable");
+            Some(sent_at)
+        } else {
+            warn!(node = %self.cfg.name, refusals = ?refusals, "failsafe: not every member confirmed us; the fencing deadline stands");
+            None
+        }
+    }
+
+    /// A failsafe confirmation counts as a lease renewal sent at `at`; the
+    /// fence guard hears of it at once.
+    fn failsafe_confirmed(&mut self, at: Option<Tick>) {
+        if let (Some(at), Some(lease)) = (at, self.leader_lease) {
+            self.leader_lease = Some(HeldLease {
+                lease_id: lease.lease_id,
+                renewed_at: at.max(lease.renewed_at),
+            });
+            self.feed_guard();
+        }
     }
 
     /// Where the API sends operator requests.
@@ -810,6 +879,15 @@ impl Agent {
             ),
             _ => (None, None),
         };
+        // While etcd stays unreachable a leading primary asks for failsafe
+        // confirmations before it tries etcd again (which may take the
+        // whole retry timeout), so the fence guard learns of them in time.
+        let leading_primary = local.running && local.role == Some(PgRole::Primary);
+        let ask_failsafe = leading_primary && self.etcd_failures > 0;
+        if ask_failsafe {
+            let confirmed = self.failsafe_round().await;
+            self.failsafe_confirmed(confirmed);
+        }
         let dcs = match self.etcd.load().await {
             Ok((view, history)) => {
                 if self.etcd_failures > 0 {
@@ -823,6 +901,10 @@ impl Agent {
             Err(e) => {
                 self.etcd_failures += 1;
                 warn!(node = %self.cfg.name, attempt = self.etcd_failures, error = %e, "etcd unreachable");
+                if leading_primary && !ask_failsafe {
+                    let confirmed = self.failsafe_round().await;
+                    self.failsafe_confirmed(confirmed);
+                }
                 None
             }
         };
@@ -861,9 +943,12 @@ impl Agent {
                 .is_some_and(|d| d.leader.is_none() && d.initialize.is_some());
         // A leader that stopped to hand over asks its target how much WAL it has.
         let handing_over = self.handover.is_some() && !local.running;
-        let peers = match (&dcs, leaderless_replica || handing_over) {
-            (Some(view), true) => Some(self.ask_peers(view).await),
-            _ => None,
+        let (peers, live_primary) = match (&dcs, leaderless_replica || handing_over) {
+            (Some(view), true) => {
+                let (peers, primary) = self.ask_peers(view).await;
+                (Some(peers), primary)
+            }
+            _ => (None, None),
         };
         if let Some(leader) = dcs
             .as_ref()
@@ -916,6 +1001,8 @@ impl Agent {
             checkpoint_lsn,
             shutting_down: self.shutting_down,
             sync_applied: self.sync_applied.clone(),
+            failsafe_promise_until: self.failsafe.until().map(|u| self.tick_of(u)),
+            live_primary,
             may_bootstrap: self
                 .cfg
                 .cluster
@@ -926,8 +1013,9 @@ impl Agent {
     }
 
     /// Asks every other member's API for its current WAL position; members
-    /// that do not answer within a second are left out.
-    async fn ask_peers(&self, view: &DcsView) -> Vec<PeerPosition> {
+    /// that do not answer within a second are left out. Also returns a
+    /// member that answered that it runs Postgres as primary.
+    async fn ask_peers(&self, view: &DcsView) -> (Vec<PeerPosition>, Option<String>) {
         let timeout = self.cfg.timing.retry_timeout.min(Duration::from_secs(1));
         let asks = view
             .members
@@ -939,27 +1027,38 @@ impl Agent {
                     let answer =
                         tokio::time::timeout(timeout, crate::ctl::get_json(&url, "/status")).await;
                     let Ok(Ok((_, v))) = answer else { return None };
+                    if v["role"] == "primary" && matches!(v["state"].as_str(), Some("running")) {
+                        return Some(Err(name));
+                    }
                     let running_replica = v["role"] == "replica"
                         && matches!(v["state"].as_str(), Some("running" | "streaming"));
                     if !running_replica {
                         return None;
                     }
                     let lsn = |k: &str| v[k].as_str().and_then(Lsn::parse);
-                    Some(PeerPosition {
+                    Some(Ok(PeerPosition {
                         name,
                         timeline: v["timeline"].as_u64().map(|t| t as u32),
                         lsn: lsn("receive_lsn")
                             .max(lsn("replay_lsn"))
                             .unwrap_or_default(),
                         replay_lsn: lsn("replay_lsn").unwrap_or_default(),
-                    })
+                    }))
                 }
             });
-        futures_util::future::join_all(asks)
+        let mut peers = Vec::new();
+        let mut primary = None;
+        for answer in futures_util::future::join_all(asks)
             .await
             .into_iter()
             .flatten()
-            .collect()
+        {
+            match answer {
+                Ok(p) => peers.push(p),
+                Err(name) => primary = Some(name),
+            }
+        }
+        (peers, primary)
     }
 
     fn upstream(&self, name: &str) -> Option<Upstream> {
@@ -1008,6 +1107,7 @@ impl Agent {
                     Ok(true) => {
                         info!(node = %node, "won the initialize race");
                         let seed = DynamicConfig {
+                            failsafe_mode: self.cfg.cluster.failsafe_mode,
                             synchronous_mode: self.cfg.cluster.synchronous_mode,
                             synchronous_node_count: self.cfg.cluster.synchronous_node_count,
                             paused: false,

@@ -134,6 +134,7 @@ pub struct ClusterDefaults {
     /// is moved aside, never deleted).
     pub auto_reinit: bool,
     /// Written to the dynamic config when this node bootstraps the cluster.
+    pub failsafe_mode: bool,
     pub synchronous_mode: crate::ha::SyncMode,
     pub synchronous_node_count: u32,
 }
@@ -354,6 +355,7 @@ const KEYS: &[(&str, EnvKind)] = &[
     ("cluster.member_slot_grace", EnvKind::Text),
     ("cluster.primary_region", EnvKind::Text),
     ("cluster.auto_reinit", EnvKind::Boolean),
+    ("cluster.failsafe_mode", EnvKind::Boolean),
     ("cluster.synchronous_mode", EnvKind::Text),
     ("cluster.synchronous_node_count", EnvKind::Integer),
     ("tags.nofailover", EnvKind::Boolean),
@@ -591,6 +593,7 @@ struct FileCluster {
     member_slot_grace: Option<FileDuration>,
     primary_region: Option<String>,
     auto_reinit: Option<bool>,
+    failsafe_mode: Option<bool>,
     synchronous_mode: Option<crate::ha::SyncMode>,
     synchronous_node_count: Option<u32>,
 }
@@ -1489,6 +1492,7 @@ impl FileCluster {
             return Err(cx.invalid("cluster.synchronous_node_count", "expected at least 1"));
         }
         Ok(ClusterDefaults {
+            failsafe_mode: self.failsafe_mode.unwrap_or(false),
             synchronous_mode: self.synchronous_mode.unwrap_or_default(),
             synchronous_node_count,
             maximum_lag_on_failover: self

@@ -8,6 +8,7 @@ pub mod api;
 pub mod config;
 pub mod ctl;
 pub mod dcs;
+pub mod failsafe;
 pub mod fence;
 pub mod ha;
 pub mod net;

@@ -247,6 +247,8 @@ async fn run(cfg: Config) -> ExitCode {
     let operator = pgha::api::Operator {
         calls: agent.operator_handle(),
         auth: pgha::api::operator::Auth::from_config(&cfg.api),
+        failsafe: agent.failsafe_promise(),
+        failsafe_ttl: cfg.timing.ttl,
     };
     let api = tokio::spawn(pgha::api::serve_with_operator(
         cfg.api.listen.clone(),

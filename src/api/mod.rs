@@ -69,6 +69,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Operator {
     pub calls: tokio::sync::mpsc::Sender<crate::operator::Call>,
     pub auth: operator::Auth,
+    /// Failsafe confirmations this node gives its leader (`POST /failsafe`),
+    /// each a promise not to take part in an election for `failsafe_ttl`.
+    pub failsafe: Arc<crate::failsafe::Promise>,
+    pub failsafe_ttl: Duration,
 }
 
 /// How long an operator request may wait for the agent's answer.
@@ -358,6 +362,53 @@ async fn operator_request(
     }
 }
 
+/// `POST /failsafe` from the leader while etcd is unreachable: a peer
+/// request, not an operator one (a confirmation only ever holds this node
+/// back from an election it could not hold without etcd anyway).
+fn failsafe_request(shared: &Shared, method: &hyper::Method, body: &[u8]) -> Response<Full<Bytes>> {
+    let message =
+        |status: StatusCode, m: &str| json_response(status, &serde_json::json!({ "message": m }));
+    if method != hyper::Method::POST {
+        let mut resp = message(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("POST"));
+        return resp;
+    }
+    let Some(op) = &shared.operator else {
+        return message(StatusCode::SERVICE_UNAVAILABLE, "no agent behind this API");
+    };
+    let request: crate::failsafe::FailsafeRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return message(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"leader\": NAME}}: {e}"),
+            )
+        }
+    };
+    let snapshot = shared.snapshots.borrow().clone();
+    let me = crate::failsafe::ReplicaView {
+        node: &snapshot.me.name,
+        dcs_reachable: snapshot.dcs_reachable,
+        leader: snapshot.leader.as_deref(),
+        is_replica: snapshot.me.role == crate::ha::MemberRole::Replica
+            && status::running(&snapshot.me),
+    };
+    match op
+        .failsafe
+        .confirm(&me, &request, op.failsafe_ttl, std::time::Instant::now())
+    {
+        Ok(()) => {
+            info!(node = %snapshot.me.name, leader = %request.leader, "failsafe: confirmed the leader while etcd is unreachable");
+            json_response(
+                StatusCode::OK,
+                &serde_json::json!({ "confirmed": true, "node": snapshot.me.name }),
+            )
+        }
+        Err(why) => message(StatusCode::CONFLICT, &why),
+    }
+}
+
 fn respond(reply: Reply) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(reply.body));
     *resp.status_mut() = reply.status;
@@ -420,6 +471,9 @@ async fn handle(
                 )
             }
         }
+    }
+    if parts.uri.path() == "/failsafe" {
+        return failsafe_request(shared, &parts.method, &body_bytes);
     }
     if operator::is_operator(&parts.method, parts.uri.path()) {
         let authorization = parts

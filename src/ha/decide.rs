@@ -148,7 +148,7 @@ pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
     match &dcs.leader {
         Some(key) if key.name == obs.node => lead(obs, dcs, settings, now, &mut steps),
         Some(key) => follow(obs, dcs, settings, now, &key.name, &mut steps),
-        None => elect(obs, dcs, settings, &mut steps),
+        None => elect(obs, dcs, settings, now, &mut steps),
     }
     steps
 }
@@ -333,9 +333,14 @@ fn follow(
 }
 
 /// No node holds the leader key.
-fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, steps: &mut Vec<Step>) {
+fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps: &mut Vec<Step>) {
     let local = &obs.local;
     if obs.shutting_down || obs.handover.is_some() {
+        return;
+    }
+    let running_primary = local.running && local.role == Some(PgRole::Primary);
+    if !running_primary && obs.failsafe_promise_until.is_some_and(|until| now < until) {
+        // We confirmed the leader in failsafe mode: it may still take writes.
         return;
     }
     if let Some(decided) = super::handover::elect(obs, dcs, settings) {
@@ -384,6 +389,11 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
     let in_region = |r: &Option<String>| candidacy_region_ok(dcs, r);
     if !in_region(&obs.region) {
         return Err("outside primary_region".into());
+    }
+    if let Some(primary) = obs.live_primary.as_ref().filter(|p| **p != obs.node) {
+        return Err(format!(
+            "{primary} still runs a primary: it takes the leader key back"
+        ));
     }
     if let Some(proof) = super::sync::candidacy(obs, dcs) {
         return proof;

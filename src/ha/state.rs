@@ -338,6 +338,9 @@ pub struct DynamicConfig {
     pub primary_region: Option<String>,
     /// Reclone a former primary whose rewind failed.
     pub auto_reinit: bool,
+    /// A leader that cannot reach etcd keeps its primary while every member
+    /// confirms over the API (see `failsafe`).
+    pub failsafe_mode: bool,
     pub synchronous_mode: SyncMode,
     /// Standbys the primary waits for (`on`, `strict`), or the `n` of `ANY n` (`quorum`).
     pub synchronous_node_count: u32,
@@ -352,6 +355,7 @@ impl Default for DynamicConfig {
             member_slot_grace_ms: 30_000,
             primary_region: None,
             auto_reinit: false,
+            failsafe_mode: false,
             synchronous_mode: SyncMode::Off,
             synchronous_node_count: 1,
         }
@@ -484,4 +488,9 @@ pub struct Observation {
     pub shutting_down: bool,
     /// The last `synchronous_standby_names` this agent applied.
     pub sync_applied: Option<SyncApplied>,
+    /// We confirmed our leader in failsafe mode: no election before this.
+    pub failsafe_promise_until: Option<Tick>,
+    /// A member whose API just said it runs Postgres as primary (asked
+    /// with `peers`).
+    pub live_primary: Option<String>,
 }

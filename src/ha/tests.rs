@@ -106,6 +106,8 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
         checkpoint_lsn: None,
         shutting_down: false,
         sync_applied: None,
+        failsafe_promise_until: None,
+        live_primary: None,
     }
 }
 
@@ -1142,6 +1144,19 @@ fn new_leader_publishes_its_empty_claim_before_promoting() {
             Action::Promote,
         ]
     );
+}
+
+#[test]
+fn a_replica_that_confirmed_the_leader_in_failsafe_or_sees_a_live_primary_does_not_run() {
+    let v = view(None, replicas(&[("n2", 1, 1000), ("n3", 1, 900)]));
+    let mut o = obs("n2", running(PgRole::Replica, 1, 1000), Some(v));
+    o.peers = Some(vec![]);
+    assert_eq!(actions(&o, 5_000), vec![Action::AcquireLeader]);
+    o.failsafe_promise_until = Some(Tick(6_000));
+    assert_eq!(actions(&o, 5_000), vec![], "promised until 6 s");
+    assert_eq!(actions(&o, 6_000), vec![Action::AcquireLeader]);
+    o.live_primary = Some("n1".into());
+    assert_eq!(actions(&o, 6_000), vec![], "n1 still runs a primary");
 }
 
 fn arb_local() -> impl Strategy<Value = LocalPostgres> {

@@ -215,6 +215,16 @@ impl Etcd {
         etcd
     }
 
+    /// Freezes etcd (SIGSTOP): every client request hangs, as with an etcd
+    /// that is down; `resume` thaws it.
+    pub fn pause(&self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGCONT);
+    }
+
     /// The raw value of `key`, if it exists.
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
         let url = self.url.clone();

@@ -482,6 +482,56 @@ fn compose_cluster_fails_over_and_rejoins() {
     write("after-rejoin");
     replicated_to(&primary.1, "after-rejoin");
 
+    // The README's way to force a failover from inside a container: the
+    // rejoined node becomes primary again.
+    let (_, other) = survivors
+        .iter()
+        .find(|(n, _)| *n != new_primary.0)
+        .expect("a third node");
+    run_ok(&mut docker(&[
+        "exec", other, "pgha", "failover", "--to", &primary.0, "--force",
+    ]));
+    wait_until(
+        "the forced failover's target as primary",
+        Duration::from_secs(30),
+        || answers_200(&primary.1, "/primary").then_some(()),
+    );
+    wait_until("two streaming replicas", Duration::from_secs(60), || {
+        (nodes
+            .iter()
+            .filter(|(_, c)| answers_200(c, "/replica?replication_state=streaming"))
+            .count()
+            == 2)
+            .then_some(())
+    });
+
+    // docker stop sends SIGINT to PID 1, which forwards it: the leader hands
+    // over to a replica and exits 0, long before its lease would expire.
+    let stopped_at = Instant::now();
+    run_ok(&mut docker(&["stop", "-t", "60", &primary.1]));
+    let exit_code = run_ok(&mut docker(&[
+        "inspect",
+        "-f",
+        "{{.State.ExitCode}}",
+        &primary.1,
+    ]));
+    assert_eq!(exit_code, "0", "the agent did not stop cleanly on SIGINT");
+    let handed_over = wait_until(
+        "a primary after docker stop",
+        Duration::from_secs(30),
+        || {
+            nodes
+                .iter()
+                .filter(|(n, _)| *n != primary.0)
+                .find(|(_, c)| answers_200(c, "/primary"))
+                .map(|_| stopped_at.elapsed())
+        },
+    );
+    assert!(
+        handed_over < TTL,
+        "a new primary {handed_over:?} after docker stop: no handover, the lease expired"
+    );
+
     // down leaves nothing of the project behind.
     let down = run(&mut project.compose(&["down", "-v", "-t", "20"]));
     assert!(
@@ -497,14 +547,16 @@ fn compose_cluster_fails_over_and_rejoins() {
 
     eprintln!(
         "SUMMARY docker: base image {base} ready in {:.1} s, image {} MB built in {:.1} s, \
-         compose up to 3 healthy in {:.1} s, {} -> {} promoted {:.1} s after docker kill",
+         compose up to 3 healthy in {:.1} s, {} -> {} promoted {:.1} s after docker kill, \
+         handover on docker stop {:.1} s",
         base_time.as_secs_f64(),
         image_size / 1_000_000,
         build_time.as_secs_f64(),
         healthy_after.as_secs_f64(),
         primary.0,
         new_primary.0,
-        failover.as_secs_f64()
+        failover.as_secs_f64(),
+        handed_over.as_secs_f64()
     );
 }
 

@@ -17,7 +17,7 @@ SUITE=bookworm
 PACKAGES=(postgresql-15 etcd-server haproxy ca-certificates)
 REPO=pgha-base
 # Raise when the steps below change what ends up in the image.
-RECIPE=1
+RECIPE=2
 
 log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -87,10 +87,12 @@ fi
 rm -f "$root.log"
 
 # Postgres packaging starts no cluster in a chroot, but make sure no default
-# cluster or service configuration ends up in the image, and drop caches.
+# cluster or service configuration ends up in the image; drop caches, docs
+# and message translations (the agent and Postgres run with C.UTF-8).
 rm -rf "$root"/var/lib/postgresql/15/main "$root"/etc/postgresql/15/main \
     "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* \
-    "$root"/usr/share/doc/* "$root"/usr/share/man/*
+    "$root"/usr/share/doc/* "$root"/usr/share/man/* \
+    "$root"/usr/share/locale/* "$root"/usr/share/i18n/*
 # apt inside the image keeps using the same mirror.
 echo "deb $mirror $SUITE main" >"$root/etc/apt/sources.list"
 

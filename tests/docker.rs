@@ -369,17 +369,36 @@ fn compose_cluster_fails_over_and_rejoins() {
     let (_, first) = &nodes[0];
     let init = run_ok(&mut docker(&["exec", first, "cat", "/proc/1/cmdline"]));
     assert!(init.starts_with("pgha"), "PID 1 is not the agent: {init:?}");
-    run_ok(&mut docker(&[
+    // Two short-lived processes orphaned when their shell exits: PID 1
+    // adopts them, and a process not reaped stays in /proc as a zombie.
+    let orphans = run_ok(&mut docker(&[
         "exec",
         first,
         "sh",
         "-c",
-        "sleep 0.2 & sleep 0.3 & exit 0",
+        "sleep 0.2 & echo $!; sleep 0.3 & echo $!; exit 0",
     ]));
+    let orphans: Vec<String> = orphans.lines().map(str::to_string).collect();
+    assert_eq!(orphans.len(), 2, "orphan pids: {orphans:?}");
     wait_until("orphans reaped by PID 1", Duration::from_secs(10), || {
-        std::thread::sleep(Duration::from_millis(500));
-        zombies(first).is_empty().then_some(())
+        let gone = orphans.iter().all(|pid| {
+            !run(&mut docker(&[
+                "exec",
+                first,
+                "test",
+                "-e",
+                &format!("/proc/{pid}"),
+            ]))
+            .status
+            .success()
+        });
+        gone.then_some(())
     });
+    assert_eq!(
+        zombies(first),
+        Vec::<String>::new(),
+        "zombies in the container"
+    );
 
     // A write through HAProxy's primary port reaches both replicas.
     let write = |value: &str| {

@@ -14,6 +14,12 @@ ensure_prereqs() {
     command -v etcdctl >/dev/null || missing+=(etcd-client)
     command -v protoc >/dev/null || missing+=(protobuf-compiler)
     command -v python3 >/dev/null || missing+=(python3)
+    # tests/docker.rs, when a Docker engine answers: debootstrap builds its
+    # base image, compose runs the cluster.
+    if docker info >/dev/null 2>&1; then
+        command -v debootstrap >/dev/null || missing+=(debootstrap)
+        docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || missing+=(docker-compose)
+    fi
     for extra in "$@"; do
         case "$extra" in
             haproxy) command -v haproxy >/dev/null || missing+=(haproxy) ;;

@@ -14,3 +14,4 @@ pub mod ha;
 pub mod net;
 pub mod operator;
 pub mod postgres;
+pub mod reaper;

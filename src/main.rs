@@ -24,6 +24,16 @@ enum Command {
     },
     /// Validate a config file (and PGHA_* overrides) without starting anything.
     CheckConfig { file: PathBuf },
+    /// Exit 0 when a health endpoint of the API answers 200, 1 otherwise
+    /// (the container image's HEALTHCHECK).
+    Health {
+        /// API of the node to ask.
+        #[arg(long, env = "PGHA_API_URL", default_value = "http://127.0.0.1:8008")]
+        api: String,
+        /// Endpoint: /health, /liveness, /readiness, /primary, /replica, ...
+        #[arg(default_value = "/health")]
+        path: String,
+    },
     /// Internal: the fence guard the agent starts for itself.
     #[command(hide = true)]
     FenceGuard {
@@ -280,8 +290,27 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => match load_config(&config) {
+            // As a container's PID 1 the agent runs as a child of a reaper.
+            Ok(cfg) if pgha::reaper::is_pid1() => {
+                init_tracing(cfg.log.format, &cfg.log.level);
+                pgha::reaper::supervise(std::env::args_os().skip(1).collect()).await
+            }
             Ok(cfg) => run(cfg).await,
             Err(code) => code,
+        },
+        Command::Health { api, path } => match pgha::ctl::get_json(&api, &path).await {
+            Ok((status, body)) => {
+                println!("{status} {body}");
+                if status == 200 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
         },
         Command::FenceGuard { data_dir } => {
             let stdin = std::io::BufReader::new(std::io::stdin());

@@ -250,6 +250,7 @@ async fn run(cfg: Config) -> ExitCode {
     };
     let api = tokio::spawn(pgha::api::serve_with_operator(
         cfg.api.listen.clone(),
+        cfg.ip_family,
         snapshots,
         stale_after,
         Some(operator),

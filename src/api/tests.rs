@@ -578,6 +578,19 @@ async fn an_ipv6_wildcard_accepts_ipv4_and_ipv6_clients() {
 }
 
 #[tokio::test]
+async fn an_ipv6_only_wildcard_refuses_ipv4_clients() {
+    let listeners = bind_all_in(&["[::]:0".parse().unwrap()], IpFamily::Ipv6).unwrap();
+    let port = listeners[0].local_addr().unwrap().port();
+    let v6 = tokio::net::TcpStream::connect(format!("[::1]:{port}"));
+    let (conn, accepted) = tokio::join!(v6, listeners[0].accept());
+    conn.unwrap();
+    accepted.unwrap();
+    tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect_err("IPv4 on an IPv6-only socket");
+}
+
+#[tokio::test]
 async fn an_ipv6_wildcard_beside_an_ipv4_wildcard_on_the_same_port_binds_both() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

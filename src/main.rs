@@ -128,8 +128,8 @@ enum ConfigAction {
 /// How the CLI finds and talks to the cluster.
 #[derive(clap::Args)]
 struct Target {
-    /// API of any member.
-    #[arg(long, env = "PGHA_API_URL", default_value = "http://127.0.0.1:8008")]
+    /// API of any member; localhost is reached over IPv6 or IPv4, whichever answers.
+    #[arg(long, env = "PGHA_API_URL", default_value = "http://localhost:8008")]
     api: String,
     /// Find the API through this node's config instead.
     #[arg(long)]

@@ -146,7 +146,13 @@ impl Target {
     fn api(&self) -> Result<String, ExitCode> {
         match &self.config {
             Some(path) => load_config(path).map(|c| c.api.advertise_url),
-            None => Ok(self.api.clone()),
+            None => match pgha::net::HttpUrl::parse(&self.api) {
+                Ok(_) => Ok(self.api.clone()),
+                Err(why) => {
+                    eprintln!("error: --api {:?}: {why}", self.api);
+                    Err(ExitCode::from(2))
+                }
+            },
         }
     }
 }

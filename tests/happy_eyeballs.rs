@@ -180,10 +180,72 @@ fn inside_the_namespace() {
         assert_eq!(picked, "127.0.0.1".parse::<std::net::IpAddr>().unwrap());
         let _ = peers.recv().await;
 
+        // etcd endpoints: tonic connects them with hyper-util's own Happy
+        // Eyeballs (300 ms, getaddrinfo's order); measured, bounded loosely.
+        let etcd = EtcdOnLoopback::start();
+        let started = Instant::now();
+        let client = pgha::dcs::Etcd::connect(
+            &pgha::config::EtcdConfig {
+                endpoints: vec!["http://dual.internal:2379".into()],
+                prefix: "/pgha/he/".into(),
+                dial_timeout: Duration::from_secs(2),
+                username: None,
+                password: None,
+            },
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        let first = client.load().await;
+        let took = started.elapsed();
+        println!("etcd at http://dual.internal:2379, IPv6 black-holed: first answer in {took:?}");
+        assert!(first.is_ok(), "{:?}", first.err());
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        drop(etcd);
+
         // A name whose only address is black-holed fails by the caller's
         // deadline instead of hanging.
         let attempt =
             pgha::net::pick_address("hole.internal", port, Duration::from_millis(300)).await;
         assert!(attempt.is_err());
     });
+}
+
+/// etcd on 127.0.0.1:2379 of the namespace (a fresh namespace has every port free).
+struct EtcdOnLoopback {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdOnLoopback {
+    fn start() -> EtcdOnLoopback {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let child = std::process::Command::new("etcd")
+            .arg("--name=he")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg("--listen-client-urls=http://127.0.0.1:2379")
+            .arg("--advertise-client-urls=http://127.0.0.1:2379")
+            .arg("--listen-peer-urls=http://127.0.0.1:2380")
+            .arg("--initial-advertise-peer-urls=http://127.0.0.1:2380")
+            .arg("--initial-cluster=he=http://127.0.0.1:2380")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        let etcd = EtcdOnLoopback { child, _dir: dir };
+        common::wait_until("etcd to answer", Duration::from_secs(20), || {
+            common::http_get("127.0.0.1:2379".parse().unwrap(), "/health")
+                .ok()
+                .filter(|(status, _)| *status == 200)
+        });
+        etcd
+    }
+}
+
+impl Drop for EtcdOnLoopback {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

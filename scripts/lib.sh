@@ -14,6 +14,8 @@ ensure_prereqs() {
     command -v etcdctl >/dev/null || missing+=(etcd-client)
     command -v protoc >/dev/null || missing+=(protobuf-compiler)
     command -v python3 >/dev/null || missing+=(python3)
+    # The IPv6 tests build their networks with `ip netns`.
+    command -v ip >/dev/null || missing+=(iproute2)
     for extra in "$@"; do
         case "$extra" in
             haproxy) command -v haproxy >/dev/null || missing+=(haproxy) ;;

@@ -59,6 +59,10 @@ impl NetLab {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "network namespaces need root: run this test as root (CI does)"
+        );
         let hub = format!("{id}-hub");
         let mut lab = NetLab {
             id,

@@ -174,10 +174,14 @@ fn inside_the_namespace() {
             .unwrap();
         assert_eq!(status, 200);
         assert!(peers.recv().await.unwrap().is_ipv6());
+        let started = Instant::now();
         let picked = pgha::net::pick_address("dual.internal", port, Duration::from_secs(2))
             .await
             .unwrap();
+        let took = started.elapsed();
+        println!("hostaddr for pg_basebackup/pg_rewind from dual.internal: {picked} in {took:?}");
         assert_eq!(picked, "127.0.0.1".parse::<std::net::IpAddr>().unwrap());
+        assert!(took < LIMIT, "took {took:?}");
         let _ = peers.recv().await;
 
         // etcd endpoints: tonic connects them with hyper-util's own Happy

@@ -67,28 +67,6 @@ impl V6Cluster {
         }
         let dir = TestDir::new("pgha-ipv6-");
 
-        let etcd_log = dir.path().join("etcd.log");
-        let out = File::create(&etcd_log).expect("etcd log");
-        let etcd = lab
-            .command(&etcd_host, "etcd")
-            .arg("--name=e")
-            .arg(format!("--data-dir={}", dir.path().join("etcd").display()))
-            // Its own address: etcd 3.4 (Go) takes "[::]" for IPv4 when the
-            // machine has no IPv4 loopback, and then refuses IPv6 clients.
-            .arg(format!(
-                "--listen-client-urls=http://[{}]:2379",
-                etcd_host.ipv6
-            ))
-            .arg("--advertise-client-urls=http://etcd.internal:2379")
-            .arg("--listen-peer-urls=http://[::1]:2380")
-            .arg("--initial-advertise-peer-urls=http://[::1]:2380")
-            .arg("--initial-cluster=e=http://[::1]:2380")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup log"))
-            .stderr(out)
-            .spawn()
-            .expect("start etcd");
-
         let nodes = hosts
             .into_iter()
             .map(|host| {
@@ -115,8 +93,8 @@ impl V6Cluster {
             .collect();
         let mut cluster = V6Cluster {
             nodes,
-            etcd: Some(etcd),
-            etcd_log,
+            etcd: None,
+            etcd_log: dir.path().join("etcd.log"),
             client,
             dir,
             lab,
@@ -125,6 +103,34 @@ impl V6Cluster {
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&n.dir, fs::Permissions::from_mode(0o755)).expect("chmod");
         }
+        let out = File::create(&cluster.etcd_log).expect("etcd log");
+        // Spawned once `cluster` exists, whose drop stops it.
+        let etcd = cluster
+            .lab
+            .command(&etcd_host, "etcd")
+            .arg("--name=e")
+            .arg(format!(
+                "--data-dir={}",
+                cluster.dir.path().join("etcd").display()
+            ))
+            // Its own address: given "[::]" in this namespace without IPv4,
+            // etcd 3.4 logged "serving ... on 0.0.0.0:2379" and refused
+            // IPv6 clients.
+            .arg(format!(
+                "--listen-client-urls=http://[{}]:2379",
+                etcd_host.ipv6
+            ))
+            .arg("--advertise-client-urls=http://etcd.internal:2379")
+            .arg("--listen-peer-urls=http://[::1]:2380")
+            .arg("--initial-advertise-peer-urls=http://[::1]:2380")
+            .arg("--initial-cluster=e=http://[::1]:2380")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup log"))
+            .stderr(out)
+            .spawn()
+            .expect("start etcd");
+
+        cluster.etcd = Some(etcd);
         wait_until("etcd to serve clients", Duration::from_secs(30), || {
             fs::read_to_string(&cluster.etcd_log)
                 .ok()?

@@ -257,7 +257,19 @@ pub async fn pick_address(host: &str, port: u16, timeout: Duration) -> std::io::
     if let Ok(ip) = literal.parse::<IpAddr>() {
         return Ok(ip);
     }
-    let stream = tokio::time::timeout(timeout, connect_tcp(host, port))
+    Ok(connect_tcp_within(host, port, timeout)
+        .await?
+        .peer_addr()?
+        .ip())
+}
+
+/// [`connect_tcp`], failing with `TimedOut` after `timeout`.
+pub async fn connect_tcp_within(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    tokio::time::timeout(timeout, connect_tcp(host, port))
         .await
         .map_err(|_| {
             std::io::Error::new(
@@ -267,8 +279,7 @@ pub async fn pick_address(host: &str, port: u16, timeout: Duration) -> std::io::
                     host_port(host, port)
                 ),
             )
-        })??;
-    Ok(stream.peer_addr()?.ip())
+        })?
 }
 
 #[cfg(test)]

@@ -428,7 +428,18 @@ fn three_nodes_on_an_ipv6_only_network_bootstrap_replicate_fail_over_and_list() 
 
     // The old primary comes back (pg_rewind by name or literal) and follows.
     let index = cluster.nodes.iter().position(|n| n.name == leader).unwrap();
+    let log_before = fs::metadata(&cluster.nodes[index].log).unwrap().len() as usize;
     cluster.spawn(index);
     cluster.wait_healthy(3, Duration::from_secs(90));
     cluster.wait_replayed(cluster.node(&leader), "after");
+    let log = fs::read_to_string(&cluster.nodes[index].log).unwrap();
+    let this_run = &log[log_before..];
+    assert!(
+        this_run.contains("action=rewind") && this_run.contains("pg_rewind finished"),
+        "{leader} rejoined without pg_rewind"
+    );
+    assert!(
+        !this_run.contains("action=clone"),
+        "{leader} was cloned again"
+    );
 }

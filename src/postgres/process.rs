@@ -497,34 +497,19 @@ impl LocalPg {
     /// CHECKPOINT on `from` as the superuser, over TCP; returns the address
     /// it reached.
     async fn checkpoint_source(&self, from: &Upstream) -> Result<std::net::IpAddr> {
+        // Host and port are not needed: the stream is connected below.
         let mut cfg = tokio_postgres::Config::new();
-        cfg.host(&from.host)
-            .port(from.port)
-            .user(&self.cfg.superuser.username)
+        cfg.user(&self.cfg.superuser.username)
             .dbname("postgres")
-            .application_name("pgha-rewind")
-            .connect_timeout(Duration::from_secs(5));
+            .application_name("pgha-rewind");
         if let Some(pw) = &self.cfg.superuser.password {
             cfg.password(pw.expose());
         }
         // Happy Eyeballs over the source's addresses (tokio-postgres alone
         // would try them one after the other).
-        let stream = tokio::time::timeout(
-            Duration::from_secs(5),
-            crate::net::connect_tcp(&from.host, from.port),
-        )
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "connecting to {}",
-                    crate::net::host_port(&from.host, from.port)
-                ),
-            )
-        })
-        .and_then(|r| r)
-        .map_err(io_err("connecting to the rewind source"))?;
+        let stream = crate::net::connect_tcp_within(&from.host, from.port, Duration::from_secs(5))
+            .await
+            .map_err(io_err("connecting to the rewind source"))?;
         let reached = stream
             .peer_addr()
             .map_err(io_err("connecting to the rewind source"))?

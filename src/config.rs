@@ -1445,7 +1445,7 @@ impl FileApi {
         if listen.is_empty() {
             return Err(cx.invalid(
                 "api.listen",
-                "expected at least one address, like \"0.0.0.0:8008\"",
+                "expected at least one address, like \"[::]:8008\"",
             ));
         }
         let url = self.advertise_url.trim().trim_end_matches('/');

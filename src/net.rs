@@ -217,10 +217,16 @@ impl tower_service::Service<Name> for Resolver {
     }
 }
 
+/// Time for all addresses of one family; hyper-util gives each address its
+/// share, so a black-holed first address does not stall the next one for the
+/// kernel's two minutes.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The connector every outgoing HTTP request of pgha uses (member APIs, CLI).
 pub fn http_connector() -> HttpConnector<Resolver> {
     let mut connector = HttpConnector::new_with_resolver(Resolver);
     connector.set_happy_eyeballs_timeout(Some(HAPPY_EYEBALLS_DELAY));
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     connector.set_nodelay(true);
     connector
 }

@@ -20,6 +20,8 @@ ensure_prereqs() {
         command -v debootstrap >/dev/null || missing+=(debootstrap)
         docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || missing+=(docker-compose)
     fi
+    # The IPv6 tests build their networks with `ip netns`.
+    command -v ip >/dev/null || missing+=(iproute2)
     for extra in "$@"; do
         case "$extra" in
             haproxy) command -v haproxy >/dev/null || missing+=(haproxy) ;;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::net::{HttpUrl, IpFamily};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 use toml::Value;
@@ -45,6 +46,8 @@ pub struct Config {
     pub name: String,
     /// Region this node runs in (e.g. the platform's region code), if any.
     pub region: Option<String>,
+    /// IP families the API and Postgres listen on.
+    pub ip_family: IpFamily,
     pub etcd: EtcdConfig,
     pub postgresql: PostgresConfig,
     pub api: ApiConfig,
@@ -172,12 +175,11 @@ const ENV_NOT_CONFIG: &[&str] = &["PGHA_CONFIG", "PGHA_API_URL"];
 
 const DEFAULT_NAMESPACE: &str = "/pgha";
 const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-const DEFAULT_LISTEN_ADDRESSES: &str = "*";
 const DEFAULT_PORT: u16 = 5432;
 const DEFAULT_OS_USER: &str = "postgres";
 const DEFAULT_SUPERUSER: &str = "postgres";
 const DEFAULT_REPLICATION_USER: &str = "replicator";
-const DEFAULT_API_LISTEN: &str = "0.0.0.0:8008";
+const DEFAULT_API_PORT: u16 = 8008;
 const DEFAULT_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_LOOP_WAIT: Duration = Duration::from_secs(1);
 const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -320,6 +322,7 @@ const KEYS: &[(&str, EnvKind)] = &[
     ("scope", EnvKind::Text),
     ("name", EnvKind::Text),
     ("region", EnvKind::Text),
+    ("ip_family", EnvKind::Text),
     ("etcd.endpoints", EnvKind::List),
     ("etcd.namespace", EnvKind::Text),
     ("etcd.dial_timeout", EnvKind::Text),
@@ -513,6 +516,7 @@ struct FileConfig {
     scope: String,
     name: String,
     region: Option<String>,
+    ip_family: Option<String>,
     etcd: FileEtcd,
     postgresql: FilePostgres,
     api: FileApi,
@@ -997,11 +1001,21 @@ impl FileConfig {
     fn validate(self, cx: &Context<'_>) -> Result<Config, ConfigError> {
         let scope = plain_name(cx, "scope", self.scope)?;
         let name = plain_name(cx, "name", self.name)?;
+        let ip_family = match self.ip_family.as_deref().map(str::trim) {
+            None => IpFamily::default(),
+            Some(text) => IpFamily::parse(text).ok_or_else(|| {
+                cx.invalid(
+                    "ip_family",
+                    format!("expected \"dual\", \"ipv6\" or \"ipv4\", got {text:?}"),
+                )
+            })?,
+        };
         Ok(Config {
             source: cx.source.to_owned(),
+            ip_family,
             etcd: self.etcd.validate(cx, &scope)?,
-            postgresql: self.postgresql.validate(cx)?,
-            api: self.api.validate(cx)?,
+            postgresql: self.postgresql.validate(cx, ip_family)?,
+            api: self.api.validate(cx, ip_family)?,
             timing: self.timing.validate(cx)?,
             cluster: self.cluster.validate(cx)?,
             tags: self.tags.validate(),
@@ -1153,7 +1167,7 @@ fn etcd_prefix(namespace: &str, scope: &str) -> String {
 }
 
 impl FilePostgres {
-    fn validate(self, cx: &Context<'_>) -> Result<PostgresConfig, ConfigError> {
+    fn validate(self, cx: &Context<'_>, family: IpFamily) -> Result<PostgresConfig, ConfigError> {
         let data_dir = cx.resolve(&non_empty(cx, "postgresql.data_dir", self.data_dir)?);
         let bin_dir = match self.bin_dir {
             Some(dir) => {
@@ -1175,16 +1189,28 @@ impl FilePostgres {
                 )
             })?,
         };
-        let listen_addresses = self.listen_addresses.map_or_else(
-            || DEFAULT_LISTEN_ADDRESSES.to_owned(),
-            |list| {
-                list.0
-                    .iter()
-                    .map(|a| a.trim())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            },
-        );
+        let listen_addresses = match self.listen_addresses {
+            None => family.postgres_wildcard().to_owned(),
+            Some(list) => list
+                .0
+                .iter()
+                // A string may hold several, as in postgresql.conf.
+                .flat_map(|entry| entry.split(','))
+                .enumerate()
+                .map(|(index, text)| {
+                    listen_address(text, family).map_err(|msg| {
+                        cx.invalid(&format!("postgresql.listen_addresses[{index}]"), msg)
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .join(","),
+        };
+        if listen_addresses.is_empty() {
+            return Err(cx.invalid(
+                "postgresql.listen_addresses",
+                "expected at least one address, like \"*\" or \"::\"",
+            ));
+        }
         let port = self.port.map_or(DEFAULT_PORT, |p| p.0);
         let advertise_host = advertise_host(&self.advertise_host)
             .map_err(|msg| cx.invalid("postgresql.advertise_host", msg))?;
@@ -1299,6 +1325,34 @@ impl FilePostgres {
     }
 }
 
+/// One entry of Postgres' `listen_addresses`: `*` (every address of
+/// `family`), an IP literal (brackets dropped) or a host name.
+fn listen_address(text: &str, family: IpFamily) -> Result<String, String> {
+    let trimmed = text.trim();
+    if trimmed == "*" {
+        return Ok(family.postgres_wildcard().to_owned());
+    }
+    let literal = trimmed
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(trimmed);
+    if let Ok(ip) = literal.parse::<std::net::IpAddr>() {
+        if !family.allows(ip) {
+            return Err(format!(
+                "{trimmed:?} is not an address of ip_family {:?}",
+                family.as_str()
+            ));
+        }
+        return Ok(ip.to_string());
+    }
+    if crate::net::is_host_name(trimmed) && !trimmed.contains(':') {
+        return Ok(trimmed.to_owned());
+    }
+    Err(format!(
+        "expected \"*\", an IP address (\"::\", \"fdaa::2\", \"0.0.0.0\") or a host name, got {text:?}"
+    ))
+}
+
 /// A host name or IP address; an IPv6 literal loses its brackets.
 fn advertise_host(text: &str) -> Result<String, String> {
     let trimmed = text.trim();
@@ -1366,41 +1420,51 @@ fn newest_versioned_bin_dir(root: &Path) -> Option<PathBuf> {
 }
 
 impl FileApi {
-    fn validate(self, cx: &Context<'_>) -> Result<ApiConfig, ConfigError> {
+    fn validate(self, cx: &Context<'_>, family: IpFamily) -> Result<ApiConfig, ConfigError> {
         let listen = match self.listen {
             Some(list) => list
                 .0
                 .iter()
+                // A string may hold several, as in postgresql.conf.
+                .flat_map(|entry| entry.split(','))
                 .enumerate()
                 .map(|(index, text)| {
-                    text.trim().parse::<SocketAddr>().map_err(|_| {
+                    let key = format!("api.listen[{index}]");
+                    let addr = text.trim().parse::<SocketAddr>().map_err(|_| {
                         cx.invalid(
-                            &format!("api.listen[{index}]"),
+                            &key,
                             format!(
-                                "expected an address like \"0.0.0.0:8008\" or \"[::]:8008\", got {text:?}"
+                                "expected an address like \"[::]:8008\", \"[fdaa::2]:8008\" or \"0.0.0.0:8008\", got {text:?}"
                             ),
                         )
-                    })
+                    })?;
+                    if family.allows(addr.ip()) {
+                        Ok(addr)
+                    } else {
+                        Err(cx.invalid(
+                            &key,
+                            format!(
+                                "{text:?} is not an address of ip_family {:?}",
+                                family.as_str()
+                            ),
+                        ))
+                    }
                 })
                 .collect::<Result<Vec<_>, _>>()?,
-            None => vec![DEFAULT_API_LISTEN.parse().expect("default API address parses")],
+            None => vec![SocketAddr::new(family.wildcard(), DEFAULT_API_PORT)],
         };
         if listen.is_empty() {
             return Err(cx.invalid(
                 "api.listen",
-                "expected at least one address, like \"0.0.0.0:8008\"",
+                "expected at least one address, like \"[::]:8008\"",
             ));
         }
         let url = self.advertise_url.trim().trim_end_matches('/');
-        let has_host = ["http://", "https://"].iter().any(|scheme| {
-            url.strip_prefix(scheme)
-                .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))
-        });
-        if !has_host {
+        if let Err(why) = HttpUrl::parse(url) {
             return Err(cx.invalid(
                 "api.advertise_url",
                 format!(
-                    "expected a URL starting with http:// or https://, like \"http://n1.internal:8008\", got {:?}",
+                    "expected a URL like \"http://n1.internal:8008\" or \"http://[fdaa::2]:8008\" ({why}), got {:?}",
                     self.advertise_url
                 ),
             ));
@@ -1679,9 +1743,11 @@ advertise_url = "http://n1.internal:8008"
         assert!(pg.parameters.is_empty());
         assert!(pg.pg_hba.is_empty());
 
+        assert_eq!(config.ip_family, IpFamily::Dual);
         assert_eq!(
             config.api.listen,
-            ["0.0.0.0:8008".parse::<SocketAddr>().unwrap()]
+            ["[::]:8008".parse::<SocketAddr>().unwrap()],
+            "dual stack by default"
         );
         assert_eq!(config.api.advertise_url, "http://n1.internal:8008");
         assert_eq!(config.api_url_for_cli(), "http://n1.internal:8008");
@@ -2572,6 +2638,120 @@ advertise_url = "http://n1.internal:8008"
 
         let unbracketed = parse(&minimal().replace("\"n1.internal\"", "\"fdaa::2\"")).unwrap();
         assert_eq!(unbracketed.postgresql.advertise_host, "fdaa::2");
+
+        let listen = parse(&with(
+            "postgresql",
+            "listen_addresses = [\"fdaa::2\", \"[fdaa::3]\", \"::1,127.0.0.1\", \"n1.internal\"]",
+        ))
+        .unwrap();
+        assert_eq!(
+            listen.postgresql.listen_addresses,
+            "fdaa::2,fdaa::3,::1,127.0.0.1,n1.internal"
+        );
+        // The same literals through the environment.
+        let from_env = parse_env(
+            &minimal(),
+            &[
+                (
+                    "PGHA_ETCD_ENDPOINTS",
+                    "http://[fdaa::9]:2379,[fdaa::a]:2379",
+                ),
+                ("PGHA_POSTGRESQL_ADVERTISE_HOST", "fdaa::2"),
+                ("PGHA_POSTGRESQL_LISTEN_ADDRESSES", "[::]"),
+                ("PGHA_API_LISTEN", "[fdaa::2]:8008"),
+                ("PGHA_API_ADVERTISE_URL", "http://[fdaa::2]:8008"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            from_env.etcd.endpoints,
+            ["http://[fdaa::9]:2379", "http://[fdaa::a]:2379"]
+        );
+        assert_eq!(from_env.postgresql.advertise_host, "fdaa::2");
+        assert_eq!(from_env.postgresql.listen_addresses, "::");
+        assert_eq!(
+            from_env.api.listen,
+            ["[fdaa::2]:8008".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(from_env.api.advertise_url, "http://[fdaa::2]:8008");
+    }
+
+    #[test]
+    fn ip_family_sets_the_wildcards_and_rejects_the_other_family() {
+        let dual = parse(&minimal()).unwrap();
+        assert_eq!(dual.postgresql.listen_addresses, "*");
+        assert_eq!(dual.api.listen, ["[::]:8008".parse().unwrap()]);
+
+        let v6 = parse(&with("", "ip_family = \"ipv6\"")).unwrap();
+        assert_eq!(v6.ip_family, IpFamily::Ipv6);
+        assert_eq!(v6.postgresql.listen_addresses, "::");
+        assert_eq!(v6.api.listen, ["[::]:8008".parse().unwrap()]);
+        let star = parse(&add(
+            &with("", "ip_family = \"ipv6\""),
+            "postgresql",
+            "listen_addresses = \"*\"",
+        ))
+        .unwrap();
+        assert_eq!(star.postgresql.listen_addresses, "::");
+
+        let v4 = parse_env(&minimal(), &[("PGHA_IP_FAMILY", "ipv4")]).unwrap();
+        assert_eq!(v4.ip_family, IpFamily::Ipv4);
+        assert_eq!(v4.postgresql.listen_addresses, "0.0.0.0");
+        assert_eq!(v4.api.listen, ["0.0.0.0:8008".parse().unwrap()]);
+
+        for (text, key, expected) in [
+            (
+                with("", "ip_family = \"v6\""),
+                "ip_family",
+                "expected \"dual\", \"ipv6\" or \"ipv4\", got \"v6\"",
+            ),
+            (
+                add(
+                    &with("", "ip_family = \"ipv4\""),
+                    "api",
+                    "listen = [\"0.0.0.0:8008\", \"[::]:8009\"]",
+                ),
+                "api.listen[1]",
+                "not an address of ip_family \"ipv4\"",
+            ),
+            (
+                add(
+                    &with("", "ip_family = \"ipv6\""),
+                    "postgresql",
+                    "listen_addresses = [\"::\", \"10.0.0.1\"]",
+                ),
+                "postgresql.listen_addresses[1]",
+                "not an address of ip_family \"ipv6\"",
+            ),
+            (
+                with("postgresql", "listen_addresses = \"fdaa::zz\""),
+                "postgresql.listen_addresses[0]",
+                "expected \"*\", an IP address",
+            ),
+            (
+                with("postgresql", "listen_addresses = []"),
+                "postgresql.listen_addresses",
+                "at least one",
+            ),
+            (
+                minimal().replace("\"http://n1.internal:8008\"", "\"http://fdaa::2:8008\""),
+                "api.advertise_url",
+                "goes in brackets",
+            ),
+            (
+                minimal().replace("\"http://n1.internal:8008\"", "\"http://[fdaa::2:8008\""),
+                "api.advertise_url",
+                "lacks its",
+            ),
+        ] {
+            let message = assert_key(parse(&text), key);
+            assert!(message.contains(expected), "{message}");
+        }
+        let err = expect_err(parse_env(&minimal(), &[("PGHA_IP_FAMILY", "both")]));
+        assert_eq!(
+            (err.key(), err.env_var()),
+            (Some("ip_family"), Some("PGHA_IP_FAMILY"))
+        );
     }
 
     #[test]

@@ -15,7 +15,8 @@ pub async fn get_json(base: &str, path: &str) -> anyhow::Result<(u16, Value)> {
     let uri: hyper::Uri = url
         .parse()
         .with_context(|| format!("invalid API URL {url}"))?;
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(crate::net::http_connector());
     let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
         .await
         .with_context(|| format!("{url}: no answer within 5 s"))?
@@ -148,7 +149,8 @@ pub async fn send(
     let req = req
         .body(Full::new(payload))
         .context("building the request")?;
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(crate::net::http_connector());
     let resp = tokio::time::timeout(Duration::from_secs(130), client.request(req))
         .await
         .with_context(|| format!("{url}: no answer within 130 s"))?

@@ -138,8 +138,8 @@ enum ConfigAction {
 /// How the CLI finds and talks to the cluster.
 #[derive(clap::Args)]
 struct Target {
-    /// API of any member.
-    #[arg(long, env = "PGHA_API_URL", default_value = "http://127.0.0.1:8008")]
+    /// API of any member; localhost is reached over IPv6 or IPv4, whichever answers.
+    #[arg(long, env = "PGHA_API_URL", default_value = "http://localhost:8008")]
     api: String,
     /// Find the API through this node's config instead.
     #[arg(long)]
@@ -156,7 +156,13 @@ impl Target {
     fn api(&self) -> Result<String, ExitCode> {
         match &self.config {
             Some(path) => load_config(path).map(|c| c.api.advertise_url),
-            None => Ok(self.api.clone()),
+            None => match pgha::net::HttpUrl::parse(&self.api) {
+                Ok(_) => Ok(self.api.clone()),
+                Err(why) => {
+                    eprintln!("error: --api {:?}: {why}", self.api);
+                    Err(ExitCode::from(2))
+                }
+            },
         }
     }
 }
@@ -262,6 +268,7 @@ async fn run(cfg: Config) -> ExitCode {
     };
     let api = tokio::spawn(pgha::api::serve_with_operator(
         cfg.api.listen.clone(),
+        cfg.ip_family,
         snapshots,
         stale_after,
         Some(operator),

@@ -200,3 +200,17 @@ fn missing_file_exits_2_naming_it() {
     let output = check_config(&missing, &[]);
     assert_rejected(&output, &missing, &[]);
 }
+
+#[test]
+fn api_urls_with_unbracketed_ipv6_literals_exit_2() {
+    let output = Command::new(env!("CARGO_BIN_EXE_pgha"))
+        .args(["list", "--api", "http://fdaa::2:8008"])
+        .output()
+        .expect("run pgha");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--api \"http://fdaa::2:8008\": an IPv6 address goes in brackets"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::agent::Snapshot;
+use crate::net::IpFamily;
 pub use routes::{route, Health, Reply};
 pub use status::{lag_bytes, replay_lag_bytes, Rendered};
 
@@ -113,19 +114,28 @@ pub async fn serve(
     stale_after: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_with_operator(listen, snapshots, stale_after, None, shutdown).await
+    serve_with_operator(
+        listen,
+        IpFamily::Dual,
+        snapshots,
+        stale_after,
+        None,
+        shutdown,
+    )
+    .await
 }
 
 /// Serves the API including the operator endpoints, whose requests go to
 /// the agent through `operator`.
 pub async fn serve_with_operator(
     listen: Vec<SocketAddr>,
+    family: IpFamily,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     stale_after: Duration,
     operator: Option<Operator>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let listeners = bind_all(&listen)?;
+    let listeners = bind_all_in(&listen, family)?;
     serve_listeners(
         listeners,
         snapshots,
@@ -141,6 +151,12 @@ pub async fn serve_with_operator(
 /// an IPv4 address on the same port is listed: then each family gets its own
 /// socket. Must run inside a tokio runtime.
 pub fn bind_all(listen: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    bind_all_in(listen, IpFamily::Dual)
+}
+
+/// [`bind_all`] under `ip_family`: with `ipv6`, an IPv6 wildcard accepts
+/// IPv6 clients only.
+pub fn bind_all_in(listen: &[SocketAddr], family: IpFamily) -> std::io::Result<Vec<TcpListener>> {
     let v4_ports: HashSet<u16> = listen
         .iter()
         .filter(|a| a.is_ipv4())
@@ -148,8 +164,10 @@ pub fn bind_all(listen: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
         .collect();
     let mut out = Vec::new();
     for addr in listen {
-        let dual_stack =
-            addr.is_ipv6() && addr.ip().is_unspecified() && !v4_ports.contains(&addr.port());
+        let dual_stack = family == IpFamily::Dual
+            && addr.is_ipv6()
+            && addr.ip().is_unspecified()
+            && !v4_ports.contains(&addr.port());
         let listener = bind(*addr, dual_stack)
             .map_err(|e| std::io::Error::new(e.kind(), format!("api.listen {addr}: {e}")))?;
         out.push(TcpListener::from_std(listener)?);

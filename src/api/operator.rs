@@ -32,7 +32,8 @@ impl Auth {
         peer: SocketAddr,
     ) -> Result<(), (StatusCode, &'static str)> {
         if self.token.is_none() && self.basic.is_none() {
-            return if peer.ip().is_loopback() {
+            // On a dual-stack socket an IPv4 client shows as ::ffff:a.b.c.d.
+            return if peer.ip().to_canonical().is_loopback() {
                 Ok(())
             } else {
                 Err((StatusCode::FORBIDDEN, "no API credentials configured: operator requests are accepted from loopback only"))
@@ -205,8 +206,18 @@ mod tests {
         let auth = Auth::default();
         assert!(auth.check(None, peer("127.0.0.1")).is_ok());
         assert!(auth.check(None, "[::1]:1".parse().unwrap()).is_ok());
+        // An IPv4 client of a dual-stack listener.
+        assert!(auth
+            .check(None, "[::ffff:127.0.0.1]:1".parse().unwrap())
+            .is_ok());
         assert_eq!(
             auth.check(None, peer("10.0.0.5")).unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            auth.check(None, "[::ffff:10.0.0.5]:1".parse().unwrap())
+                .unwrap_err()
+                .0,
             StatusCode::FORBIDDEN
         );
     }

@@ -389,6 +389,23 @@ fn cluster_history_and_config_are_their_documents() {
 }
 
 #[test]
+fn ipv6_literal_hosts_are_printed_in_brackets() {
+    let mut s = cluster("n2");
+    s.members[1].pg_host = "fdaa:0:c037::2".into();
+    s.members[1].api_url = "http://[fdaa:0:c037::2]:8008".into();
+    s.me = s.members[1].clone();
+    s.members[2].pg_host = "n3.internal".into();
+    let c = json(&get(&s, "/cluster"));
+    assert_eq!(c["members"][1]["host"], "[fdaa:0:c037::2]:5432");
+    assert_eq!(c["members"][1]["pg_host"], "fdaa:0:c037::2");
+    assert_eq!(c["members"][1]["api_url"], "http://[fdaa:0:c037::2]:8008");
+    assert_eq!(c["members"][2]["host"], "n3.internal:5432");
+    assert_eq!(c["members"][0]["host"], "127.0.0.1:5432");
+    let status = json(&get(&s, "/status"));
+    assert_eq!(status["host"], "[fdaa:0:c037::2]:5432");
+}
+
+#[test]
 fn unknown_paths_wrong_methods_and_bad_queries_are_refused_with_a_reason() {
     let s = cluster("n1");
     for path in ["/nope", "/primary/", "//primary", "/Primary", ""] {
@@ -577,6 +594,19 @@ async fn an_ipv6_wildcard_accepts_ipv4_and_ipv6_clients() {
         conn.unwrap_or_else(|e| panic!("{client}: {e}"));
         accepted.unwrap();
     }
+}
+
+#[tokio::test]
+async fn an_ipv6_only_wildcard_refuses_ipv4_clients() {
+    let listeners = bind_all_in(&["[::]:0".parse().unwrap()], IpFamily::Ipv6).unwrap();
+    let port = listeners[0].local_addr().unwrap().port();
+    let v6 = tokio::net::TcpStream::connect(format!("[::1]:{port}"));
+    let (conn, accepted) = tokio::join!(v6, listeners[0].accept());
+    conn.unwrap();
+    accepted.unwrap();
+    tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect_err("IPv4 on an IPv6-only socket");
 }
 
 #[tokio::test]

@@ -24,11 +24,18 @@ pub fn quote_conninfo(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
+/// Seconds libpq waits for each address of the upstream: the walreceiver
+/// tries a name's addresses one after the other, so an unreachable IPv6
+/// address must not hold up the IPv4 one for the kernel's two minutes.
+pub const UPSTREAM_CONNECT_TIMEOUT_S: u32 = 3;
+
 /// The conninfo a standby uses to stream from `up`.
 pub fn primary_conninfo(cfg: &PostgresConfig, node: &str, up: &Upstream) -> String {
     let mut s = format!(
-        "host={} port={} user={} application_name={} dbname=replication target_session_attrs=any",
-        quote_conninfo(&up.host),
+        "host={} port={} user={} application_name={} dbname=replication target_session_attrs=any \
+         connect_timeout={UPSTREAM_CONNECT_TIMEOUT_S}",
+        // libpq wants IPv6 literals without brackets.
+        quote_conninfo(up.host.trim_start_matches('[').trim_end_matches(']')),
         up.port,
         quote_conninfo(&cfg.replication.username),
         quote_conninfo(node),
@@ -161,6 +168,38 @@ pub fn render_pg_ident(cfg: &PostgresConfig, agent_os_user: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn primary_conninfo_takes_ipv6_literals_and_names() {
+        let cfg = crate::config::Config::parse(
+            &format!(
+                "scope = \"s\"\nname = \"n2\"\n[etcd]\nendpoints = [\"[::1]:2379\"]\n\
+                 [postgresql]\ndata_dir = \"/d\"\nbin_dir = '{}'\nadvertise_host = \"fdaa::3\"\n\
+                 [postgresql.replication]\npassword = \"pw\"\n\
+                 [api]\nadvertise_url = \"http://[fdaa::3]:8008\"\n",
+                std::env::temp_dir().display()
+            ),
+            std::path::Path::new("/t.toml"),
+            &std::collections::BTreeMap::new(),
+        )
+        .unwrap()
+        .postgresql;
+        for (host, rendered) in [
+            ("fdaa:0:c037::2", "host='fdaa:0:c037::2' "),
+            ("[fdaa::2]", "host='fdaa::2' "),
+            ("n1.internal", "host='n1.internal' "),
+        ] {
+            let up = Upstream {
+                name: "n1".into(),
+                host: host.into(),
+                port: 5432,
+            };
+            let conninfo = primary_conninfo(&cfg, "n2", &up);
+            assert!(conninfo.starts_with(rendered), "{conninfo}");
+            assert!(conninfo.contains(" port=5432 "), "{conninfo}");
+            assert!(conninfo.contains(" connect_timeout=3"), "{conninfo}");
+        }
+    }
 
     #[test]
     fn quoting_escapes_quotes_and_backslashes() {

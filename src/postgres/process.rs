@@ -416,10 +416,11 @@ impl LocalPg {
         cmd.arg("-D")
             .arg(dir)
             .args(["-X", "stream", "-c", "fast", "--progress", "--no-password"]);
-        cmd.arg("-h")
-            .arg(&from.host)
-            .arg("-p")
-            .arg(from.port.to_string())
+        let hostaddr = crate::net::pick_address(&from.host, from.port, Duration::from_secs(5))
+            .await
+            .map_err(io_err("connecting to the clone source"))?;
+        cmd.arg("-d")
+            .arg(source_conninfo(from, hostaddr))
             .arg("-U")
             .arg(&self.cfg.replication.username);
         if let Some(pw) = &self.cfg.replication.password {
@@ -472,11 +473,13 @@ impl LocalPg {
     /// pg_rewind against the running primary `from`; a no-op when the
     /// timelines did not diverge.
     pub async fn rewind(&self, from: &Upstream) -> Result<()> {
+        // pg_rewind reads the source's timeline from its control file, which a
+        // freshly promoted primary updates only with its first checkpoint.
+        let hostaddr = self.checkpoint_source(from).await?;
         let mut cmd = self.command("pg_rewind");
         let source = format!(
-            "host={} port={} user={} dbname=postgres",
-            conf::quote_conninfo(&from.host),
-            from.port,
+            "{} user={} dbname=postgres",
+            source_conninfo(from, hostaddr),
             conf::quote_conninfo(&self.cfg.superuser.username)
         );
         cmd.arg("-D")
@@ -486,9 +489,6 @@ impl LocalPg {
         if let Some(pw) = &self.cfg.superuser.password {
             cmd.env("PGPASSWORD", pw.expose());
         }
-        // pg_rewind reads the source's timeline from its control file, which a
-        // freshly promoted primary updates only with its first checkpoint.
-        self.checkpoint_source(from).await?;
         // pg_rewind needs the config files to start single-user recovery.
         self.write_config(false, None)?;
         let out = cmd.output().await.map_err(io_err("running pg_rewind"))?;
@@ -505,25 +505,44 @@ impl LocalPg {
 }
 
 impl LocalPg {
-    /// CHECKPOINT on `from` as the superuser, over TCP.
-    async fn checkpoint_source(&self, from: &Upstream) -> Result<()> {
+    /// CHECKPOINT on `from` as the superuser, over TCP; returns the address
+    /// it reached.
+    async fn checkpoint_source(&self, from: &Upstream) -> Result<std::net::IpAddr> {
+        // Host and port are not needed: the stream is connected below.
         let mut cfg = tokio_postgres::Config::new();
-        cfg.host(&from.host)
-            .port(from.port)
-            .user(&self.cfg.superuser.username)
+        cfg.user(&self.cfg.superuser.username)
             .dbname("postgres")
-            .application_name("pgha-rewind")
-            .connect_timeout(Duration::from_secs(5));
+            .application_name("pgha-rewind");
         if let Some(pw) = &self.cfg.superuser.password {
             cfg.password(pw.expose());
         }
-        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+        // Happy Eyeballs over the source's addresses (tokio-postgres alone
+        // would try them one after the other).
+        let stream = crate::net::connect_tcp_within(&from.host, from.port, Duration::from_secs(5))
+            .await
+            .map_err(io_err("connecting to the rewind source"))?;
+        let reached = stream
+            .peer_addr()
+            .map_err(io_err("connecting to the rewind source"))?
+            .ip();
+        let (client, conn) = cfg.connect_raw(stream, tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
         client.batch_execute("CHECKPOINT").await?;
-        Ok(())
+        Ok(reached)
     }
+}
+
+/// libpq `host`, `hostaddr` and `port` of a clone or rewind source: the
+/// address Happy Eyeballs picked, the name kept for messages and TLS.
+fn source_conninfo(from: &Upstream, hostaddr: std::net::IpAddr) -> String {
+    format!(
+        "host={} hostaddr={} port={}",
+        conf::quote_conninfo(from.host.trim_start_matches('[').trim_end_matches(']')),
+        conf::quote_conninfo(&hostaddr.to_string()),
+        from.port
+    )
 }
 
 async fn forward_log<R: tokio::io::AsyncRead + Unpin>(reader: BufReader<R>, node: String) {

@@ -505,6 +505,8 @@ impl Etcd {
                     k == self.keys.leader()
                         || k == self.keys.initialize()
                         || k == self.keys.config()
+                        || k == self.keys.switchover()
+                        || k == self.keys.sync()
                 })
             });
             if relevant && wake.send(()).await.is_err() {

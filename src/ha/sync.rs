@@ -220,6 +220,13 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Option<Result<(), String>>
     }
     let key = dcs.sync.as_ref()?;
     let set = &key.set;
+    if key.leader == obs.node {
+        // We published the claim: we were the last primary (every new
+        // leader publishes its own before it promotes), so we hold every
+        // commit we acknowledged. A leader that stopped without a standby
+        // to hand over to takes the key back this way.
+        return Some(Ok(()));
+    }
     if set.quorum == 0 || set.contains("*") {
         return Some(Err(format!(
             "synchronous_mode {}: the last leader ({}) claimed no standby holds every acknowledged commit",

@@ -1095,9 +1095,13 @@ fn only_a_member_of_the_published_set_is_promoted() {
     assert!(decide::candidacy(&n3, n3.dcs.as_ref().unwrap())
         .unwrap_err()
         .contains("not in the synchronous set"));
-    // A claim of nothing (fallback) promotes nobody automatically.
+    // A claim of nothing (fallback) promotes nobody automatically...
     let none = sync_election("n2", set(&["n2"], 0), &[("n2", 1000), ("n3", 1000)]);
     assert_eq!(actions(&none, 0), vec![]);
+    // ...but the leader that published it, back as a replica, may lead again.
+    let mut former = sync_election("n2", set(&["n3"], 0), &[("n2", 1000), ("n3", 1000)]);
+    former.dcs.as_mut().unwrap().sync.as_mut().unwrap().leader = "n2".into();
+    assert_eq!(actions(&former, 0), vec![Action::AcquireLeader]);
 }
 
 #[test]

@@ -127,6 +127,7 @@ fn identity(cfg: &Config) -> MemberStatus {
         tags: cfg.tags.extra.clone(),
         region: cfg.region.clone(),
         basebackup: None,
+        pending_restart: false,
         updated_at_ms: epoch_ms(),
         version: env!("CARGO_PKG_VERSION").into(),
     }
@@ -380,10 +381,13 @@ impl Agent {
                     }
                 }
             }
-            Request::Restart | Request::Reinitialize if busy.is_some() => {
+            Request::Restart { .. } | Request::Reinitialize if busy.is_some() => {
                 Reply::message(409, format!("{busy:?} is already in progress on {node}"))
             }
-            Request::Restart => {
+            Request::Restart { pending_only: true } if !self.last_local.pending_restart => {
+                Reply::message(200, format!("no restart pending on {node}: nothing done"))
+            }
+            Request::Restart { .. } => {
                 if !self.last_local.running {
                     Reply::message(503, "postgres is not running: nothing to restart")
                 } else {
@@ -766,8 +770,40 @@ impl Agent {
             }
         }
         self.feed_guard();
+        self.apply_dynamic_parameters(&obs).await;
         self.publish(&obs).await;
         Ok(())
+    }
+
+    /// Cluster-wide Postgres parameters changed in the dynamic config:
+    /// rewrite postgresql.conf and reload. Parameters that need a restart
+    /// show up as `pending_restart` until `pgha restart NODE --pending`.
+    async fn apply_dynamic_parameters(&mut self, obs: &Observation) {
+        let Some(view) = &obs.dcs else { return };
+        if !self.pg.set_dynamic_parameters(&view.config.parameters) {
+            return;
+        }
+        let running = obs.local.running && obs.job.is_none() && self.job.is_none();
+        if !running {
+            // Written with the next start.
+            return;
+        }
+        let standby = obs.local.role == Some(PgRole::Replica);
+        let upstream = self.following.clone().and_then(|u| self.upstream(&u));
+        let result = match self.pg.write_config(standby, upstream.as_ref()) {
+            Ok(()) => self.pg.reload().await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                info!(node = %self.cfg.name, parameters = ?view.config.parameters, "cluster-wide parameters applied by reload")
+            }
+            Err(e) => {
+                warn!(node = %self.cfg.name, error = %e, "could not apply cluster-wide parameters");
+                // Try again next pass.
+                self.pg.set_dynamic_parameters(&Default::default());
+            }
+        }
     }
 
     /// Tells the fence guard how long the local Postgres may run as things
@@ -1122,6 +1158,7 @@ impl Agent {
                                 as u64,
                             primary_region: self.cfg.cluster.primary_region.clone(),
                             auto_reinit: self.cfg.cluster.auto_reinit,
+                            parameters: Default::default(),
                         };
                         if let Err(e) = self.etcd.seed_config(&seed).await {
                             warn!(node = %node, error = %e, "could not seed the dynamic config");
@@ -1471,6 +1508,7 @@ impl Agent {
             } else {
                 None
             },
+            pending_restart: local.pending_restart,
             ..identity(&self.cfg)
         }
     }

@@ -43,9 +43,14 @@ pub async fn list(api: &str, json: bool) -> anyhow::Result<String> {
     if json {
         return Ok(serde_json::to_string_pretty(&members)?);
     }
-    let mut rows = vec![["Member", "Host", "Role", "State", "TL", "Lag (bytes)"]
+    let pending = members.iter().any(|m| m["pending_restart"] == true);
+    let mut header = ["Member", "Host", "Role", "State", "TL", "Lag (bytes)"]
         .map(String::from)
-        .to_vec()];
+        .to_vec();
+    if pending {
+        header.push("Pending restart".into());
+    }
+    let mut rows = vec![header];
     for m in &members {
         let mut state = m["state"].as_str().unwrap_or("").to_string();
         if let (Some(done), Some(total)) = (
@@ -72,14 +77,25 @@ pub async fn list(api: &str, json: bool) -> anyhow::Result<String> {
                 v.to_string()
             }
         };
-        rows.push(vec![
+        let mut row = vec![
             m["name"].as_str().unwrap_or("").to_string(),
             m["host"].as_str().unwrap_or("").to_string(),
             role,
             state,
             opt(&m["timeline"]),
             opt(&m["lag_bytes"]),
-        ]);
+        ];
+        if pending {
+            row.push(
+                if m["pending_restart"] == true {
+                    "*"
+                } else {
+                    ""
+                }
+                .into(),
+            );
+        }
+        rows.push(row);
     }
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
@@ -179,7 +195,8 @@ pub async fn member_api(base: &str, name: &str) -> anyhow::Result<String> {
 }
 
 /// `KEY=VALUE` pairs as a JSON merge patch; values parse as JSON when they
-/// can (numbers, booleans, null), else they are strings.
+/// can (numbers, booleans, null), else they are strings. `parameters.NAME`
+/// addresses one Postgres parameter.
 pub fn config_patch(pairs: &[String]) -> anyhow::Result<Value> {
     let mut patch = serde_json::Map::new();
     for pair in pairs {
@@ -187,7 +204,20 @@ pub fn config_patch(pairs: &[String]) -> anyhow::Result<Value> {
             .split_once('=')
             .with_context(|| format!("{pair}: expected KEY=VALUE"))?;
         let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
-        patch.insert(k.trim().to_string(), value);
+        match k.trim().split_once('.') {
+            Some((section, name)) if !name.is_empty() => {
+                let entry = patch
+                    .entry(section.to_string())
+                    .or_insert_with(|| Value::Object(Default::default()));
+                let Value::Object(inner) = entry else {
+                    anyhow::bail!("{pair}: {section} is set both as a whole and by key");
+                };
+                inner.insert(name.to_string(), value);
+            }
+            _ => {
+                patch.insert(k.trim().to_string(), value);
+            }
+        }
     }
     Ok(Value::Object(patch))
 }

@@ -62,6 +62,9 @@ enum Command {
         /// Cancel a pending switchover instead.
         #[arg(long)]
         cancel: bool,
+        /// Do not ask for confirmation (only asked on a terminal).
+        #[arg(long)]
+        force: bool,
     },
     /// Make NODE the leader. With a healthy primary this is a switchover,
     /// unless --force: then the primary is stopped and NODE promoted even if
@@ -90,6 +93,9 @@ enum Command {
         node: String,
         #[command(flatten)]
         target: Target,
+        /// Only if a changed setting waits for a restart (`pending_restart`).
+        #[arg(long)]
+        pending: bool,
     },
     /// Reload NODE's Postgres configuration.
     Reload {
@@ -122,6 +128,12 @@ enum Command {
 enum ConfigAction {
     /// Print the dynamic config.
     Show {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Edit the whole dynamic config in $VISUAL/$EDITOR (default vi); it is
+    /// validated by the agent before it is written.
+    Edit {
         #[command(flatten)]
         target: Target,
     },
@@ -168,6 +180,76 @@ impl Target {
 }
 
 /// Runs one operator request and prints its answer; exit 0 only on 2xx.
+/// `pgha config edit`: the config as JSON in an editor, then `PUT /config`.
+/// A file that does not parse is kept, and its path printed.
+async fn config_edit(target: &Target) -> ExitCode {
+    let api = match target.api() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let current = match pgha::ctl::get_json(&api, "/config").await {
+        Ok((200, c)) => c,
+        Ok((status, c)) => {
+            eprintln!("error: {status}: {c}");
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let before = serde_json::to_string_pretty(&current).unwrap_or_default() + "\n";
+    let path = std::env::temp_dir().join(format!("pgha-config-{}.json", std::process::id()));
+    if let Err(e) = std::fs::write(&path, &before) {
+        eprintln!("error: {}: {e}", path.display());
+        return ExitCode::from(1);
+    }
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let editor = set("VISUAL")
+        .or_else(|| set("EDITOR"))
+        .unwrap_or_else(|| "vi".into());
+    let mut words = editor.split_whitespace();
+    let program = words.next().unwrap_or("vi");
+    let status = std::process::Command::new(program)
+        .args(words)
+        .arg(&path)
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        eprintln!("error: the editor ({editor}) failed: {status:?}; nothing changed");
+        let _ = std::fs::remove_file(&path);
+        return ExitCode::from(1);
+    }
+    let after = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    if after.trim() == before.trim() {
+        let _ = std::fs::remove_file(&path);
+        eprintln!("no changes");
+        return ExitCode::SUCCESS;
+    }
+    let doc: serde_json::Value = match serde_json::from_str(&after) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!(
+                "error: {}: not valid JSON ({e}); nothing changed, your edit is kept there",
+                path.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let code = operator(target, None, hyper::Method::PUT, "/config", Some(doc)).await;
+    if code == ExitCode::SUCCESS {
+        let _ = std::fs::remove_file(&path);
+    } else {
+        eprintln!("your edit is kept in {}", path.display());
+    }
+    code
+}
+
 async fn operator(
     target: &Target,
     node: Option<&str>,
@@ -363,9 +445,22 @@ async fn main() -> ExitCode {
             to,
             at,
             cancel,
+            force,
         } => {
             if cancel {
                 return operator(&target, None, hyper::Method::DELETE, "/switchover", None).await;
+            }
+            if !force && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                let whom = to.as_deref().unwrap_or("the best healthy replica");
+                let when = at.as_deref().unwrap_or("now");
+                eprint!("Switch over to {whom} ({when}), demoting the current leader? [y/N] ");
+                let mut answer = String::new();
+                if std::io::stdin().read_line(&mut answer).is_err()
+                    || !matches!(answer.trim(), "y" | "Y" | "yes")
+                {
+                    eprintln!("not confirmed: nothing done (use --force to skip the question)");
+                    return ExitCode::from(1);
+                }
             }
             let body = serde_json::json!({ "leader": leader, "candidate": to, "scheduled_at": at });
             operator(
@@ -387,8 +482,13 @@ async fn main() -> ExitCode {
         Command::Resume { target } => {
             operator(&target, None, hyper::Method::POST, "/resume", None).await
         }
-        Command::Restart { node, target } => {
-            operator(&target, Some(&node), hyper::Method::POST, "/restart", None).await
+        Command::Restart {
+            node,
+            target,
+            pending,
+        } => {
+            let body = pending.then(|| serde_json::json!({ "restart_pending": true }));
+            operator(&target, Some(&node), hyper::Method::POST, "/restart", body).await
         }
         Command::Reload { node, target } => {
             operator(&target, Some(&node), hyper::Method::POST, "/reload", None).await
@@ -457,6 +557,9 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Config {
+            action: ConfigAction::Edit { target },
+        } => config_edit(&target).await,
         Command::Config {
             action: ConfigAction::Set { pairs, target },
         } => match pgha::ctl::config_patch(&pairs) {

@@ -12,8 +12,9 @@ use crate::ha::DynamicConfig;
 pub enum Request {
     /// Re-render the Postgres configuration and reload it.
     Reload,
-    /// Restart the local Postgres in its current role.
-    Restart,
+    /// Restart the local Postgres in its current role (with `pending_only`,
+    /// only if a changed setting waits for a restart).
+    Restart { pending_only: bool },
     /// Throw the local replica's data away and clone the leader again.
     Reinitialize,
     /// Merge this JSON object into the dynamic config (`null` resets a key).
@@ -72,10 +73,24 @@ pub fn patch_config(current: &DynamicConfig, patch: &Value) -> Result<DynamicCon
         if !defaults.as_object().expect("object").contains_key(key) {
             return Err(format!("{key}: unknown setting"));
         }
-        if value.is_null() {
-            obj.insert(key.clone(), defaults[key].clone());
-        } else {
-            obj.insert(key.clone(), value.clone());
+        match (obj.get_mut(key), value) {
+            (_, Value::Null) => {
+                obj.insert(key.clone(), defaults[key].clone());
+            }
+            // Objects merge (RFC 7386): `{"parameters": {"work_mem": null}}`
+            // removes one parameter and keeps the others.
+            (Some(Value::Object(existing)), Value::Object(change)) => {
+                for (k, v) in change {
+                    if v.is_null() {
+                        existing.remove(k);
+                    } else {
+                        existing.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            _ => {
+                obj.insert(key.clone(), value.clone());
+            }
         }
     }
     parse_config(&doc)
@@ -94,6 +109,20 @@ pub fn parse_config(doc: &Value) -> Result<DynamicConfig, String> {
     })?;
     if config.synchronous_node_count == 0 {
         return Err("synchronous_node_count: expected at least 1".into());
+    }
+    for name in config.parameters.keys() {
+        if crate::postgres::conf::MANAGED_PARAMETERS.contains(&name.as_str()) {
+            return Err(format!(
+                "parameters.{name}: set by pgha itself (from the node's config or synchronous_mode)"
+            ));
+        }
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        {
+            return Err(format!("parameters.{name}: not a Postgres parameter name"));
+        }
     }
     Ok(config)
 }

@@ -373,3 +373,177 @@ fn sigterm_on_the_primary_hands_over_then_exits_and_a_rolling_restart_loses_noth
         lost.len()
     );
 }
+
+/// Runs the pgha CLI; returns (exit code, stdout, stderr).
+fn pgha(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgha"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run pgha");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cluster_wide_parameters_reload_everywhere_and_restart_only_when_pending() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(3, fast());
+    let primary = healthy(&mut cluster);
+    let api = cluster.node(&primary).api_url();
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+
+    // A reloadable parameter reaches every member without a restart.
+    let started: Vec<String> = names
+        .iter()
+        .map(|n| cluster.node(n).query("SELECT pg_postmaster_start_time()"))
+        .collect();
+    let (code, out, err) = pgha(
+        &["config", "set", "parameters.work_mem=7MB", "--api", &api],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    for n in &names {
+        wait_until(
+            &format!("{n}: work_mem 7MB"),
+            Duration::from_secs(15),
+            || (cluster.node(n).query("SHOW work_mem") == "7MB").then_some(()),
+        );
+    }
+    // A parameter pgha manages is refused and changes nothing.
+    let (code, out, err) = pgha(
+        &[
+            "config",
+            "set",
+            "parameters.wal_level=minimal",
+            "--api",
+            &api,
+        ],
+        &[],
+    );
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("parameters.wal_level"),
+        "{out}{err}"
+    );
+
+    // One that needs a restart is pending until `restart --pending`.
+    let (code, out, err) = pgha(
+        &[
+            "config",
+            "set",
+            "parameters.max_locks_per_transaction=128",
+            "--api",
+            &api,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let list = wait_until(
+        "pgha list to show pending restarts",
+        Duration::from_secs(15),
+        || {
+            let (_, list, _) = pgha(&["list", "--api", &api], &[]);
+            (list.contains("Pending restart") && list.matches('*').count() == 3).then_some(list)
+        },
+    );
+    let replica = names
+        .iter()
+        .find(|n| **n != primary)
+        .expect("a replica")
+        .clone();
+    let (code, out, err) = pgha(&["restart", &replica, "--pending", "--api", &api], &[]);
+    assert_eq!(code, 0, "{out}{err}\n{list}");
+    wait_until(
+        &format!("{replica}: max_locks_per_transaction 128"),
+        Duration::from_secs(30),
+        || {
+            (cluster
+                .node(&replica)
+                .psql("SHOW max_locks_per_transaction")
+                .ok()?
+                == "128")
+                .then_some(())
+        },
+    );
+    // Nothing pending on it any more: --pending does nothing.
+    wait_until(
+        "the restarted replica to clear its flag",
+        Duration::from_secs(15),
+        || {
+            let v = cluster.node(&replica).get_json("/status")?;
+            (v["pending_restart"] == false).then_some(())
+        },
+    );
+    let before = cluster
+        .node(&replica)
+        .query("SELECT pg_postmaster_start_time()");
+    let (code, out, err) = pgha(&["restart", &replica, "--pending", "--api", &api], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("no restart pending"),
+        "{out}{err}"
+    );
+    assert_eq!(
+        cluster
+            .node(&replica)
+            .query("SELECT pg_postmaster_start_time()"),
+        before
+    );
+    // The others were not restarted by any of this.
+    for (n, t) in names.iter().zip(&started) {
+        if *n != replica {
+            assert_eq!(
+                &cluster.node(n).query("SELECT pg_postmaster_start_time()"),
+                t,
+                "{n}"
+            );
+        }
+    }
+
+    // `config edit` through an editor script; a broken edit changes nothing.
+    let dir = std::env::temp_dir().join(format!("pgha-edit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pause = dir.join("pause.sh");
+    std::fs::write(
+        &pause,
+        "#!/bin/sh\nsed -i 's/\"paused\": false/\"paused\": true/' \"$1\"\n",
+    )
+    .unwrap();
+    let broken = dir.join("broken.sh");
+    std::fs::write(&broken, "#!/bin/sh\necho '{ not json' > \"$1\"\n").unwrap();
+    for s in [&pause, &broken] {
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(s)
+            .status()
+            .unwrap();
+    }
+    let (code, out, err) = pgha(
+        &["config", "edit", "--api", &api],
+        &[("EDITOR", broken.to_str().unwrap()), ("VISUAL", "")],
+    );
+    assert_eq!(code, 2, "{out}{err}");
+    assert_eq!(
+        cluster.node(&primary).get_json("/config").unwrap()["paused"],
+        false
+    );
+    let (code, out, err) = pgha(
+        &["config", "edit", "--api", &api],
+        &[("VISUAL", pause.to_str().unwrap())],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let config = wait_until("the edit to reach the API", Duration::from_secs(10), || {
+        let c = cluster.node(&primary).get_json("/config")?;
+        (c["paused"] == true).then_some(c)
+    });
+    assert_eq!(
+        config["parameters"]["work_mem"], "7MB",
+        "the rest is kept: {config}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -173,7 +173,16 @@ pub fn parse(method: &Method, path: &str, body: &[u8]) -> Result<Request, (Statu
                     "scheduled restarts are not supported".into(),
                 ));
             }
-            Request::Restart
+            let pending_only = match &doc["restart_pending"] {
+                Value::Null => false,
+                Value::Bool(b) => *b,
+                other => {
+                    return Err(bad(format!(
+                        "restart_pending: expected true or false, got {other}"
+                    )))
+                }
+            };
+            Request::Restart { pending_only }
         }
         ("DELETE", "/restart") => {
             return Err((StatusCode::NOT_FOUND, "no scheduled restart".into()))

@@ -134,6 +134,7 @@ fn member_json(s: &Snapshot, m: &MemberStatus) -> Value {
         "failover_priority": m.failover_priority,
         "region": m.region,
         "basebackup": m.basebackup,
+        "pending_restart": m.pending_restart,
         "version": m.version,
     })
 }

@@ -320,6 +320,9 @@ pub struct MemberStatus {
     /// Set while a clone is running.
     #[serde(default)]
     pub basebackup: Option<Progress>,
+    /// Postgres has settings that take effect only after a restart.
+    #[serde(default)]
+    pub pending_restart: bool,
     /// Milliseconds since the Unix epoch of this status.
     pub updated_at_ms: u64,
     pub version: String,
@@ -344,6 +347,35 @@ pub struct DynamicConfig {
     pub synchronous_mode: SyncMode,
     /// Standbys the primary waits for (`on`, `strict`), or the `n` of `ANY n` (`quorum`).
     pub synchronous_node_count: u32,
+    /// Postgres parameters for every member, applied by reload (a member's
+    /// own `[postgresql.parameters]` win). Numbers and booleans are taken
+    /// as their text.
+    #[serde(deserialize_with = "parameter_values")]
+    pub parameters: BTreeMap<String, String>,
+}
+
+fn parameter_values<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Text(String),
+        Number(serde_json::Number),
+        Bool(bool),
+    }
+    let raw = BTreeMap::<String, Value>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::Text(t) => t,
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => if b { "on" } else { "off" }.to_string(),
+            };
+            (k, v)
+        })
+        .collect())
 }
 
 impl Default for DynamicConfig {
@@ -358,6 +390,7 @@ impl Default for DynamicConfig {
             failsafe_mode: false,
             synchronous_mode: SyncMode::Off,
             synchronous_node_count: 1,
+            parameters: BTreeMap::new(),
         }
     }
 }

@@ -36,6 +36,7 @@ fn member(name: &str, role: MemberRole, state: &str, tl: u32, lsn: u64) -> Membe
         tags: Default::default(),
         region: None,
         basebackup: None,
+        pending_restart: false,
         updated_at_ms: 0,
         version: "test".into(),
     }

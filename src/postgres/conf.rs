@@ -48,10 +48,33 @@ pub fn primary_conninfo(cfg: &PostgresConfig, node: &str, up: &Upstream) -> Stri
 
 /// Parameters the agent sets; user parameters may add to them, and override
 /// all but the ones replication depends on.
+/// Parameters the agent sets itself: neither the config file nor the
+/// dynamic config may set them.
+pub const MANAGED_PARAMETERS: &[&str] = &[
+    "listen_addresses",
+    "port",
+    "unix_socket_directories",
+    "data_directory",
+    "wal_level",
+    "hot_standby",
+    "wal_log_hints",
+    "cluster_name",
+    "hba_file",
+    "ident_file",
+    "recovery_target_timeline",
+    "primary_conninfo",
+    "primary_slot_name",
+    "synchronous_standby_names",
+];
+
+/// Parameters the agent sets; the dynamic config's cluster-wide parameters,
+/// then the config file's, may add to them and override all but the ones
+/// replication depends on.
 pub fn managed_parameters(
     cfg: &PostgresConfig,
     node: &str,
     upstream: Option<&Upstream>,
+    dynamic: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut p = BTreeMap::new();
     let mut set = |k: &str, v: String| {
@@ -69,7 +92,7 @@ pub fn managed_parameters(
     // short: the cost is a connection attempt every 250 ms while the
     // upstream is down.
     set("wal_retrieve_retry_interval", quote_conf("250ms"));
-    for (k, v) in &cfg.parameters {
+    for (k, v) in dynamic.iter().chain(&cfg.parameters) {
         set(k, quote_conf(v));
     }
     // Replication depends on these: a user value does not win.

@@ -1,5 +1,6 @@
 //! Process control of the local Postgres.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -52,6 +53,8 @@ pub struct LocalPg {
     pub(super) client: Mutex<Option<tokio_postgres::Client>>,
     /// Progress of a running clone, shared with the status publisher.
     pub clone_progress: Arc<std::sync::Mutex<Option<Progress>>>,
+    /// Cluster-wide parameters from the dynamic config (local ones win).
+    dynamic_parameters: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 impl LocalPg {
@@ -83,6 +86,7 @@ impl LocalPg {
             child: Mutex::new(None),
             client: Mutex::new(None),
             clone_progress: Arc::new(std::sync::Mutex::new(None)),
+            dynamic_parameters: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -264,7 +268,12 @@ impl LocalPg {
     /// Writes postgresql.conf, pg_hba.conf, pg_ident.conf and the standby signal.
     pub fn write_config(&self, standby: bool, upstream: Option<&Upstream>) -> Result<()> {
         let dir = &self.cfg.data_dir;
-        let params = conf::managed_parameters(&self.cfg, &self.node, upstream);
+        let dynamic = self
+            .dynamic_parameters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let params = conf::managed_parameters(&self.cfg, &self.node, upstream, &dynamic);
         self.write_owned(
             &dir.join("postgresql.conf"),
             &conf::render_postgresql_conf(&params),
@@ -308,6 +317,20 @@ impl LocalPg {
             &self.cfg.data_dir.join(conf::SYNC_CONF),
             &conf::render_sync_conf(standby_names),
         )
+    }
+
+    /// Records the cluster-wide parameters for the next `write_config`;
+    /// true when they changed.
+    pub fn set_dynamic_parameters(&self, parameters: &BTreeMap<String, String>) -> bool {
+        let mut current = self
+            .dynamic_parameters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *current == *parameters {
+            return false;
+        }
+        *current = parameters.clone();
+        true
     }
 
     /// PID of a postmaster running on our data directory, from postmaster.pid.

@@ -54,6 +54,8 @@ pub struct Config {
     pub cluster: ClusterDefaults,
     pub tags: Tags,
     pub log: LogConfig,
+    /// Certificates for Postgres, replication and the API.
+    pub tls: crate::tls::TlsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +96,8 @@ pub struct PostgresConfig {
     pub parameters: BTreeMap<String, String>,
     /// Extra pg_hba.conf lines, placed before the agent's own lines.
     pub pg_hba: Vec<String>,
+    /// TLS files and modes (from `[tls]`; filled in after `[tls]` is validated).
+    pub tls: crate::tls::PgTls,
 }
 
 #[derive(Debug, Clone)]
@@ -356,6 +360,18 @@ const KEYS: &[(&str, EnvKind)] = &[
     ("tags.failover_priority", EnvKind::Integer),
     ("log.format", EnvKind::Text),
     ("log.level", EnvKind::Text),
+    ("tls.enabled", EnvKind::Boolean),
+    ("tls.ca_cert_file", EnvKind::Text),
+    ("tls.ca_key_file", EnvKind::Text),
+    ("tls.ca_cert", EnvKind::Text),
+    ("tls.ca_key", EnvKind::Text),
+    ("tls.dir", EnvKind::Text),
+    ("tls.cert_validity", EnvKind::Text),
+    ("tls.hostnames", EnvKind::List),
+    ("tls.hostssl_clients", EnvKind::Boolean),
+    ("tls.replication_client_cert", EnvKind::Boolean),
+    ("tls.api", EnvKind::Boolean),
+    ("tls.api_client_auth", EnvKind::Boolean),
 ];
 
 /// Tables of free-form entries: `PGHA_<TABLE>_<ENTRY>` sets
@@ -516,6 +532,8 @@ struct FileConfig {
     tags: FileTags,
     #[serde(default)]
     log: FileLog,
+    #[serde(default)]
+    tls: crate::tls::FileTls,
 }
 
 #[derive(Deserialize)]
@@ -986,11 +1004,32 @@ impl FileConfig {
     fn validate(self, cx: &Context<'_>) -> Result<Config, ConfigError> {
         let scope = plain_name(cx, "scope", self.scope)?;
         let name = plain_name(cx, "name", self.name)?;
+        let mut postgresql = self.postgresql.validate(cx)?;
+        let api = self.api.validate(cx)?;
+        let facts = crate::tls::settings::NodeFacts {
+            name: &name,
+            data_dir: &postgresql.data_dir,
+            advertise_host: &postgresql.advertise_host,
+            pg_listen: &postgresql.listen_addresses,
+            api_listen: &api.listen,
+            api_advertise_url: &api.advertise_url,
+            replication_user: &postgresql.replication.username,
+        };
+        let tls = self
+            .tls
+            .validate(
+                &facts,
+                &|path| cx.resolve(path),
+                std::time::SystemTime::now(),
+            )
+            .map_err(|(key, message)| cx.invalid(&key, message))?;
+        postgresql.tls = tls.for_postgres();
         Ok(Config {
             source: cx.source.to_owned(),
             etcd: self.etcd.validate(cx, &scope)?,
-            postgresql: self.postgresql.validate(cx)?,
-            api: self.api.validate(cx)?,
+            postgresql,
+            api,
+            tls,
             timing: self.timing.validate(cx)?,
             cluster: self.cluster.validate(),
             tags: self.tags.validate(),
@@ -1284,6 +1323,7 @@ impl FilePostgres {
             },
             parameters,
             pg_hba: self.pg_hba,
+            tls: crate::tls::PgTls::default(),
         })
     }
 }

@@ -13,3 +13,4 @@ pub mod ha;
 pub mod net;
 pub mod operator;
 pub mod postgres;
+pub mod tls;

@@ -106,6 +106,51 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Certificates: create a cluster CA, issue an operator's client
+    /// certificate, describe certificates.
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Create a cluster CA (ECDSA P-256): DIR/ca.crt and DIR/ca.key (0600).
+    /// Give both to every node (tls.ca_cert_file and tls.ca_key_file, or
+    /// PGHA_TLS_CA_CERT and PGHA_TLS_CA_KEY holding the PEM text).
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity, e.g. "3650days".
+        #[arg(long, default_value = "3650days", value_parser = humantime::parse_duration)]
+        validity: std::time::Duration,
+        /// Common name of the CA.
+        #[arg(long, default_value = "pgha cluster CA")]
+        name: String,
+    },
+    /// Issue a client certificate signed by the CA (for operator endpoints
+    /// with tls.api_client_auth): OUT/NAME.crt and OUT/NAME.key (0600).
+    Client {
+        #[arg(long)]
+        ca_cert: PathBuf,
+        #[arg(long)]
+        ca_key: PathBuf,
+        /// Common name, e.g. the operator's name.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "90days", value_parser = humantime::parse_duration)]
+        validity: std::time::Duration,
+    },
+    /// Print subject, SANs, issuer and expiry of each certificate: the
+    /// files given, or those a node's config uses.
+    Show {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -140,13 +185,113 @@ struct Target {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// CA certificate that verifies an https:// API (default with --config:
+    /// the node's shared CA).
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// Client certificate for operator endpoints that require one (with --key).
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Key of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 impl Target {
+    /// The API URL; also sets up how https:// URLs are verified.
     fn api(&self) -> Result<String, ExitCode> {
-        match &self.config {
-            Some(path) => load_config(path).map(|c| c.api.advertise_url),
-            None => Ok(self.api.clone()),
+        let config = self.config.as_deref().map(load_config).transpose()?;
+        let ca_pem = match (&self.cacert, &config) {
+            (Some(path), _) => Some(read_pem(path)?),
+            (None, Some(c)) => match &c.tls.ca {
+                pgha::tls::CaSource::Shared { cert_pem, .. } => Some(cert_pem.clone()),
+                pgha::tls::CaSource::Own => None,
+            },
+            (None, None) => None,
+        };
+        if let Some(ca_pem) = ca_pem {
+            let identity = match (&self.cert, &self.key) {
+                (Some(cert), Some(key)) => Some((read_pem(cert)?, read_pem(key)?)),
+                _ => None,
+            };
+            let identity = identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str()));
+            if let Err(e) = pgha::tls::https::trust_for_api_clients(&ca_pem, identity) {
+                eprintln!("error: {e}");
+                return Err(ExitCode::from(2));
+            }
+        }
+        Ok(match config {
+            Some(c) => c.api.advertise_url,
+            None => self.api.clone(),
+        })
+    }
+}
+
+fn read_pem(path: &std::path::Path) -> Result<String, ExitCode> {
+    std::fs::read_to_string(path).map_err(|e| {
+        eprintln!("error: {}: {e}", path.display());
+        ExitCode::from(2)
+    })
+}
+
+fn certs(action: CertsAction) -> ExitCode {
+    match action {
+        CertsAction::Ca {
+            out,
+            validity,
+            name,
+        } => match pgha::tls::create_ca_files(&out, &name, validity) {
+            Ok((cert, key)) => {
+                println!(
+                    "created {} and {} (keep the key secret)",
+                    cert.display(),
+                    key.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        CertsAction::Client {
+            ca_cert,
+            ca_key,
+            name,
+            out,
+            validity,
+        } => match pgha::tls::create_client_files(&ca_cert, &ca_key, &name, &out, validity) {
+            Ok((cert, key)) => {
+                println!("created {} and {}", cert.display(), key.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        CertsAction::Show { config, files } => {
+            let mut files = files;
+            if let Some(path) = config {
+                match load_config(&path) {
+                    Ok(cfg) => files.extend(pgha::tls::node_files(&cfg.tls)),
+                    Err(code) => return code,
+                }
+            }
+            if files.is_empty() {
+                eprintln!("error: no certificate to show: give files or --config FILE");
+                return ExitCode::from(2);
+            }
+            match pgha::tls::describe_files(&files) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
         }
     }
 }
@@ -235,6 +380,33 @@ async fn run(cfg: Config) -> ExitCode {
         }
         signals.cancel();
     });
+    // Certificates before Postgres starts; a CA that went bad since the
+    // config was read stops the start here, never a plaintext fallback.
+    let tls = match pgha::tls::NodeTls::prepare(&cfg) {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!(node = %cfg.name, error = %e, "cannot set up TLS");
+            return ExitCode::from(2);
+        }
+    };
+    let mut api_tls = None;
+    if let Some(tls) = &tls {
+        if tls.config().shared_ca() {
+            // Members ask each other's API (https:// with tls.api).
+            if let Err(e) = pgha::tls::https::trust_for_api_clients(tls.ca_pem(), None) {
+                tracing::error!(node = %cfg.name, error = %e, "cannot set up TLS");
+                return ExitCode::from(2);
+            }
+        }
+        api_tls = match tls.api_server() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(node = %cfg.name, error = %e, "cannot set up the HTTPS API");
+                return ExitCode::from(2);
+            }
+        };
+        tokio::spawn(tls.clone().rotate(shutdown.clone()));
+    }
     let (agent, snapshots) = match pgha::agent::Agent::new(cfg.clone()).await {
         Ok(x) => x,
         Err(e) => {
@@ -248,11 +420,12 @@ async fn run(cfg: Config) -> ExitCode {
         calls: agent.operator_handle(),
         auth: pgha::api::operator::Auth::from_config(&cfg.api),
     };
-    let api = tokio::spawn(pgha::api::serve_with_operator(
+    let api = tokio::spawn(pgha::api::serve_with_tls(
         cfg.api.listen.clone(),
         snapshots,
         stale_after,
         Some(operator),
+        api_tls,
         api_shutdown.clone(),
     ));
     let result = tokio::select! {
@@ -281,6 +454,7 @@ async fn main() -> ExitCode {
             Ok(cfg) => run(cfg).await,
             Err(code) => code,
         },
+        Command::Certs { action } => certs(action),
         Command::FenceGuard { data_dir } => {
             let stdin = std::io::BufReader::new(std::io::stdin());
             pgha::fence::run_guard(stdin, &move || pgha::fence::postmaster_pid(&data_dir));

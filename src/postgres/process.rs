@@ -95,6 +95,11 @@ impl LocalPg {
         let mut std_cmd = std::process::Command::new(self.bin(program));
         if let Some((uid, gid)) = self.run_as {
             std_cmd.uid(uid).gid(gid);
+            // libpq looks for ~/.postgresql/postgresql.crt when TLS is on: as
+            // the Postgres user, root's HOME is unreadable and fails the connection.
+            if let Ok(Some(user)) = User::from_uid(uid.into()) {
+                std_cmd.env("HOME", user.dir);
+            }
         }
         std_cmd
             .env("LC_ALL", "C.UTF-8")
@@ -414,6 +419,9 @@ impl LocalPg {
         if let Some(pw) = &self.cfg.replication.password {
             cmd.env("PGPASSWORD", pw.expose());
         }
+        for (key, value) in self.cfg.tls.libpq_params(true) {
+            cmd.env(libpq_env(key), value);
+        }
         cmd.stderr(Stdio::piped()).stdout(Stdio::null());
         let mut child = cmd.spawn().map_err(io_err("starting pg_basebackup"))?;
         let mut stderr = child.stderr.take().expect("piped");
@@ -462,12 +470,15 @@ impl LocalPg {
     /// timelines did not diverge.
     pub async fn rewind(&self, from: &Upstream) -> Result<()> {
         let mut cmd = self.command("pg_rewind");
-        let source = format!(
+        let mut source = format!(
             "host={} port={} user={} dbname=postgres",
             conf::quote_conninfo(&from.host),
             from.port,
             conf::quote_conninfo(&self.cfg.superuser.username)
         );
+        for (key, value) in self.cfg.tls.libpq_params(false) {
+            source.push_str(&format!(" {key}={}", conf::quote_conninfo(&value)));
+        }
         cmd.arg("-D")
             .arg(&self.cfg.data_dir)
             .arg(format!("--source-server={source}"))
@@ -506,10 +517,22 @@ impl LocalPg {
         if let Some(pw) = &self.cfg.superuser.password {
             cfg.password(pw.expose());
         }
-        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let client = if self.cfg.tls.enabled {
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let tls = crate::tls::postgres_client(&self.cfg.tls)
+                .map_err(|e| PgError::Other(e.to_string()))?;
+            let (client, conn) = cfg.connect(tls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+        } else {
+            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+        };
         client.batch_execute("CHECKPOINT").await?;
         Ok(())
     }
@@ -520,6 +543,11 @@ async fn forward_log<R: tokio::io::AsyncRead + Unpin>(reader: BufReader<R>, node
     while let Ok(Some(line)) = lines.next_line().await {
         tracing::info!(target: "postgres", node = %node, "{line}");
     }
+}
+
+/// The environment variable libpq reads for a connection parameter.
+fn libpq_env(key: &str) -> String {
+    format!("PG{}", key.to_ascii_uppercase())
 }
 
 fn last_lines(text: &str) -> String {

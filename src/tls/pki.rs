@@ -273,6 +273,13 @@ impl CertInfo {
         Ok(out)
     }
 
+    /// One DER certificate (as a TLS peer presents it).
+    pub fn from_der(der: &[u8]) -> Result<CertInfo, PkiError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| err(format!("malformed certificate: {e}")))?;
+        Ok(CertInfo::of(&cert))
+    }
+
     fn of(cert: &x509_parser::certificate::X509Certificate<'_>) -> CertInfo {
         use x509_parser::extensions::GeneralName;
         let at = |t: &x509_parser::time::ASN1Time| {

@@ -281,7 +281,7 @@ impl FileTls {
         let read = |key: &str, path: &str| -> Result<(String, String), KeyError> {
             let path = resolve(path);
             let text = std::fs::read_to_string(&path)
-                .map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))?;
+                .map_err(|e| bad(key, format!("{}: cannot read: {e}", path.display())))?;
             Ok((text, path.display().to_string()))
         };
         let pick = |text_key: &str,

@@ -522,23 +522,44 @@ fn https_api_verified_with_the_ca_and_operator_endpoints_with_client_certificate
         ..Options::default()
     };
     let mut cluster = Cluster::start(0, opts);
-    cluster.add_node("n1", |node| {
-        edit_config(
-            node,
-            &[("advertise_url = \"http://", "advertise_url = \"https://")],
-        )
-    });
+    for name in ["n1", "n2"] {
+        cluster.add_node(name, |node| {
+            edit_config(
+                node,
+                &[("advertise_url = \"http://", "advertise_url = \"https://")],
+            )
+        });
+    }
     let node = cluster.node("n1");
     let api = format!("https://127.0.0.1:{}", node.api_port);
     let ca = ca_cert.to_str().unwrap();
 
     // The CLI verifies the API with --cacert.
-    let listed = wait_until("pgha list over HTTPS", Duration::from_secs(60), || {
-        let out = pgha(&["list", "--api", &api, "--cacert", ca]);
-        let shown = text(&out.stdout);
-        (out.status.success() && shown.contains("Leader")).then_some(shown)
-    });
-    assert!(listed.contains("| n1"), "{listed}");
+    let leader_and_replica = |api: &str| -> Option<(String, String)> {
+        let out = pgha(&["list", "--json", "--api", api, "--cacert", ca]);
+        let members: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let members = members.as_array()?;
+        let leader = members
+            .iter()
+            .find(|m| m["leader"] == true && m["role"] == "primary" && m["state"] == "running")?;
+        let replica = members
+            .iter()
+            .find(|m| m["role"] == "replica" && m["state"] == "streaming")?;
+        Some((
+            leader["name"].as_str()?.to_owned(),
+            replica["name"].as_str()?.to_owned(),
+        ))
+    };
+    let (leader, replica) = wait_until(
+        "a primary and a streaming replica, seen over HTTPS",
+        Duration::from_secs(90),
+        || leader_and_replica(&api),
+    );
+    let listed = text(&pgha(&["list", "--api", &api, "--cacert", ca]).stdout);
+    assert!(
+        listed.contains("| n1") && listed.contains("| n2"),
+        "{listed}"
+    );
     let no_ca = pgha(&["list", "--api", &api]);
     assert!(!no_ca.status.success());
     assert!(
@@ -616,6 +637,31 @@ fn https_api_verified_with_the_ca_and_operator_endpoints_with_client_certificate
     let authorized = rustls_client(&ca_pem, Some((&cert, &key)));
     let (status, body) = https(node.api_addr(), authorized, "POST", "/resume").unwrap();
     assert_eq!(status, 200, "{body}");
+
+    // A switchover: the leader asks its target's API over HTTPS, verified
+    // with the cluster CA.
+    let switched = pgha(&[
+        "switchover",
+        "--to",
+        &replica,
+        "--api",
+        &api,
+        "--cacert",
+        ca,
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        switched.status.success(),
+        "{} {}",
+        text(&switched.stdout),
+        text(&switched.stderr)
+    );
+    wait_until("the switchover to finish", Duration::from_secs(60), || {
+        leader_and_replica(&api).filter(|(l, r)| *l == replica && *r == leader)
+    });
 
     // A client certificate from another CA fails the handshake.
     let foreign_dir = TestDir::new("pgha-client-");

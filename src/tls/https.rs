@@ -245,3 +245,62 @@ pub fn postgres_client(
     };
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::tls::pki::{create_ca, CertInfo, Issuer, SubjectName};
+
+    /// One handshake through `acceptor`; the certificate the server showed.
+    async fn served(acceptor: &tokio_rustls::TlsAcceptor, client: Arc<ClientConfig>) -> CertInfo {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move { acceptor.accept(server_io).await.map(|_| ()) })
+        };
+        let name = rustls_pki_types::ServerName::try_from("n1.internal").unwrap();
+        let stream = tokio_rustls::TlsConnector::from(client)
+            .connect(name, client_io)
+            .await
+            .unwrap();
+        server.await.unwrap().unwrap();
+        let der = &stream.get_ref().1.peer_certificates().unwrap()[0];
+        CertInfo::from_der(der).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_replaced_certificate_serves_new_handshakes_through_the_same_acceptor() {
+        let now = SystemTime::now();
+        let ca = create_ca("test CA", now, Duration::from_secs(86_400)).unwrap();
+        let issuer = Issuer::from_pem(&ca.cert_pem, ca.key_pem.expose(), now).unwrap();
+        let names = [SubjectName::parse("n1.internal")];
+        let first = issuer
+            .issue("n1", &names, true, now, Duration::from_secs(120))
+            .unwrap();
+        let swap = Arc::new(CertSwap::new(&first).unwrap());
+        let api = ApiTls::new(swap.clone(), &ca.cert_pem, false).unwrap();
+        let client = Arc::new(
+            ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots_from_pem(&ca.cert_pem, "ca").unwrap())
+                .with_no_client_auth(),
+        );
+        let before = served(&api.acceptor, client.clone()).await;
+        assert_eq!(
+            before.public_key_der,
+            CertInfo::from_pem(&first.cert_pem).unwrap().public_key_der
+        );
+        let second = issuer
+            .issue("n1", &names, true, now, Duration::from_secs(120))
+            .unwrap();
+        swap.replace(&second).unwrap();
+        let after = served(&api.acceptor, client).await;
+        assert_eq!(
+            after.public_key_der,
+            CertInfo::from_pem(&second.cert_pem).unwrap().public_key_der
+        );
+    }
+}

@@ -268,7 +268,7 @@ fn shared_ca_verify_full_replication_client_certs_and_rotation_without_restart()
     let opts = Options {
         extra_toml: format!(
             "[tls]\nca_cert_file = \"{}\"\nca_key_file = \"{}\"\nhostnames = [\"{PRIVATE_NAME}\"]\n\
-             cert_validity = \"2m\"\nreplication_client_cert = true\n",
+             cert_validity = \"2m\"\nreplication_client_cert = true\nhostssl_clients = true\n",
             ca_cert.display(),
             ca_key.display()
         ),
@@ -439,6 +439,49 @@ fn shared_ca_verify_full_replication_client_certs_and_rotation_without_restart()
     wait_until("replication back over TLS", Duration::from_secs(30), || {
         (replication_ssl(p) == "1/1 /O=pgha/CN=replicator").then_some(())
     });
+    // Clients must use TLS (hostssl_clients).
+    let plaintext = psql_conninfo(
+        &format!("host=127.0.0.1 port={p} user=postgres dbname=postgres sslmode=disable"),
+        "select 1",
+    )
+    .unwrap_err();
+    assert!(plaintext.contains("no pg_hba.conf entry"), "{plaintext}");
+
+    // Failover and rejoin: pg_rewind and the checkpoint before it connect
+    // to the new primary over verified TLS.
+    cluster.node_mut(&primary).kill9_with_postgres();
+    let new_primary = cluster
+        .wait_for("the replica to take over", Duration::from_secs(60), |v| {
+            v.primaries().len() == 1 && v.primaries()[0].name != primary
+        })
+        .primaries()[0]
+        .name
+        .clone();
+    cluster
+        .node(&new_primary)
+        .query("create table after_failover as select 1 as id");
+    cluster.node_mut(&primary).restart();
+    cluster.wait_healthy(Duration::from_secs(90));
+    let rejoined = cluster.node(&primary);
+    let log = rejoined.current_run_log();
+    assert!(
+        log.contains("pg_rewind finished"),
+        "{primary} did not rewind:\n{log}"
+    );
+    assert!(
+        !log.contains("action=clone"),
+        "{primary} cloned instead:\n{log}"
+    );
+    wait_until(
+        "the rejoined node to replay",
+        Duration::from_secs(10),
+        || (rejoined.psql("select id from after_failover").ok()? == "1").then_some(()),
+    );
+    assert_eq!(
+        replication_ssl(cluster.node(&new_primary).pg_port),
+        "1/1 /O=pgha/CN=replicator"
+    );
+
     // No key material in any log.
     for node in &cluster.nodes {
         let log = node.log_text();

@@ -277,6 +277,7 @@ impl NodeTls {
         // Often enough that a short validity (tests) renews in time.
         let check_every =
             (self.cfg.cert_validity / 30).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let mut warned_ca_expiry = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -285,6 +286,18 @@ impl NodeTls {
             let now = SystemTime::now();
             let (not_before, not_after) = *self.current.lock().unwrap_or_else(|p| p.into_inner());
             if !pki::renewal_due(not_before, not_after, now) {
+                continue;
+            }
+            if self.issuer.not_after <= not_after {
+                // A certificate never outlives its CA: renewing would not
+                // extend it. Only a new CA (and a restart) helps.
+                if !warned_ca_expiry {
+                    warn!(
+                        ca_not_after = %humantime::format_rfc3339_seconds(self.issuer.not_after),
+                        "the CA expires with this node's certificate: replace the CA"
+                    );
+                    warned_ca_expiry = true;
+                }
                 continue;
             }
             match self.issue_all(now) {

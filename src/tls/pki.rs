@@ -335,13 +335,14 @@ impl CertInfo {
     /// Several lines for `pgha certs show`.
     pub fn render(&self, label: &str, now: SystemTime) -> String {
         let left = self.seconds_left(now);
-        let remaining = if left > 0 {
-            format!(
+        const DAY: i64 = 86_400;
+        let remaining = match left {
+            l if l >= 2 * DAY => format!("in {} days", l / DAY),
+            l if l > 0 => format!(
                 "in {}",
-                humantime::format_duration(Duration::from_secs(left.unsigned_abs()))
-            )
-        } else {
-            "EXPIRED".to_owned()
+                humantime::format_duration(Duration::from_secs(l.unsigned_abs()))
+            ),
+            _ => "EXPIRED".to_owned(),
         };
         format!(
             "{label}\n  subject:   {}\n  issuer:    {}\n  SANs:      {}\n  CA:        {}\n  not after: {} ({remaining})\n",

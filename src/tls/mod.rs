@@ -490,3 +490,69 @@ pub fn node_files(cfg: &TlsConfig) -> Vec<PathBuf> {
         .filter(|p| p.exists())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn prepare_writes_the_node_s_files_with_interface_addresses_for_a_wildcard() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let text = format!(
+            "scope = \"demo\"\nname = \"n1\"\n[etcd]\nendpoints = [\"127.0.0.1:2379\"]\n\
+             [postgresql]\ndata_dir = \"{}\"\nbin_dir = '{}'\nadvertise_host = \"n1.internal\"\n\
+             [postgresql.replication]\npassword = \"x\"\n\
+             [api]\nadvertise_url = \"http://n1.internal:8008\"\n",
+            data_dir.display(),
+            std::env::temp_dir().display()
+        );
+        let config = Config::parse(&text, &dir.path().join("pgha.toml"), &BTreeMap::new()).unwrap();
+        assert!(config.tls.listens_on_any, "listen_addresses defaults to *");
+        let node = NodeTls::prepare(&config)
+            .unwrap()
+            .expect("TLS on by default");
+        let tls_dir = dir.path().join("data.tls");
+        let mode = |name: &str| {
+            std::fs::metadata(tls_dir.join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode(SERVER_KEY), 0o600);
+        assert_eq!(mode(CA_KEY), 0o600);
+        assert_eq!(mode(SERVER_CERT), 0o644);
+        assert!(!data_dir.exists(), "the data directory is not touched");
+        let server =
+            CertInfo::from_pem(&std::fs::read_to_string(tls_dir.join(SERVER_CERT)).unwrap())
+                .unwrap();
+        // The loopback interface is every machine's: both families.
+        for name in [
+            "DNS:n1",
+            "DNS:n1.internal",
+            "DNS:localhost",
+            "IP:127.0.0.1",
+            "IP:::1",
+        ] {
+            assert!(
+                server.sans.contains(&name.to_owned()),
+                "{name} not in {:?}",
+                server.sans
+            );
+        }
+        let ca = CertInfo::from_pem(node.ca_pem()).unwrap();
+        assert_eq!(server.issuer, ca.subject);
+
+        // A second start keeps the node's own CA and issues a new certificate.
+        let again = NodeTls::prepare(&config).unwrap().unwrap();
+        assert_eq!(again.ca_pem(), node.ca_pem());
+        let renewed =
+            CertInfo::from_pem(&std::fs::read_to_string(tls_dir.join(SERVER_CERT)).unwrap())
+                .unwrap();
+        assert_ne!(renewed.public_key_der, server.public_key_der);
+        assert!(expiries().iter().any(|(name, _)| *name == "server"));
+    }
+}

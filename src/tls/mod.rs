@@ -394,7 +394,10 @@ pub fn write_file(
     mode: u32,
     owner: Option<(u32, u32)>,
 ) -> Result<(), TlsError> {
-    let tmp = path.with_extension("pgha-tmp");
+    // Per file (server.crt and server.key must not share one).
+    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(".pgha-tmp");
+    let tmp = path.with_file_name(tmp_name);
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)

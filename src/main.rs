@@ -110,46 +110,7 @@ enum Command {
     /// certificate, describe certificates.
     Certs {
         #[command(subcommand)]
-        action: CertsAction,
-    },
-}
-
-#[derive(Subcommand)]
-enum CertsAction {
-    /// Create a cluster CA (ECDSA P-256): DIR/ca.crt and DIR/ca.key (0600).
-    /// Give both to every node (tls.ca_cert_file and tls.ca_key_file, or
-    /// PGHA_TLS_CA_CERT and PGHA_TLS_CA_KEY holding the PEM text).
-    Ca {
-        #[arg(long)]
-        out: PathBuf,
-        /// Validity, e.g. "3650days".
-        #[arg(long, default_value = "3650days", value_parser = humantime::parse_duration)]
-        validity: std::time::Duration,
-        /// Common name of the CA.
-        #[arg(long, default_value = "pgha cluster CA")]
-        name: String,
-    },
-    /// Issue a client certificate signed by the CA (for operator endpoints
-    /// with tls.api_client_auth): OUT/NAME.crt and OUT/NAME.key (0600).
-    Client {
-        #[arg(long)]
-        ca_cert: PathBuf,
-        #[arg(long)]
-        ca_key: PathBuf,
-        /// Common name, e.g. the operator's name.
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value = "90days", value_parser = humantime::parse_duration)]
-        validity: std::time::Duration,
-    },
-    /// Print subject, SANs, issuer and expiry of each certificate: the
-    /// files given, or those a node's config uses.
-    Show {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        files: Vec<PathBuf>,
+        action: pgha::tls::cli::CertsAction,
     },
 }
 
@@ -232,68 +193,6 @@ fn read_pem(path: &std::path::Path) -> Result<String, ExitCode> {
         eprintln!("error: {}: {e}", path.display());
         ExitCode::from(2)
     })
-}
-
-fn certs(action: CertsAction) -> ExitCode {
-    match action {
-        CertsAction::Ca {
-            out,
-            validity,
-            name,
-        } => match pgha::tls::create_ca_files(&out, &name, validity) {
-            Ok((cert, key)) => {
-                println!(
-                    "created {} and {} (keep the key secret)",
-                    cert.display(),
-                    key.display()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
-        CertsAction::Client {
-            ca_cert,
-            ca_key,
-            name,
-            out,
-            validity,
-        } => match pgha::tls::create_client_files(&ca_cert, &ca_key, &name, &out, validity) {
-            Ok((cert, key)) => {
-                println!("created {} and {}", cert.display(), key.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
-        CertsAction::Show { config, files } => {
-            let mut files = files;
-            if let Some(path) = config {
-                match load_config(&path) {
-                    Ok(cfg) => files.extend(pgha::tls::node_files(&cfg.tls)),
-                    Err(code) => return code,
-                }
-            }
-            if files.is_empty() {
-                eprintln!("error: no certificate to show: give files or --config FILE");
-                return ExitCode::from(2);
-            }
-            match pgha::tls::describe_files(&files) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
-    }
 }
 
 /// Runs one operator request and prints its answer; exit 0 only on 2xx.
@@ -454,7 +353,16 @@ async fn main() -> ExitCode {
             Ok(cfg) => run(cfg).await,
             Err(code) => code,
         },
-        Command::Certs { action } => certs(action),
+        Command::Certs { action } => match pgha::tls::cli::run(action) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::FenceGuard { data_dir } => {
             let stdin = std::io::BufReader::new(std::io::stdin());
             pgha::fence::run_guard(stdin, &move || pgha::fence::postmaster_pid(&data_dir));

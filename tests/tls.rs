@@ -625,8 +625,9 @@ fn https_api_verified_with_the_ca_and_operator_endpoints_with_client_certificate
 
     // Health without a client certificate; operator requests need one.
     let anonymous = rustls_client(&ca_pem, None);
+    let leader_api = cluster.node(&leader).api_addr();
     assert_eq!(
-        https(node.api_addr(), anonymous.clone(), "GET", "/primary")
+        https(leader_api, anonymous.clone(), "GET", "/primary")
             .unwrap()
             .0,
         200

@@ -1004,40 +1004,31 @@ impl FileConfig {
     fn validate(self, cx: &Context<'_>) -> Result<Config, ConfigError> {
         let scope = plain_name(cx, "scope", self.scope)?;
         let name = plain_name(cx, "name", self.name)?;
-        let mut postgresql = self.postgresql.validate(cx)?;
-        let api = self.api.validate(cx)?;
-        let facts = crate::tls::settings::NodeFacts {
-            name: &name,
-            data_dir: &postgresql.data_dir,
-            advertise_host: &postgresql.advertise_host,
-            pg_listen: &postgresql.listen_addresses,
-            api_listen: &api.listen,
-            api_advertise_url: &api.advertise_url,
-            replication_user: &postgresql.replication.username,
-        };
-        let tls = self
-            .tls
-            .validate(
-                &facts,
-                &|path| cx.resolve(path),
-                std::time::SystemTime::now(),
-            )
-            .map_err(|(key, message)| cx.invalid(&key, message))?;
-        postgresql.tls = tls.for_postgres();
-        Ok(Config {
+        let mut config = Config {
             source: cx.source.to_owned(),
             etcd: self.etcd.validate(cx, &scope)?,
-            postgresql,
-            api,
-            tls,
+            postgresql: self.postgresql.validate(cx)?,
+            api: self.api.validate(cx)?,
             timing: self.timing.validate(cx)?,
             cluster: self.cluster.validate(),
             tags: self.tags.validate(),
             log: self.log.validate(cx)?,
+            tls: crate::tls::TlsConfig::disabled(),
             region: self.region.filter(|r| !r.is_empty()),
             scope,
             name,
-        })
+        };
+        // Last: [tls] checks names and addresses of the sections above.
+        config.tls = self
+            .tls
+            .validate(
+                &config,
+                &|path| cx.resolve(path),
+                std::time::SystemTime::now(),
+            )
+            .map_err(|(key, message)| cx.invalid(&key, message))?;
+        config.postgresql.tls = config.tls.for_postgres();
+        Ok(config)
     }
 }
 

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::pki::{CaProblem, Issuer, SubjectName};
 use super::PgTls;
-use crate::config::Secret;
+use crate::config::{Config, Secret};
 
 pub const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(90 * 86_400);
 /// Below this, renewal (at a third of the validity left) would run constantly.
@@ -88,6 +88,24 @@ pub struct TlsConfig {
 }
 
 impl TlsConfig {
+    /// TLS off; the placeholder while `[tls]` is validated.
+    pub fn disabled() -> TlsConfig {
+        TlsConfig {
+            enabled: false,
+            ca: CaSource::Own,
+            dir: PathBuf::new(),
+            cert_validity: DEFAULT_CERT_VALIDITY,
+            common_name: String::new(),
+            names: Vec::new(),
+            listens_on_any: false,
+            hostssl_clients: false,
+            replication_client_cert: false,
+            api: false,
+            api_client_auth: false,
+            replication_user: String::new(),
+        }
+    }
+
     pub fn shared_ca(&self) -> bool {
         matches!(self.ca, CaSource::Shared { .. })
     }
@@ -105,15 +123,15 @@ impl TlsConfig {
 }
 
 /// What the rest of the config tells TLS about this node.
-pub struct NodeFacts<'a> {
-    pub name: &'a str,
-    pub data_dir: &'a Path,
-    pub advertise_host: &'a str,
+struct NodeFacts<'a> {
+    name: &'a str,
+    data_dir: &'a Path,
+    advertise_host: &'a str,
     /// `listen_addresses` of Postgres, comma-separated.
-    pub pg_listen: &'a str,
-    pub api_listen: &'a [std::net::SocketAddr],
-    pub api_advertise_url: &'a str,
-    pub replication_user: &'a str,
+    pg_listen: &'a str,
+    api_listen: &'a [std::net::SocketAddr],
+    api_advertise_url: &'a str,
+    replication_user: &'a str,
 }
 
 /// A bad key: its dotted path and what was expected.
@@ -125,12 +143,22 @@ fn bad(key: &str, message: impl Into<String>) -> KeyError {
 
 impl FileTls {
     /// Checks the section; `resolve` makes a path from the file absolute.
+    /// `config` is the rest of the validated config (its `tls` a placeholder).
     pub fn validate(
         self,
-        node: &NodeFacts<'_>,
+        config: &Config,
         resolve: &dyn Fn(&str) -> PathBuf,
         now: SystemTime,
     ) -> Result<TlsConfig, KeyError> {
+        let node = NodeFacts {
+            name: &config.name,
+            data_dir: &config.postgresql.data_dir,
+            advertise_host: &config.postgresql.advertise_host,
+            pg_listen: &config.postgresql.listen_addresses,
+            api_listen: &config.api.listen,
+            api_advertise_url: &config.api.advertise_url,
+            replication_user: &config.postgresql.replication.username,
+        };
         let enabled = self.enabled.unwrap_or(true);
         let cert_validity = match &self.cert_validity {
             None => DEFAULT_CERT_VALIDITY,

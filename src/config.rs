@@ -57,6 +57,8 @@ pub struct Config {
     pub cluster: ClusterDefaults,
     pub tags: Tags,
     pub log: LogConfig,
+    /// Certificates for Postgres, replication and the API.
+    pub tls: crate::tls::TlsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +99,8 @@ pub struct PostgresConfig {
     pub parameters: BTreeMap<String, String>,
     /// Extra pg_hba.conf lines, placed before the agent's own lines.
     pub pg_hba: Vec<String>,
+    /// TLS files and modes (from `[tls]`; filled in after `[tls]` is validated).
+    pub tls: crate::tls::PgTls,
 }
 
 #[derive(Debug, Clone)]
@@ -367,6 +371,18 @@ const KEYS: &[(&str, EnvKind)] = &[
     ("tags.failover_priority", EnvKind::Integer),
     ("log.format", EnvKind::Text),
     ("log.level", EnvKind::Text),
+    ("tls.enabled", EnvKind::Boolean),
+    ("tls.ca_cert_file", EnvKind::Text),
+    ("tls.ca_key_file", EnvKind::Text),
+    ("tls.ca_cert", EnvKind::Text),
+    ("tls.ca_key", EnvKind::Text),
+    ("tls.dir", EnvKind::Text),
+    ("tls.cert_validity", EnvKind::Text),
+    ("tls.hostnames", EnvKind::List),
+    ("tls.hostssl_clients", EnvKind::Boolean),
+    ("tls.replication_client_cert", EnvKind::Boolean),
+    ("tls.api", EnvKind::Boolean),
+    ("tls.api_client_auth", EnvKind::Boolean),
 ];
 
 /// Tables of free-form entries: `PGHA_<TABLE>_<ENTRY>` sets
@@ -528,6 +544,8 @@ struct FileConfig {
     tags: FileTags,
     #[serde(default)]
     log: FileLog,
+    #[serde(default)]
+    tls: crate::tls::FileTls,
 }
 
 #[derive(Deserialize)]
@@ -1010,7 +1028,7 @@ impl FileConfig {
                 )
             })?,
         };
-        Ok(Config {
+        let mut config = Config {
             source: cx.source.to_owned(),
             ip_family,
             etcd: self.etcd.validate(cx, &scope)?,
@@ -1020,10 +1038,22 @@ impl FileConfig {
             cluster: self.cluster.validate(cx)?,
             tags: self.tags.validate(),
             log: self.log.validate(cx)?,
+            tls: crate::tls::TlsConfig::disabled(),
             region: self.region.filter(|r| !r.is_empty()),
             scope,
             name,
-        })
+        };
+        // Last: [tls] checks names and addresses of the sections above.
+        config.tls = self
+            .tls
+            .validate(
+                &config,
+                &|path| cx.resolve(path),
+                std::time::SystemTime::now(),
+            )
+            .map_err(|(key, message)| cx.invalid(&key, message))?;
+        config.postgresql.tls = config.tls.for_postgres();
+        Ok(config)
     }
 }
 
@@ -1321,6 +1351,7 @@ impl FilePostgres {
             },
             parameters,
             pg_hba: self.pg_hba,
+            tls: crate::tls::PgTls::default(),
         })
     }
 }

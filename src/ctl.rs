@@ -5,9 +5,36 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
+
+/// A client for http:// and https:// API URLs; https:// is verified with
+/// the CA given by `--cacert` (or the node's config), see [`crate::tls::https`].
+/// Connections go through the Happy Eyeballs connector of [`crate::net`].
+fn client<B>() -> Client<hyper_rustls::HttpsConnector<HttpConnector<crate::net::Resolver>>, B>
+where
+    B: hyper::body::Body + Send,
+    B::Data: Send,
+{
+    let mut tcp = crate::net::http_connector();
+    tcp.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*crate::tls::https::client_config()).clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    Client::builder(TokioExecutor::new()).build(https)
+}
+
+/// An https:// URL without a CA to verify it cannot work: say so up front.
+fn check_trust(url: &str) -> anyhow::Result<()> {
+    if url.starts_with("https://") && !crate::tls::https::client_trust_configured() {
+        bail!("{url}: an https:// API needs the cluster CA: pass --cacert FILE (or --config FILE of a node with a shared CA)");
+    }
+    Ok(())
+}
 
 /// GETs `path` from the API at `base` and returns the JSON body, whatever the status.
 pub async fn get_json(base: &str, path: &str) -> anyhow::Result<(u16, Value)> {
@@ -15,8 +42,8 @@ pub async fn get_json(base: &str, path: &str) -> anyhow::Result<(u16, Value)> {
     let uri: hyper::Uri = url
         .parse()
         .with_context(|| format!("invalid API URL {url}"))?;
-    let client: Client<_, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(crate::net::http_connector());
+    check_trust(&url)?;
+    let client: Client<_, Empty<Bytes>> = client();
     let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
         .await
         .with_context(|| format!("{url}: no answer within 5 s"))?
@@ -165,8 +192,8 @@ pub async fn send(
     let req = req
         .body(Full::new(payload))
         .context("building the request")?;
-    let client: Client<_, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(crate::net::http_connector());
+    check_trust(&url)?;
+    let client: Client<_, Full<Bytes>> = client();
     let resp = tokio::time::timeout(Duration::from_secs(130), client.request(req))
         .await
         .with_context(|| format!("{url}: no answer within 130 s"))?

@@ -15,3 +15,4 @@ pub mod net;
 pub mod operator;
 pub mod postgres;
 pub mod reaper;
+pub mod tls;

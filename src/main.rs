@@ -122,6 +122,12 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Certificates: create a cluster CA, issue an operator's client
+    /// certificate, describe certificates.
+    Certs {
+        #[command(subcommand)]
+        action: pgha::tls::cli::CertsAction,
+    },
 }
 
 #[derive(Subcommand)]
@@ -162,12 +168,43 @@ struct Target {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// CA certificate that verifies an https:// API (default with --config:
+    /// the node's shared CA).
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// Client certificate for operator endpoints that require one (with --key).
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Key of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 impl Target {
+    /// The API URL; also sets up how https:// URLs are verified.
     fn api(&self) -> Result<String, ExitCode> {
-        match &self.config {
-            Some(path) => load_config(path).map(|c| c.api.advertise_url),
+        let config = self.config.as_deref().map(load_config).transpose()?;
+        let ca_pem = match (&self.cacert, &config) {
+            (Some(path), _) => Some(read_pem(path)?),
+            (None, Some(c)) => match &c.tls.ca {
+                pgha::tls::CaSource::Shared { cert_pem, .. } => Some(cert_pem.clone()),
+                pgha::tls::CaSource::Own => None,
+            },
+            (None, None) => None,
+        };
+        if let Some(ca_pem) = ca_pem {
+            let identity = match (&self.cert, &self.key) {
+                (Some(cert), Some(key)) => Some((read_pem(cert)?, read_pem(key)?)),
+                _ => None,
+            };
+            let identity = identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str()));
+            if let Err(e) = pgha::tls::https::trust_for_api_clients(&ca_pem, identity) {
+                eprintln!("error: {e}");
+                return Err(ExitCode::from(2));
+            }
+        }
+        match config {
+            Some(c) => Ok(c.api.advertise_url),
             None => match pgha::net::HttpUrl::parse(&self.api) {
                 Ok(_) => Ok(self.api.clone()),
                 Err(why) => {
@@ -177,6 +214,13 @@ impl Target {
             },
         }
     }
+}
+
+fn read_pem(path: &std::path::Path) -> Result<String, ExitCode> {
+    std::fs::read_to_string(path).map_err(|e| {
+        eprintln!("error: {}: {e}", path.display());
+        ExitCode::from(2)
+    })
 }
 
 /// Runs one operator request and prints its answer; exit 0 only on 2xx.
@@ -333,6 +377,33 @@ async fn run(cfg: Config) -> ExitCode {
         }
         signals.cancel();
     });
+    // Certificates before Postgres starts; a CA that went bad since the
+    // config was read stops the start here, never a plaintext fallback.
+    let tls = match pgha::tls::NodeTls::prepare(&cfg) {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!(node = %cfg.name, error = %e, "cannot set up TLS");
+            return ExitCode::from(2);
+        }
+    };
+    let mut api_tls = None;
+    if let Some(tls) = &tls {
+        if tls.config().shared_ca() {
+            // Members ask each other's API (https:// with tls.api).
+            if let Err(e) = pgha::tls::https::trust_for_api_clients(tls.ca_pem(), None) {
+                tracing::error!(node = %cfg.name, error = %e, "cannot set up TLS");
+                return ExitCode::from(2);
+            }
+        }
+        api_tls = match tls.api_server() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(node = %cfg.name, error = %e, "cannot set up the HTTPS API");
+                return ExitCode::from(2);
+            }
+        };
+        tokio::spawn(tls.clone().rotate(shutdown.clone()));
+    }
     let (agent, snapshots) = match pgha::agent::Agent::new(cfg.clone()).await {
         Ok(x) => x,
         Err(e) => {
@@ -348,12 +419,13 @@ async fn run(cfg: Config) -> ExitCode {
         failsafe: agent.failsafe_promise(),
         failsafe_ttl: cfg.timing.ttl,
     };
-    let api = tokio::spawn(pgha::api::serve_with_operator(
+    let api = tokio::spawn(pgha::api::serve_with_tls(
         cfg.api.listen.clone(),
         cfg.ip_family,
         snapshots,
         stale_after,
         Some(operator),
+        api_tls,
         api_shutdown.clone(),
     ));
     let result = tokio::select! {
@@ -399,6 +471,16 @@ async fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ExitCode::from(1)
+            }
+        },
+        Command::Certs { action } => match pgha::tls::cli::run(action) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
             }
         },
         Command::FenceGuard { data_dir } => {

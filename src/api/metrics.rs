@@ -269,5 +269,18 @@ pub fn render(s: &Snapshot, age: Duration, stale_after: Duration) -> String {
         "Seconds since the agent loop published the state served here.",
         seconds(age),
     );
+    m.family(
+        "pgha_tls_certificate_expiry_seconds",
+        "gauge",
+        "Seconds until this node's certificate expires (ca, server, replication).",
+    );
+    let now = std::time::SystemTime::now();
+    for (certificate, not_after) in crate::tls::expiries() {
+        m.sample(
+            "pgha_tls_certificate_expiry_seconds",
+            &[("certificate", certificate)],
+            crate::tls::pki::seconds_until(not_after, now),
+        );
+    }
     m.out
 }

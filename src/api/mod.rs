@@ -26,7 +26,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -87,6 +87,8 @@ struct Shared {
     rendered: Mutex<Arc<Rendered>>,
     stale_after: Duration,
     limits: Limits,
+    /// HTTPS: every connection starts with a TLS handshake.
+    tls: Option<crate::tls::https::ApiTls>,
 }
 
 impl Shared {
@@ -135,6 +137,28 @@ pub async fn serve_with_operator(
     operator: Option<Operator>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with_tls(
+        listen,
+        family,
+        snapshots,
+        stale_after,
+        operator,
+        None,
+        shutdown,
+    )
+    .await
+}
+
+/// As [`serve_with_operator`], over HTTPS when `tls` is given.
+pub async fn serve_with_tls(
+    listen: Vec<SocketAddr>,
+    family: IpFamily,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stale_after: Duration,
+    operator: Option<Operator>,
+    tls: Option<crate::tls::https::ApiTls>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let listeners = bind_all_in(&listen, family)?;
     serve_listeners(
         listeners,
@@ -142,6 +166,7 @@ pub async fn serve_with_operator(
         stale_after,
         Limits::default(),
         operator,
+        tls,
         shutdown,
     )
     .await
@@ -199,7 +224,16 @@ pub async fn serve_on(
     limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_listeners(listeners, snapshots, stale_after, limits, None, shutdown).await
+    serve_listeners(
+        listeners,
+        snapshots,
+        stale_after,
+        limits,
+        None,
+        None,
+        shutdown,
+    )
+    .await
 }
 
 async fn serve_listeners(
@@ -208,6 +242,7 @@ async fn serve_listeners(
     stale_after: Duration,
     limits: Limits,
     operator: Option<Operator>,
+    tls: Option<crate::tls::https::ApiTls>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let first = Arc::new(Rendered::new(snapshots.borrow().clone()));
@@ -217,6 +252,7 @@ async fn serve_listeners(
         rendered: Mutex::new(first),
         stale_after,
         limits,
+        tls,
     });
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut tasks = Vec::new();
@@ -265,7 +301,24 @@ async fn accept_loop(
                 let shared = shared.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
-                    serve_connection(stream, peer, shared, shutdown).await;
+                    match shared.tls.clone() {
+                        None => serve_connection(stream, peer, false, shared, shutdown).await,
+                        Some(tls) => {
+                            // The handshake counts against the header timeout.
+                            let timeout = shared.limits.header_read_timeout;
+                            match tokio::time::timeout(timeout, tls.acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => {
+                                    // rustls only reports a certificate it verified.
+                                    let client_cert =
+                                        stream.get_ref().1.peer_certificates().is_some();
+                                    serve_connection(stream, peer, client_cert, shared, shutdown)
+                                        .await;
+                                }
+                                Ok(Err(e)) => debug!(%peer, error = %e, "api TLS handshake failed"),
+                                Err(_) => debug!(%peer, "api TLS handshake timed out"),
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }
@@ -292,16 +345,21 @@ async fn refuse(mut stream: TcpStream) {
     .await;
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// One HTTP/1.1 connection; `client_cert` when the client presented a
+/// certificate the CA verified (HTTPS with client authentication).
+async fn serve_connection<S>(
+    stream: S,
     peer: SocketAddr,
+    client_cert: bool,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let header_read_timeout = shared.limits.header_read_timeout;
     let svc = service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
+        async move { Ok::<_, Infallible>(handle(&shared, peer, client_cert, req).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -330,6 +388,7 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<
 async fn operator_request(
     shared: &Shared,
     peer: SocketAddr,
+    client_cert: bool,
     method: &hyper::Method,
     path: &str,
     authorization: Option<&str>,
@@ -343,7 +402,24 @@ async fn operator_request(
             "operator requests are not served here",
         );
     };
-    if let Err((status, why)) = op.auth.check(authorization, peer) {
+    let needs_client_cert = shared
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.operator_needs_client_cert);
+    let checked = if !needs_client_cert {
+        op.auth.check(authorization, peer)
+    } else if !client_cert {
+        Err((
+            StatusCode::FORBIDDEN,
+            "operator requests need a client certificate signed by the cluster CA",
+        ))
+    } else if op.auth.has_credentials() {
+        op.auth.check(authorization, peer)
+    } else {
+        // A verified client certificate stands in for the loopback rule.
+        Ok(())
+    };
+    if let Err((status, why)) = checked {
         warn!(%peer, %method, path, status = status.as_u16(), why, "operator request refused");
         let mut resp = message(status, why);
         if status == StatusCode::UNAUTHORIZED {
@@ -454,6 +530,7 @@ fn respond_and_close(status: StatusCode, message: &str) -> Response<Full<Bytes>>
 async fn handle(
     shared: &Shared,
     peer: SocketAddr,
+    client_cert: bool,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let limits = shared.limits;
@@ -501,6 +578,7 @@ async fn handle(
         return operator_request(
             shared,
             peer,
+            client_cert,
             &parts.method,
             parts.uri.path(),
             authorization,

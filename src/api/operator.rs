@@ -25,6 +25,11 @@ impl Auth {
         }
     }
 
+    /// Whether a token or basic-auth credentials are configured.
+    pub fn has_credentials(&self) -> bool {
+        self.token.is_some() || self.basic.is_some()
+    }
+
     /// `Ok` when the request may act; otherwise the status (401 or 403) and why.
     pub fn check(
         &self,

@@ -43,6 +43,9 @@ pub fn primary_conninfo(cfg: &PostgresConfig, node: &str, up: &Upstream) -> Stri
     if let Some(pw) = &cfg.replication.password {
         s.push_str(&format!(" password={}", quote_conninfo(pw.expose())));
     }
+    for (key, value) in cfg.tls.libpq_params(true) {
+        s.push_str(&format!(" {key}={}", quote_conninfo(&value)));
+    }
     s
 }
 
@@ -115,6 +118,16 @@ pub fn managed_parameters(
         quote_conf(&cfg.data_dir.join("pg_ident.conf").display().to_string()),
     );
     set("recovery_target_timeline", quote_conf("latest"));
+    if cfg.tls.enabled {
+        // The agent's certificates: a user value does not win, TLS is never
+        // silently off.
+        let file = |name: &str| quote_conf(&cfg.tls.file(name).display().to_string());
+        set("ssl", "on".into());
+        set("ssl_cert_file", file(crate::tls::SERVER_CERT));
+        set("ssl_key_file", file(crate::tls::SERVER_KEY));
+        set("ssl_ca_file", file(crate::tls::CA_CERT));
+        set("ssl_min_protocol_version", quote_conf("TLSv1.2"));
+    }
     match upstream {
         Some(up) => {
             set(
@@ -168,14 +181,25 @@ pub fn render_pg_hba(cfg: &PostgresConfig) -> String {
     }
     s.push_str("local   all          all                  peer map=pgha\n");
     let repl = &cfg.replication.username;
+    let tls = &cfg.tls;
+    let (repl_type, repl_options) = match (tls.enabled, tls.replication_client_cert) {
+        (false, _) => ("host", ""),
+        (true, false) => ("hostssl", ""),
+        (true, true) => ("hostssl", " clientcert=verify-full"),
+    };
     for net in ["0.0.0.0/0", "::/0"] {
         s.push_str(&format!(
-            "host    replication  {repl:<12} {net:<20} scram-sha-256\n"
+            "{repl_type:<7} replication  {repl:<12} {net:<20} scram-sha-256{repl_options}\n"
         ));
     }
+    let client_type = if tls.enabled && tls.hostssl_clients {
+        "hostssl"
+    } else {
+        "host"
+    };
     for net in ["0.0.0.0/0", "::/0"] {
         s.push_str(&format!(
-            "host    all          all          {net:<20} scram-sha-256\n"
+            "{client_type:<7} all          all          {net:<20} scram-sha-256\n"
         ));
     }
     s

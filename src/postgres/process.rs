@@ -99,6 +99,11 @@ impl LocalPg {
         let mut std_cmd = std::process::Command::new(self.bin(program));
         if let Some((uid, gid)) = self.run_as {
             std_cmd.uid(uid).gid(gid);
+            // libpq looks for ~/.postgresql/postgresql.crt when TLS is on: as
+            // the Postgres user, root's HOME is unreadable and fails the connection.
+            if let Ok(Some(user)) = User::from_uid(uid.into()) {
+                std_cmd.env("HOME", user.dir);
+            }
         }
         std_cmd
             .env("LC_ALL", "C.UTF-8")
@@ -449,6 +454,9 @@ impl LocalPg {
         if let Some(pw) = &self.cfg.replication.password {
             cmd.env("PGPASSWORD", pw.expose());
         }
+        for (key, value) in self.cfg.tls.libpq_params(true) {
+            cmd.env(libpq_env(key), value);
+        }
         cmd.stderr(Stdio::piped()).stdout(Stdio::null());
         let mut child = cmd.spawn().map_err(io_err("starting pg_basebackup"))?;
         let mut stderr = child.stderr.take().expect("piped");
@@ -500,11 +508,14 @@ impl LocalPg {
         // freshly promoted primary updates only with its first checkpoint.
         let hostaddr = self.checkpoint_source(from).await?;
         let mut cmd = self.command("pg_rewind");
-        let source = format!(
+        let mut source = format!(
             "{} user={} dbname=postgres",
             source_conninfo(from, hostaddr),
             conf::quote_conninfo(&self.cfg.superuser.username)
         );
+        for (key, value) in self.cfg.tls.libpq_params(false) {
+            source.push_str(&format!(" {key}={}", conf::quote_conninfo(&value)));
+        }
         cmd.arg("-D")
             .arg(&self.cfg.data_dir)
             .arg(format!("--source-server={source}"))
@@ -548,10 +559,26 @@ impl LocalPg {
             .peer_addr()
             .map_err(io_err("connecting to the rewind source"))?
             .ip();
-        let (client, conn) = cfg.connect_raw(stream, tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let client = if self.cfg.tls.enabled {
+            use tokio_postgres::tls::MakeTlsConnect;
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let mut make = crate::tls::postgres_client(&self.cfg.tls)
+                .map_err(|e| PgError::Other(e.to_string()))?;
+            let host = from.host.trim_start_matches('[').trim_end_matches(']');
+            let tls = MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut make, host)
+                .map_err(|e| PgError::Other(format!("TLS to the rewind source: {e}")))?;
+            let (client, conn) = cfg.connect_raw(stream, tls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+        } else {
+            let (client, conn) = cfg.connect_raw(stream, tokio_postgres::NoTls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+        };
         client.batch_execute("CHECKPOINT").await?;
         Ok(reached)
     }
@@ -573,6 +600,11 @@ async fn forward_log<R: tokio::io::AsyncRead + Unpin>(reader: BufReader<R>, node
     while let Ok(Some(line)) = lines.next_line().await {
         tracing::info!(target: "postgres", node = %node, "{line}");
     }
+}
+
+/// The environment variable libpq reads for a connection parameter.
+fn libpq_env(key: &str) -> String {
+    format!("PG{}", key.to_ascii_uppercase())
 }
 
 fn last_lines(text: &str) -> String {

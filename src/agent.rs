@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub sync: Option<crate::ha::SyncKey>,
     /// Primary: the standbys Postgres waits for now.
     pub sync_standbys: Option<crate::ha::SyncSet>,
+    /// A pending (possibly scheduled) switchover.
+    pub switchover: Option<SwitchoverKey>,
     /// Promotions this agent performed since it started.
     pub promotions: u64,
     /// Durations of the agent loop's passes.
@@ -228,6 +230,7 @@ impl Agent {
             paused: false,
             sync: None,
             sync_standbys: None,
+            switchover: None,
             promotions: 0,
             loop_durations: LoopHistogram::default(),
             last_error: None,
@@ -1560,6 +1563,7 @@ impl Agent {
             pending_restart: obs.local.pending_restart,
             paused: view.is_some_and(|v| v.config.paused),
             sync: view.and_then(|v| v.sync.clone()),
+            switchover: view.and_then(|v| v.switchover.clone()),
             sync_standbys: (obs.local.role == Some(PgRole::Primary))
                 .then(|| obs.local.sync_standbys.clone())
                 .flatten(),

@@ -148,6 +148,17 @@ pub async fn list(api: &str, json: bool) -> anyhow::Result<String> {
         }
     }
     out.push_str(&sep);
+    if let Some(sw) = cluster["scheduled_switchover"].as_object() {
+        let to = sw
+            .get("to")
+            .and_then(Value::as_str)
+            .unwrap_or("the best healthy replica");
+        let at = sw.get("at").and_then(Value::as_str).unwrap_or("now");
+        let from = sw.get("from").and_then(Value::as_str).unwrap_or("?");
+        out.push_str(&format!(
+            "Switchover pending: {from} -> {to} at {at} (cancel: pgha switchover --cancel)\n"
+        ));
+    }
     if let Some(mode) = cluster["synchronous_mode"].as_str().filter(|m| *m != "off") {
         let quorum = cluster["sync"]["quorum"].as_u64().unwrap_or(0);
         let names: Vec<&str> = cluster["sync"]["members"]

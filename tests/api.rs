@@ -203,6 +203,7 @@ fn leader_snapshot() -> Snapshot {
         config: Some(DynamicConfig::default()),
         sync: None,
         sync_standbys: None,
+        switchover: None,
         dcs_reachable: true,
         dcs_last_seen: Some(Instant::now()),
         lease_remaining: Some(Duration::from_secs(3600)),

@@ -37,6 +37,13 @@ impl Rendered {
             "members": s.members.iter().map(|m| member_json(s, m)).collect::<Vec<_>>(),
             "synchronous_mode": s.config.as_ref().map(|c| c.synchronous_mode.as_str()),
             "sync": s.sync,
+            "scheduled_switchover": s.switchover.as_ref().map(|sw| json!({
+                "from": sw.from,
+                "to": sw.to,
+                "at": sw.at_ms.map(rfc3339),
+                "requested_at": rfc3339(sw.requested_ms),
+                "force": sw.force,
+            })),
         });
         Rendered {
             status_open: Bytes::from(status_open),
@@ -137,6 +144,10 @@ fn member_json(s: &Snapshot, m: &MemberStatus) -> Value {
         "pending_restart": m.pending_restart,
         "version": m.version,
     })
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 fn epoch_seconds_of(instant: std::time::Instant) -> Option<u64> {

@@ -76,6 +76,7 @@ fn cluster(me: &str) -> Snapshot {
         paused: false,
         sync: None,
         sync_standbys: None,
+        switchover: None,
         promotions: 0,
         loop_durations: LoopHistogram::default(),
         last_error: None,

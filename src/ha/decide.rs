@@ -184,6 +184,11 @@ fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps:
     if super::handover::lead(obs, dcs, settings, now, steps) {
         return;
     }
+    if is_fence_due(obs, settings, now) {
+        // The view may predate the lease's expiry: start or promote nothing
+        // on a lease we cannot prove, or it would run without a fencing deadline.
+        return;
+    }
     if !local.running {
         if dcs.config.paused || obs.shutting_down {
             // Maintenance: an operator may have stopped Postgres on purpose.

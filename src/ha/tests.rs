@@ -280,6 +280,43 @@ fn leader_with_postgres_down_restarts_it_within_primary_start_timeout() {
     );
 }
 
+/// Found by the simulator (seed 412): a stale view still names us leader
+/// after our lease expired; starting (or promoting) on it ran a primary
+/// with no fencing deadline next to the new leader.
+#[test]
+fn leader_past_its_fencing_deadline_starts_and_promotes_nothing() {
+    let lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(1_000),
+    });
+    let mut o = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
+    o.leader_lease = lease;
+    o.pg_down_since = Some(Tick(1_000));
+    assert_eq!(
+        actions(&o, 5_000),
+        vec![Action::RenewLeader { lease_id: 42 }, Action::StartPrimary]
+    );
+    assert_eq!(
+        actions(&o, 9_000),
+        vec![Action::RenewLeader { lease_id: 42 }],
+        "deadline 1000 + 10000 - 2000 passed"
+    );
+    let mut o = obs(
+        "n2",
+        running(PgRole::Replica, 1, 1000),
+        Some(view(Some("n2"), healthy_three("n1"))),
+    );
+    o.leader_lease = lease;
+    assert_eq!(
+        actions(&o, 9_000),
+        vec![Action::RenewLeader { lease_id: 42 }]
+    );
+}
+
 #[test]
 fn new_leader_creates_slots_then_promotes() {
     let o = obs(

@@ -340,7 +340,15 @@ fn follow(
 /// No node holds the leader key.
 fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps: &mut Vec<Step>) {
     let local = &obs.local;
-    if obs.shutting_down || obs.handover.is_some() {
+    // A handover nobody completed (the switchover named no target and the
+    // claim promotes nobody else, or the target died) must not keep the old
+    // leader, which holds every commit, out of the election for good.
+    let stale_after = settings.handover_timeout_ms + 2 * settings.ttl_ms;
+    let handing_over = obs
+        .handover
+        .as_ref()
+        .is_some_and(|h| now.since(h.since) < stale_after);
+    if obs.shutting_down || handing_over {
         return;
     }
     let running_primary = local.running && local.role == Some(PgRole::Primary);

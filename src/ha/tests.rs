@@ -317,6 +317,42 @@ fn leader_past_its_fencing_deadline_starts_and_promotes_nothing() {
     );
 }
 
+/// Found by the simulator (seeds 366, 462, 495): synchronous mode with a
+/// claim of nothing, `pgha switchover` without a target. The leader handed
+/// over and released the key, but the target was named nowhere in etcd, the
+/// claim let nobody else lead, and the old leader waited in its handover
+/// forever: no primary.
+#[test]
+fn old_leader_rejoins_the_election_once_its_handover_is_stale() {
+    let mut v = view(None, healthy_three("n1"));
+    v.config.synchronous_mode = SyncMode::On;
+    v.sync = Some(SyncKey {
+        leader: "n1".into(),
+        set: SyncSet::none(),
+    });
+    let mut o = obs("n1", LocalPostgres::default(), Some(v));
+    o.last_role = Some(PgRole::Primary);
+    o.handover = Some(Handover {
+        since: Tick(1_000),
+        to: "n2".into(),
+        force: false,
+    });
+    assert_eq!(actions(&o, 20_000), vec![]);
+    assert_eq!(
+        actions(&o, 31_000),
+        vec![Action::StartReplica { upstream: None }],
+        "handover_timeout + 2 ttl later"
+    );
+    o.local = running(PgRole::Replica, 1, 1000);
+    o.handover = None;
+    o.peers = Some(Vec::new());
+    assert_eq!(
+        actions(&o, 32_000),
+        vec![Action::AcquireLeader],
+        "its own claim lets it lead"
+    );
+}
+
 #[test]
 fn new_leader_creates_slots_then_promotes() {
     let o = obs(

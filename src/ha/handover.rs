@@ -184,6 +184,15 @@ pub fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings) -> Option<Ve
     if obs.wall_ms.saturating_sub(started) > stale_after {
         return None;
     }
+    // Only a leader that stopped for the handover hands the key over; one
+    // that vanished while running (crash, partition) never confirmed its
+    // target's WAL, so the candidates' proofs apply as in any election.
+    let handing_over = dcs.member(&sw.from).is_some_and(|m| {
+        m.role == MemberRole::Primary && matches!(m.state.as_str(), "stopping" | "stopped")
+    });
+    if !handing_over {
+        return None;
+    }
     let running_replica = obs.local.running && obs.local.role == Some(PgRole::Replica);
     match &sw.to {
         Some(to) if *to == obs.node && running_replica => Some(vec![Step::new(

@@ -844,7 +844,9 @@ fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
 
 #[test]
 fn switchover_target_takes_the_key_and_others_wait() {
-    let v = with_switchover(None, switchover("n1", Some("n3")));
+    let mut v = with_switchover(None, switchover("n1", Some("n3")));
+    // The old leader stopped for the handover and released the key.
+    v.members[0].state = "stopped".into();
     assert_eq!(
         actions(
             &obs("n3", running(PgRole::Replica, 1, 1000), Some(v.clone())),
@@ -866,6 +868,37 @@ fn switchover_target_takes_the_key_and_others_wait() {
         actions(&late, 0),
         vec![Action::AcquireLeader],
         "a stale request no longer binds"
+    );
+}
+
+/// Found by the simulator (seed 429, synchronous_mode strict): a switchover
+/// to n4 was requested while the leader n1 was cut off; n1 never stopped for
+/// it, its lease expired, and n4 took the key as the switchover's target
+/// without the synchronous proof: n3 held the acknowledged commits, n4 did not.
+#[test]
+fn switchover_target_of_a_vanished_leader_needs_the_usual_proof() {
+    let mut v = with_switchover(None, switchover("n1", Some("n3")));
+    v.config.synchronous_mode = SyncMode::Strict;
+    v.sync = Some(SyncKey {
+        leader: "n1".into(),
+        set: SyncSet::new(vec!["n2".into()], 1),
+    });
+    let mut target = obs("n3", running(PgRole::Replica, 1, 1000), Some(v.clone()));
+    target.peers = Some(Vec::new());
+    assert_eq!(
+        actions(&target, 0),
+        vec![],
+        "n1 still shows running: no handover"
+    );
+    let mut sync = obs("n2", running(PgRole::Replica, 1, 1000), Some(v.clone()));
+    sync.peers = Some(Vec::new());
+    assert_eq!(actions(&sync, 0), vec![Action::AcquireLeader]);
+    v.members[0].state = "stopped".into();
+    target.dcs = Some(v);
+    assert_eq!(
+        actions(&target, 0),
+        vec![Action::AcquireLeader],
+        "n1 stopped for the handover: its target takes over"
     );
 }
 

@@ -170,6 +170,15 @@ fn is_fence_due(obs: &Observation, settings: &Settings, now: Tick) -> bool {
     }
 }
 
+/// We hold a lease whose fencing deadline is still ahead. A view can
+/// predate the lease's expiry (a late answer, an agent restarted on a key
+/// about to expire), and a primary started or promoted without a held lease
+/// runs with no fencing deadline: the key alone proves nothing.
+fn lease_proven(obs: &Observation, settings: &Settings, now: Tick) -> bool {
+    obs.leader_lease
+        .is_some_and(|l| now < settings.fencing_deadline(l.renewed_at))
+}
+
 /// The leader, when its member key says its Postgres runs as primary.
 fn running_leader<'a>(dcs: &'a DcsView, me: &str) -> Option<&'a str> {
     let key = dcs.leader.as_ref()?;
@@ -184,11 +193,6 @@ fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps:
     if super::handover::lead(obs, dcs, settings, now, steps) {
         return;
     }
-    if is_fence_due(obs, settings, now) {
-        // The view may predate the lease's expiry: start or promote nothing
-        // on a lease we cannot prove, or it would run without a fencing deadline.
-        return;
-    }
     if !local.running {
         if dcs.config.paused || obs.shutting_down {
             // Maintenance: an operator may have stopped Postgres on purpose.
@@ -200,12 +204,15 @@ fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps:
                 Action::ReleaseLeader,
                 format!("postgres down for {down_ms} ms, past primary_start_timeout: hand leadership to a replica"),
             ));
-        } else {
+        } else if lease_proven(obs, settings, now) {
             steps.push(Step::new(
                 Action::StartPrimary,
                 "we hold the leader key and postgres is down: start it as primary",
             ));
         }
+        return;
+    }
+    if local.role == Some(PgRole::Replica) && !lease_proven(obs, settings, now) {
         return;
     }
     let wanted: Vec<String> = dcs

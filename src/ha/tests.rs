@@ -79,6 +79,11 @@ fn running(role: PgRole, tl: u32, lsn: u64) -> LocalPostgres {
 }
 
 fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
+    // A node the view names leader holds the key's lease, renewed at 0.
+    let leads = dcs
+        .as_ref()
+        .and_then(|d| d.leader.as_ref())
+        .is_some_and(|k| k.name == node);
     Observation {
         node: node.into(),
         tags: Tags {
@@ -92,7 +97,10 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
         },
         local,
         dcs,
-        leader_lease: None,
+        leader_lease: leads.then_some(HeldLease {
+            lease_id: 42,
+            renewed_at: Tick(0),
+        }),
         job: None,
         pg_down_since: None,
         orphan_slots: Vec::new(),
@@ -280,11 +288,12 @@ fn leader_with_postgres_down_restarts_it_within_primary_start_timeout() {
     );
 }
 
-/// Found by the simulator (seed 412): a stale view still names us leader
-/// after our lease expired; starting (or promoting) on it ran a primary
-/// with no fencing deadline next to the new leader.
+/// Found by the simulator (seeds 412, 1324): a view that still names us
+/// leader although our lease expired (answered late, or read by an agent
+/// just restarted, holding no lease yet); starting (or promoting) on it ran
+/// a primary with no fencing deadline next to the new leader.
 #[test]
-fn leader_past_its_fencing_deadline_starts_and_promotes_nothing() {
+fn leader_without_a_proven_lease_starts_and_promotes_nothing() {
     let lease = Some(HeldLease {
         lease_id: 42,
         renewed_at: Tick(1_000),
@@ -313,6 +322,22 @@ fn leader_past_its_fencing_deadline_starts_and_promotes_nothing() {
     o.leader_lease = lease;
     assert_eq!(
         actions(&o, 9_000),
+        vec![Action::RenewLeader { lease_id: 42 }]
+    );
+    o.leader_lease = None;
+    assert_eq!(
+        actions(&o, 2_000),
+        vec![Action::RenewLeader { lease_id: 42 }],
+        "restarted agent: renew first, promote on the next pass"
+    );
+    let mut o = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
+    o.leader_lease = None;
+    assert_eq!(
+        actions(&o, 2_000),
         vec![Action::RenewLeader { lease_id: 42 }]
     );
 }
@@ -381,6 +406,10 @@ fn primary_drops_orphan_slots_after_the_grace_period() {
         name: "gone".into(),
         missing_since: Tick(0),
     }];
+    o.leader_lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(29_000),
+    });
     assert_eq!(
         actions(&o, 29_999),
         vec![Action::RenewLeader { lease_id: 42 }]

@@ -349,8 +349,9 @@ fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps
     let local = &obs.local;
     // A handover nobody completed (the switchover named no target and the
     // claim promotes nobody else, or the target died) must not keep the old
-    // leader, which holds every commit, out of the election for good.
-    let stale_after = settings.handover_timeout_ms + 2 * settings.ttl_ms;
+    // leader, which holds every commit, out of the election for good: it
+    // released the key within handover_timeout, the target had a ttl more.
+    let stale_after = settings.handover_timeout_ms + settings.ttl_ms;
     let handing_over = obs
         .handover
         .as_ref()

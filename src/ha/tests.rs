@@ -362,17 +362,17 @@ fn old_leader_rejoins_the_election_once_its_handover_is_stale() {
         to: "n2".into(),
         force: false,
     });
-    assert_eq!(actions(&o, 20_000), vec![]);
+    assert_eq!(actions(&o, 20_999), vec![]);
     assert_eq!(
-        actions(&o, 31_000),
+        actions(&o, 21_000),
         vec![Action::StartReplica { upstream: None }],
-        "handover_timeout + 2 ttl later"
+        "handover_timeout + ttl later"
     );
     o.local = running(PgRole::Replica, 1, 1000);
     o.handover = None;
     o.peers = Some(Vec::new());
     assert_eq!(
-        actions(&o, 32_000),
+        actions(&o, 22_000),
         vec![Action::AcquireLeader],
         "its own claim lets it lead"
     );

@@ -379,10 +379,18 @@ fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps
         return;
     }
     match local.role {
-        Some(PgRole::Primary) => steps.push(Step::new(
-            Action::AcquireLeader,
-            "no leader and we run the primary: take the key back",
-        )),
+        Some(PgRole::Primary) => match super::sync::candidacy(obs, dcs) {
+            // Every new leader publishes its own claim before it promotes:
+            // a claim by another member means someone led after us.
+            Some(Err(why)) => steps.push(Step::new(
+                Action::Stop { then_rewind: false },
+                format!("no leader, and the sync key shows another leader since ours: {why}; a stale primary must not take writes"),
+            )),
+            _ => steps.push(Step::new(
+                Action::AcquireLeader,
+                "no leader and we run the primary: take the key back",
+            )),
+        },
         _ => {
             if candidacy(obs, dcs).is_ok() {
                 steps.push(Step::new(

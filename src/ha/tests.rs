@@ -378,6 +378,28 @@ fn old_leader_rejoins_the_election_once_its_handover_is_stale() {
     );
 }
 
+/// Found by the simulator (seed 3785, synchronous_mode on): n1's host froze
+/// for 23 s; n2 was promoted, acknowledged commits on n3, then lost etcd and
+/// its key expired. n1 resumed with its last probe (a running primary), took
+/// the key back without any check and started as primary: n2's commits lost.
+#[test]
+fn primary_does_not_take_the_key_back_after_another_leader_claimed() {
+    let mut v = view(None, healthy_three("n1"));
+    v.config.synchronous_mode = SyncMode::On;
+    v.sync = Some(SyncKey {
+        leader: "n2".into(),
+        set: SyncSet::none(),
+    });
+    let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(v.clone()));
+    assert_eq!(actions(&o, 0), vec![Action::Stop { then_rewind: false }]);
+    v.sync = Some(SyncKey {
+        leader: "n1".into(),
+        set: SyncSet::new(vec!["n2".into()], 1),
+    });
+    let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(v));
+    assert_eq!(actions(&o, 0), vec![Action::AcquireLeader]);
+}
+
 #[test]
 fn new_leader_creates_slots_then_promotes() {
     let o = obs(

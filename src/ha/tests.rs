@@ -400,6 +400,38 @@ fn primary_does_not_take_the_key_back_after_another_leader_claimed() {
     assert_eq!(actions(&o, 0), vec![Action::AcquireLeader]);
 }
 
+/// Found by the simulator (seed 4929, synchronous_mode quorum): n1 led,
+/// claimed 1 of [n2,n3], was cut off and fenced, later won an election again
+/// as the most advanced replica. Its old claim was still in etcd, so it did
+/// not publish an empty one, promoted and acknowledged commits waiting for
+/// nobody under a claim saying they were on n2 or n3; n2 was promoted on it.
+#[test]
+fn promotion_weakens_our_own_earlier_claim() {
+    let mut v = view(Some("n1"), healthy_three("n2"));
+    v.config.synchronous_mode = SyncMode::Quorum;
+    v.sync = Some(SyncKey {
+        leader: "n1".into(),
+        set: SyncSet::new(vec!["n2".into(), "n3".into()], 1),
+    });
+    let mut local = running(PgRole::Replica, 1, 1000);
+    local.sync_standbys = Some(SyncSet::new(vec!["n2".into(), "n3".into()], 1));
+    local.slots = vec!["n2".into(), "n3".into()];
+    let o = obs("n1", local, Some(v));
+    assert_eq!(
+        actions(&o, 0),
+        vec![
+            Action::RenewLeader { lease_id: 42 },
+            Action::PublishSync {
+                set: SyncSet::none()
+            },
+            Action::SetSyncStandbys {
+                set: SyncSet::none()
+            },
+            Action::Promote
+        ]
+    );
+}
+
 #[test]
 fn new_leader_creates_slots_then_promotes() {
     let o = obs(

@@ -229,6 +229,20 @@ impl World {
                 let now = self.local_now(i);
                 let steps = ha::decide(&obs, &self.settings, now);
                 self.stats.decides += 1;
+                if self.cfg.knobs.trace && self.cfg.knobs.trace_decisions {
+                    let (name, st) = (obs.node.clone(), steps.len());
+                    let (l, d) = (
+                        format!("{:?}", obs.local.role),
+                        obs.dcs.as_ref().map(|d| {
+                            (
+                                d.leader.as_ref().map(|l| l.name.clone()),
+                                d.switchover.clone(),
+                                d.sync.clone(),
+                            )
+                        }),
+                    );
+                    self.log(|| format!("{name}: decide: {st} steps; role {l} running {} job {:?} dcs {d:?} peers {:?}", obs.local.running, obs.job, obs.peers));
+                }
                 let pass = Box::new(Pass {
                     obs,
                     steps,
@@ -402,6 +416,18 @@ impl World {
             };
             if s.role == MemberRole::Primary && s.state == "running" {
                 primary = Some(s.name.clone());
+                continue;
+            }
+            if self.cfg.knobs.live_api && n.pg.running && !n.pg.stopping {
+                let pos = lsn(n.pg.len());
+                if n.pg.role == Some(PgRole::Replica) {
+                    peers.push(PeerPosition {
+                        name: s.name.clone(),
+                        timeline: Some(n.pg.timeline()),
+                        lsn: pos,
+                        replay_lsn: pos,
+                    });
+                }
                 continue;
             }
             if s.role == MemberRole::Replica && matches!(s.state.as_str(), "running" | "streaming")

@@ -31,7 +31,13 @@ pub struct Knobs {
     pub hide_lag: bool,
     /// Force this synchronous mode instead of the seed's choice.
     pub sync_mode: Option<SyncMode>,
+    /// Members' APIs answer candidates with live WAL positions instead of
+    /// their last published snapshot (what a fix of the stale-snapshot
+    /// finding would do).
+    pub live_api: bool,
     pub trace: bool,
+    /// Trace every decision (also those with no step) with its inputs.
+    pub trace_decisions: bool,
 }
 
 /// Everything the seed decides about the cluster.
@@ -990,10 +996,27 @@ impl World {
                     .collect();
                 if !lost.is_empty() {
                     let name = self.nodes[w].name.clone();
+                    let holders: Vec<String> =
+                        self.nodes
+                            .iter()
+                            .filter(|n| n.pg.dir.as_ref().is_some_and(|d| d.wal.contains(&lost[0])))
+                            .map(|n| {
+                                let api = n.api_status.as_ref().and_then(|s| {
+                                    s.receive_lsn.max(s.replay_lsn).or(s.wal_position)
+                                });
+                                format!(
+                                    "{} (holds {}, its API last reported {})",
+                                    n.name,
+                                    lsn(n.pg.len()),
+                                    api.map_or("nothing".into(), |l| l.to_string())
+                                )
+                            })
+                            .collect();
                     self.fail(format!(
-                        "lost write: {name} runs as primary without {} acknowledged commit(s) (first: record {}) in synchronous mode {}",
+                        "lost write: {name} runs as primary without {} acknowledged commit(s) (first: record {}, on {}) in synchronous mode {}",
                         lost.len(),
                         lost[0],
+                        if holders.is_empty() { "no node".into() } else { holders.join(", ") },
                         self.cfg.sync_mode
                     ));
                     return;

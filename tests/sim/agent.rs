@@ -99,6 +99,10 @@ impl World {
         let at = self
             .true_time(i, self.local_now(i).plus_ms(after_local_ms))
             .max(self.now);
+        if self.cfg.knobs.trace_decisions {
+            let (n, now) = (self.nodes[i].name.clone(), self.now);
+            self.log(|| format!("{n}: next wake at {at} (now {now})"));
+        }
         let a = &mut self.nodes[i].agent;
         a.wake_gen += 1;
         let ev = Ev::Wake {
@@ -474,6 +478,7 @@ impl World {
     }
 
     fn spawn_job(&mut self, i: usize, kind: Job, work: Work) {
+        self.nodes[i].pg.start_killed = false;
         self.next_job += 1;
         let id = self.next_job;
         let ms = match work {
@@ -846,13 +851,18 @@ impl World {
         if let Some(j) = self.nodes[i].agent.job.as_mut() {
             j.result = Some(result);
         }
-        self.agent_poke(i);
+        // The agent hears of it when it runs (the job_done channel).
+        let epoch = self.nodes[i].agent.epoch;
+        self.push(0, Ev::Watch { node: i, epoch });
     }
 
     fn finish_work(&mut self, i: usize, work: &Work) -> Result<(), String> {
         match work {
             Work::Start { primary } => {
                 let pg = &mut self.nodes[i].pg;
+                if std::mem::take(&mut pg.start_killed) {
+                    return Err("postmaster stopped by the fence guard while starting".into());
+                }
                 let Some(dir) = pg.dir.as_mut() else {
                     return Err("no data directory".into());
                 };

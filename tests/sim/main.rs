@@ -229,7 +229,14 @@ fn open_finding(seed: u64, knobs: &Knobs, violation: &str) -> Option<&'static st
         return None;
     }
     let sched = Schedule::generate(seed, knobs.clone());
-    if violation.contains("promoted to timeline") && sched.cfg.sync_mode == SyncMode::Off {
+    if violation.contains("promoted while the leader key is held by") {
+        return Some(
+            "promotion after the lease expired: the host froze between decide and the Promote step, the executor does not re-check the fencing deadline",
+        );
+    }
+    let timeline =
+        violation.contains("promoted to timeline") || violation.contains("rewound from timeline");
+    if timeline && sched.cfg.sync_mode == SyncMode::Off {
         return Some(
             "timeline reused: asynchronous failover to a node that never saw the newer timeline (no WAL archive)",
         );

@@ -59,6 +59,8 @@ pub struct Pg {
     pub waiting: Vec<(u64, usize)>,
     /// The postmaster exited since the agent last looked.
     pub exited: bool,
+    /// The fence guard stopped the postmaster while it was starting.
+    pub start_killed: bool,
 }
 
 impl Pg {

@@ -568,7 +568,8 @@ impl World {
 
     fn net_delay(&mut self) -> u64 {
         let mut d = self.rng.range(1, 15);
-        if self.rng.chance(10) {
+        // Latency spikes are a fault too: they stop once every fault healed.
+        if self.now < self.sched.heal_at && self.rng.chance(10) {
             d += self.rng.range(50, 1_000);
         }
         if self.etcd_slow > 0 {
@@ -785,7 +786,14 @@ impl World {
                 }
             }
             Ev::JobDone { node, epoch, job } => {
-                if !self.agent_alive(node, epoch) || self.agent_deferred(node, &ev) {
+                // The job's processes (pg_ctl, pg_rewind, ...) run on while
+                // the agent is paused; only a frozen host holds them.
+                if !self.agent_alive(node, epoch) {
+                    return;
+                }
+                let frozen = self.nodes[node].frozen_until;
+                if frozen > self.now {
+                    self.push_at(frozen, ev);
                     return;
                 }
                 self.job_done(node, job);
@@ -808,7 +816,20 @@ impl World {
                         )
                     });
                     self.nodes[node].pg.crash();
+                } else if self.nodes[node]
+                    .agent
+                    .job
+                    .as_ref()
+                    .is_some_and(|j| j.kind == pgha::ha::Job::Start && j.result.is_none())
+                {
+                    // postmaster.pid exists from the start on: a starting
+                    // postmaster is stopped too.
+                    self.log(|| format!("n{}: fence guard: fencing deadline passed, SIGQUIT to the starting postgres", node + 1));
+                    self.nodes[node].pg.start_killed = true;
                 }
+                // The guard disarms once it fired (`armed.take()`): a
+                // postmaster started later runs until the agent arms it again.
+                self.nodes[node].guard_deadline = None;
             }
             Ev::Replicate { node } => {
                 self.replicate(node);
@@ -848,6 +869,20 @@ impl World {
             Ev::Liveness => {
                 let live = (0..self.nodes.len()).filter(|&i| self.writable(i)).count();
                 if live == 0 {
+                    for i in 0..self.nodes.len() {
+                        let n = &self.nodes[i];
+                        let line = format!(
+                            "{}: agent up {} phase {:?} awaiting {:?} job {:?} pg running {} role {:?}",
+                            n.name,
+                            n.agent_up,
+                            std::mem::discriminant(&n.agent.phase),
+                            n.agent.awaiting,
+                            n.agent.job.as_ref().map(|j| (j.kind, j.result.clone())),
+                            n.pg.running,
+                            n.pg.role
+                        );
+                        self.log(|| line);
+                    }
                     let after = self.now - self.sched.heal_at;
                     self.fail(format!(
                         "liveness: no writable primary {after} ms after the last fault healed (ttl {} ms + bound {} ms)",

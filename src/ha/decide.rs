@@ -174,7 +174,7 @@ fn is_fence_due(obs: &Observation, settings: &Settings, now: Tick) -> bool {
 /// predate the lease's expiry (a late answer, an agent restarted on a key
 /// about to expire), and a primary started or promoted without a held lease
 /// runs with no fencing deadline: the key alone proves nothing.
-fn lease_proven(obs: &Observation, settings: &Settings, now: Tick) -> bool {
+pub(super) fn lease_proven(obs: &Observation, settings: &Settings, now: Tick) -> bool {
     obs.leader_lease
         .is_some_and(|l| now < settings.fencing_deadline(l.renewed_at))
 }

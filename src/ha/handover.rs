@@ -4,7 +4,7 @@
 //! the target takes it and promotes; the old leader follows without rewind.
 
 use super::action::{Action, Step};
-use super::decide::{candidacy_region_ok, Settings};
+use super::decide::{candidacy_region_ok, lease_proven, Settings};
 use super::state::*;
 
 /// Members that may take over from the current leader now, best first.
@@ -151,6 +151,7 @@ pub fn lead(
         )),
         _ if now.since(handover.since) >= settings.handover_timeout_ms => abort(
             obs,
+            lease_proven(obs, settings, now),
             steps,
             &format!(
                 "{to} did not confirm our last WAL within {} ms",
@@ -162,8 +163,10 @@ pub fn lead(
     true
 }
 
-fn abort(obs: &Observation, steps: &mut Vec<Step>, why: &str) {
-    if !obs.shutting_down {
+fn abort(obs: &Observation, lease_proven: bool, steps: &mut Vec<Step>, why: &str) {
+    // Without a proven lease the key may be someone else's by now: never
+    // start a primary on it (the next pass decides again).
+    if !obs.shutting_down && lease_proven {
         steps.push(Step::new(
             Action::StartPrimary,
             format!("switchover aborted ({why}): run as primary again"),

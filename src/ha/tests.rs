@@ -432,6 +432,34 @@ fn promotion_weakens_our_own_earlier_claim() {
     );
 }
 
+/// Found by the simulator (seed 15683): the handover target never
+/// confirmed; at the timeout the old leader, its lease long expired and the
+/// key another node's (its view still showed it), started as primary again.
+#[test]
+fn aborted_handover_restarts_the_primary_only_on_a_proven_lease() {
+    let v = with_switchover(Some("n1"), switchover("n1", Some("n3")));
+    let mut o = obs("n1", LocalPostgres::default(), Some(v));
+    o.last_role = Some(PgRole::Primary);
+    o.handover = Some(Handover {
+        since: Tick(0),
+        to: "n3".into(),
+        force: false,
+    });
+    o.leader_lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(9_000),
+    });
+    assert_eq!(
+        actions(&o, 10_000)[1..],
+        [Action::StartPrimary, Action::ClearSwitchover]
+    );
+    o.leader_lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(0),
+    });
+    assert_eq!(actions(&o, 10_000)[1..], [Action::ClearSwitchover]);
+}
+
 #[test]
 fn new_leader_creates_slots_then_promotes() {
     let o = obs(
@@ -904,6 +932,11 @@ fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
         vec![Action::RenewLeader { lease_id: 42 }],
         "waits"
     );
+    // Renewed every pass while it waits.
+    o.leader_lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(9_500),
+    });
     assert_eq!(
         actions(&o, 10_000),
         vec![

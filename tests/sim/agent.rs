@@ -856,7 +856,7 @@ impl World {
         self.push(0, Ev::Watch { node: i, epoch });
     }
 
-    fn finish_work(&mut self, i: usize, work: &Work) -> Result<(), String> {
+    pub fn finish_work(&mut self, i: usize, work: &Work) -> Result<(), String> {
         match work {
             Work::Start { primary } => {
                 let pg = &mut self.nodes[i].pg;

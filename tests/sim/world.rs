@@ -1098,6 +1098,15 @@ impl World {
     /// The agent process dies: if it held the lease, the guard stops
     /// Postgres at once (its pipe closed).
     fn kill_agent(&mut self, i: usize) {
+        if self.nodes[i].pg.stopping {
+            // The fast shutdown was requested already: Postgres stops anyway.
+            let _ = self.finish_work(
+                i,
+                &crate::agent::Work::Stop {
+                    checkpoint_first: false,
+                },
+            );
+        }
         let armed = self.nodes[i].guard_deadline.is_some();
         let n = &mut self.nodes[i];
         n.agent_up = false;
@@ -1199,7 +1208,10 @@ impl World {
                         requested_ms: EPOCH_MS + self.now,
                         force: false,
                     };
-                    let _ = self.etcd.put(etcd::SWITCHOVER, Value::Switchover(sw), None);
+                    // The API answers 409 while one is pending.
+                    let _ = self
+                        .etcd
+                        .create(etcd::SWITCHOVER, Value::Switchover(sw), None);
                 }
                 return;
             }

@@ -589,6 +589,11 @@ impl World {
                     Flow::Wait
                 }
                 (2, Some(Some(Res::Bool(true)))) => {
+                    if step.reason.starts_with("switchover from") {
+                        self.switchover_takers.push(i);
+                    } else {
+                        self.switchover_takers.retain(|&n| n != i);
+                    }
                     self.nodes[i].agent.leader_lease = Some(HeldLease {
                         lease_id: pass.tmp,
                         renewed_at: pass.sent_at,

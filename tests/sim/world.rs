@@ -364,6 +364,8 @@ pub struct World {
     notified_revision: i64,
     /// A step the rest of the pass depends on failed (as `Agent::pass_blocked`).
     pub pass_blocked: bool,
+    /// Nodes that took the leader key as a switchover's target.
+    pub switchover_takers: Vec<usize>,
     pub trace: Option<Vec<String>>,
     pub violation: Option<String>,
     pub stats: Stats,
@@ -478,6 +480,7 @@ impl World {
             peer_cut: BTreeMap::new(),
             notified_revision: 0,
             pass_blocked: false,
+            switchover_takers: Vec::new(),
             violation: None,
             stats: Stats::default(),
         };
@@ -1047,8 +1050,13 @@ impl World {
                                 )
                             })
                             .collect();
+                    let how = if self.switchover_takers.contains(&w) {
+                        " (it took the key as a switchover's target)"
+                    } else {
+                        ""
+                    };
                     self.fail(format!(
-                        "lost write: {name} runs as primary without {} acknowledged commit(s) (first: record {}, on {}) in synchronous mode {}",
+                        "lost write: {name} runs as primary without {} acknowledged commit(s) (first: record {}, on {}) in synchronous mode {}{how}",
                         lost.len(),
                         lost[0],
                         if holders.is_empty() { "no node".into() } else { holders.join(", ") },

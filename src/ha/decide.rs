@@ -170,6 +170,15 @@ fn is_fence_due(obs: &Observation, settings: &Settings, now: Tick) -> bool {
     }
 }
 
+/// We hold a lease whose fencing deadline is still ahead. A view can
+/// predate the lease's expiry (a late answer, an agent restarted on a key
+/// about to expire), and a primary started or promoted without a held lease
+/// runs with no fencing deadline: the key alone proves nothing.
+pub(super) fn lease_proven(obs: &Observation, settings: &Settings, now: Tick) -> bool {
+    obs.leader_lease
+        .is_some_and(|l| now < settings.fencing_deadline(l.renewed_at))
+}
+
 /// The leader, when its member key says its Postgres runs as primary.
 fn running_leader<'a>(dcs: &'a DcsView, me: &str) -> Option<&'a str> {
     let key = dcs.leader.as_ref()?;
@@ -195,12 +204,15 @@ fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps:
                 Action::ReleaseLeader,
                 format!("postgres down for {down_ms} ms, past primary_start_timeout: hand leadership to a replica"),
             ));
-        } else {
+        } else if lease_proven(obs, settings, now) {
             steps.push(Step::new(
                 Action::StartPrimary,
                 "we hold the leader key and postgres is down: start it as primary",
             ));
         }
+        return;
+    }
+    if local.role == Some(PgRole::Replica) && !lease_proven(obs, settings, now) {
         return;
     }
     let wanted: Vec<String> = dcs
@@ -335,7 +347,16 @@ fn follow(
 /// No node holds the leader key.
 fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps: &mut Vec<Step>) {
     let local = &obs.local;
-    if obs.shutting_down || obs.handover.is_some() {
+    // A handover nobody completed (the switchover named no target and the
+    // claim promotes nobody else, or the target died) must not keep the old
+    // leader, which holds every commit, out of the election for good: it
+    // released the key within handover_timeout, the target had a ttl more.
+    let stale_after = settings.handover_timeout_ms + settings.ttl_ms;
+    let handing_over = obs
+        .handover
+        .as_ref()
+        .is_some_and(|h| now.since(h.since) < stale_after);
+    if obs.shutting_down || handing_over {
         return;
     }
     let running_primary = local.running && local.role == Some(PgRole::Primary);
@@ -358,10 +379,18 @@ fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps
         return;
     }
     match local.role {
-        Some(PgRole::Primary) => steps.push(Step::new(
-            Action::AcquireLeader,
-            "no leader and we run the primary: take the key back",
-        )),
+        Some(PgRole::Primary) => match super::sync::candidacy(obs, dcs) {
+            // Every new leader publishes its own claim before it promotes:
+            // a claim by another member means someone led after us.
+            Some(Err(why)) => steps.push(Step::new(
+                Action::Stop { then_rewind: false },
+                format!("no leader, and the sync key shows another leader since ours: {why}; a stale primary must not take writes"),
+            )),
+            _ => steps.push(Step::new(
+                Action::AcquireLeader,
+                "no leader and we run the primary: take the key back",
+            )),
+        },
         _ => {
             if candidacy(obs, dcs).is_ok() {
                 steps.push(Step::new(

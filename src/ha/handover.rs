@@ -4,7 +4,7 @@
 //! the target takes it and promotes; the old leader follows without rewind.
 
 use super::action::{Action, Step};
-use super::decide::{candidacy_region_ok, Settings};
+use super::decide::{candidacy_region_ok, lease_proven, Settings};
 use super::state::*;
 
 /// Members that may take over from the current leader now, best first.
@@ -151,6 +151,7 @@ pub fn lead(
         )),
         _ if now.since(handover.since) >= settings.handover_timeout_ms => abort(
             obs,
+            lease_proven(obs, settings, now),
             steps,
             &format!(
                 "{to} did not confirm our last WAL within {} ms",
@@ -162,8 +163,10 @@ pub fn lead(
     true
 }
 
-fn abort(obs: &Observation, steps: &mut Vec<Step>, why: &str) {
-    if !obs.shutting_down {
+fn abort(obs: &Observation, lease_proven: bool, steps: &mut Vec<Step>, why: &str) {
+    // Without a proven lease the key may be someone else's by now: never
+    // start a primary on it (the next pass decides again).
+    if !obs.shutting_down && lease_proven {
         steps.push(Step::new(
             Action::StartPrimary,
             format!("switchover aborted ({why}): run as primary again"),
@@ -182,6 +185,15 @@ pub fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings) -> Option<Ve
     let started = sw.requested_ms.max(sw.at_ms.unwrap_or(0));
     let stale_after = settings.handover_timeout_ms + 2 * settings.ttl_ms;
     if obs.wall_ms.saturating_sub(started) > stale_after {
+        return None;
+    }
+    // Only a leader that stopped for the handover hands the key over; one
+    // that vanished while running (crash, partition) never confirmed its
+    // target's WAL, so the candidates' proofs apply as in any election.
+    let handing_over = dcs.member(&sw.from).is_some_and(|m| {
+        m.role == MemberRole::Primary && matches!(m.state.as_str(), "stopping" | "stopped")
+    });
+    if !handing_over {
         return None;
     }
     let running_replica = obs.local.running && obs.local.role == Some(PgRole::Replica);

@@ -196,13 +196,29 @@ pub fn before_promote(obs: &Observation, dcs: &DcsView, steps: &mut Vec<Step>) {
         SyncMode::Off | SyncMode::On | SyncMode::Quorum => SyncSet::none(),
         SyncMode::Strict => strict_fallback(obs, dcs),
     };
-    if mode != SyncMode::Off && my_claim(obs, dcs).is_none() {
-        steps.push(Step::new(
+    match my_claim(obs, dcs) {
+        _ if mode == SyncMode::Off => {}
+        None => steps.push(Step::new(
             Action::PublishSync {
                 set: SyncSet::none(),
             },
             "before promoting: our claim starts empty until standbys catch up",
-        ));
+        )),
+        // Our claim from an earlier term: the fresh primary will not wait
+        // for those standbys, so weaken it first (as `manage` does).
+        Some(claim) if !initial.implies(claim) => {
+            let weaker = claim.weakest_of(&initial);
+            let weaker = if weaker.quorum == 0 {
+                SyncSet::none()
+            } else {
+                weaker
+            };
+            steps.push(Step::new(
+                Action::PublishSync { set: weaker.clone() },
+                format!("before promoting: our earlier claim {claim} would not hold once we wait for {initial}: publish {weaker}"),
+            ))
+        }
+        Some(_) => {}
     }
     if obs.local.sync_standbys.as_ref() != Some(&initial) {
         steps.push(Step::new(

@@ -80,6 +80,11 @@ fn running(role: PgRole, tl: u32, lsn: u64) -> LocalPostgres {
 }
 
 fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
+    // A node the view names leader holds the key's lease, renewed at 0.
+    let leads = dcs
+        .as_ref()
+        .and_then(|d| d.leader.as_ref())
+        .is_some_and(|k| k.name == node);
     Observation {
         node: node.into(),
         tags: Tags {
@@ -93,7 +98,10 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
         },
         local,
         dcs,
-        leader_lease: None,
+        leader_lease: leads.then_some(HeldLease {
+            lease_id: 42,
+            renewed_at: Tick(0),
+        }),
         job: None,
         pg_down_since: None,
         orphan_slots: Vec::new(),
@@ -281,6 +289,178 @@ fn leader_with_postgres_down_restarts_it_within_primary_start_timeout() {
     );
 }
 
+/// Found by the simulator (seeds 412, 1324): a view that still names us
+/// leader although our lease expired (answered late, or read by an agent
+/// just restarted, holding no lease yet); starting (or promoting) on it ran
+/// a primary with no fencing deadline next to the new leader.
+#[test]
+fn leader_without_a_proven_lease_starts_and_promotes_nothing() {
+    let lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(1_000),
+    });
+    let mut o = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
+    o.leader_lease = lease;
+    o.pg_down_since = Some(Tick(1_000));
+    assert_eq!(
+        actions(&o, 5_000),
+        vec![Action::RenewLeader { lease_id: 42 }, Action::StartPrimary]
+    );
+    assert_eq!(
+        actions(&o, 9_000),
+        vec![Action::RenewLeader { lease_id: 42 }],
+        "deadline 1000 + 10000 - 2000 passed"
+    );
+    let mut o = obs(
+        "n2",
+        running(PgRole::Replica, 1, 1000),
+        Some(view(Some("n2"), healthy_three("n1"))),
+    );
+    o.leader_lease = lease;
+    assert_eq!(
+        actions(&o, 9_000),
+        vec![Action::RenewLeader { lease_id: 42 }]
+    );
+    o.leader_lease = None;
+    assert_eq!(
+        actions(&o, 2_000),
+        vec![Action::RenewLeader { lease_id: 42 }],
+        "restarted agent: renew first, promote on the next pass"
+    );
+    let mut o = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
+    o.leader_lease = None;
+    assert_eq!(
+        actions(&o, 2_000),
+        vec![Action::RenewLeader { lease_id: 42 }]
+    );
+}
+
+/// Found by the simulator (seeds 366, 462, 495): synchronous mode with a
+/// claim of nothing, `pgha switchover` without a target. The leader handed
+/// over and released the key, but the target was named nowhere in etcd, the
+/// claim let nobody else lead, and the old leader waited in its handover
+/// forever: no primary.
+#[test]
+fn old_leader_rejoins_the_election_once_its_handover_is_stale() {
+    let mut v = view(None, healthy_three("n1"));
+    v.config.synchronous_mode = SyncMode::On;
+    v.sync = Some(SyncKey {
+        leader: "n1".into(),
+        set: SyncSet::none(),
+    });
+    let mut o = obs("n1", LocalPostgres::default(), Some(v));
+    o.last_role = Some(PgRole::Primary);
+    o.handover = Some(Handover {
+        since: Tick(1_000),
+        to: "n2".into(),
+        force: false,
+    });
+    assert_eq!(actions(&o, 20_999), vec![]);
+    assert_eq!(
+        actions(&o, 21_000),
+        vec![Action::StartReplica { upstream: None }],
+        "handover_timeout + ttl later"
+    );
+    o.local = running(PgRole::Replica, 1, 1000);
+    o.handover = None;
+    o.peers = Some(Vec::new());
+    assert_eq!(
+        actions(&o, 22_000),
+        vec![Action::AcquireLeader],
+        "its own claim lets it lead"
+    );
+}
+
+/// Found by the simulator (seed 3785, synchronous_mode on): n1's host froze
+/// for 23 s; n2 was promoted, acknowledged commits on n3, then lost etcd and
+/// its key expired. n1 resumed with its last probe (a running primary), took
+/// the key back without any check and started as primary: n2's commits lost.
+#[test]
+fn primary_does_not_take_the_key_back_after_another_leader_claimed() {
+    let mut v = view(None, healthy_three("n1"));
+    v.config.synchronous_mode = SyncMode::On;
+    v.sync = Some(SyncKey {
+        leader: "n2".into(),
+        set: SyncSet::none(),
+    });
+    let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(v.clone()));
+    assert_eq!(actions(&o, 0), vec![Action::Stop { then_rewind: false }]);
+    v.sync = Some(SyncKey {
+        leader: "n1".into(),
+        set: SyncSet::new(vec!["n2".into()], 1),
+    });
+    let o = obs("n1", running(PgRole::Primary, 1, 1000), Some(v));
+    assert_eq!(actions(&o, 0), vec![Action::AcquireLeader]);
+}
+
+/// Found by the simulator (seed 4929, synchronous_mode quorum): n1 led,
+/// claimed 1 of [n2,n3], was cut off and fenced, later won an election again
+/// as the most advanced replica. Its old claim was still in etcd, so it did
+/// not publish an empty one, promoted and acknowledged commits waiting for
+/// nobody under a claim saying they were on n2 or n3; n2 was promoted on it.
+#[test]
+fn promotion_weakens_our_own_earlier_claim() {
+    let mut v = view(Some("n1"), healthy_three("n2"));
+    v.config.synchronous_mode = SyncMode::Quorum;
+    v.sync = Some(SyncKey {
+        leader: "n1".into(),
+        set: SyncSet::new(vec!["n2".into(), "n3".into()], 1),
+    });
+    let mut local = running(PgRole::Replica, 1, 1000);
+    local.sync_standbys = Some(SyncSet::new(vec!["n2".into(), "n3".into()], 1));
+    local.slots = vec!["n2".into(), "n3".into()];
+    let o = obs("n1", local, Some(v));
+    assert_eq!(
+        actions(&o, 0),
+        vec![
+            Action::RenewLeader { lease_id: 42 },
+            Action::PublishSync {
+                set: SyncSet::none()
+            },
+            Action::SetSyncStandbys {
+                set: SyncSet::none()
+            },
+            Action::Promote
+        ]
+    );
+}
+
+/// Found by the simulator (seed 15683): the handover target never
+/// confirmed; at the timeout the old leader, its lease long expired and the
+/// key another node's (its view still showed it), started as primary again.
+#[test]
+fn aborted_handover_restarts_the_primary_only_on_a_proven_lease() {
+    let v = with_switchover(Some("n1"), switchover("n1", Some("n3")));
+    let mut o = obs("n1", LocalPostgres::default(), Some(v));
+    o.last_role = Some(PgRole::Primary);
+    o.handover = Some(Handover {
+        since: Tick(0),
+        to: "n3".into(),
+        force: false,
+    });
+    o.leader_lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(9_000),
+    });
+    assert_eq!(
+        actions(&o, 10_000)[1..],
+        [Action::StartPrimary, Action::ClearSwitchover]
+    );
+    o.leader_lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(0),
+    });
+    assert_eq!(actions(&o, 10_000)[1..], [Action::ClearSwitchover]);
+}
+
 #[test]
 fn new_leader_creates_slots_then_promotes() {
     let o = obs(
@@ -309,6 +489,10 @@ fn primary_drops_orphan_slots_after_the_grace_period() {
         name: "gone".into(),
         missing_since: Tick(0),
     }];
+    o.leader_lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(29_000),
+    });
     assert_eq!(
         actions(&o, 29_999),
         vec![Action::RenewLeader { lease_id: 42 }]
@@ -749,6 +933,11 @@ fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
         vec![Action::RenewLeader { lease_id: 42 }],
         "waits"
     );
+    // Renewed every pass while it waits.
+    o.leader_lease = Some(HeldLease {
+        lease_id: 42,
+        renewed_at: Tick(9_500),
+    });
     assert_eq!(
         actions(&o, 10_000),
         vec![
@@ -772,7 +961,9 @@ fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
 
 #[test]
 fn switchover_target_takes_the_key_and_others_wait() {
-    let v = with_switchover(None, switchover("n1", Some("n3")));
+    let mut v = with_switchover(None, switchover("n1", Some("n3")));
+    // The old leader stopped for the handover and released the key.
+    v.members[0].state = "stopped".into();
     assert_eq!(
         actions(
             &obs("n3", running(PgRole::Replica, 1, 1000), Some(v.clone())),
@@ -794,6 +985,37 @@ fn switchover_target_takes_the_key_and_others_wait() {
         actions(&late, 0),
         vec![Action::AcquireLeader],
         "a stale request no longer binds"
+    );
+}
+
+/// Found by the simulator (seed 429, synchronous_mode strict): a switchover
+/// to n4 was requested while the leader n1 was cut off; n1 never stopped for
+/// it, its lease expired, and n4 took the key as the switchover's target
+/// without the synchronous proof: n3 held the acknowledged commits, n4 did not.
+#[test]
+fn switchover_target_of_a_vanished_leader_needs_the_usual_proof() {
+    let mut v = with_switchover(None, switchover("n1", Some("n3")));
+    v.config.synchronous_mode = SyncMode::Strict;
+    v.sync = Some(SyncKey {
+        leader: "n1".into(),
+        set: SyncSet::new(vec!["n2".into()], 1),
+    });
+    let mut target = obs("n3", running(PgRole::Replica, 1, 1000), Some(v.clone()));
+    target.peers = Some(Vec::new());
+    assert_eq!(
+        actions(&target, 0),
+        vec![],
+        "n1 still shows running: no handover"
+    );
+    let mut sync = obs("n2", running(PgRole::Replica, 1, 1000), Some(v.clone()));
+    sync.peers = Some(Vec::new());
+    assert_eq!(actions(&sync, 0), vec![Action::AcquireLeader]);
+    v.members[0].state = "stopped".into();
+    target.dcs = Some(v);
+    assert_eq!(
+        actions(&target, 0),
+        vec![Action::AcquireLeader],
+        "n1 stopped for the handover: its target takes over"
     );
 }
 

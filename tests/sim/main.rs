@@ -1,0 +1,352 @@
+//! Deterministic simulation of the HA core: N nodes of the real
+//! `pgha::ha::decide` against a simulated etcd, Postgres, network, clocks
+//! and faults, one schedule per seed.
+//!
+//! ```text
+//! cargo test --test sim                                  # CI: schedules + the two "finds bugs" checks
+//! cargo test --release --test sim -- --seed N            # replay one schedule with its trace
+//! cargo test --release --test sim -- --schedules 1000000 # long campaign
+//! ```
+//! Options: `--seed N`, `--schedules N`, `--from N` (first seed),
+//! `--no-fencing`, `--hide-lag`, `--live-api`, `--sync off|on|strict|quorum`,
+//! `--trace-decisions` (with `--seed`: every decision and its inputs).
+
+mod agent;
+mod etcd;
+mod postgres;
+mod rng;
+mod world;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use pgha::ha::SyncMode;
+use world::{Knobs, Schedule, World, FAULT_KINDS};
+
+/// Schedules CI runs (debug builds run fewer; see `scripts/test`).
+const CI_SCHEDULES_RELEASE: u64 = 10_000;
+const CI_SCHEDULES_DEBUG: u64 = 500;
+/// Budget of the "finds bugs" checks.
+const BUG_BUDGET: u64 = 2_000;
+
+struct Args {
+    seed: Option<u64>,
+    schedules: Option<u64>,
+    from: u64,
+    knobs: Knobs,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        seed: None,
+        schedules: None,
+        from: 0,
+        knobs: Knobs::default(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut num = |what: &str| -> u64 {
+            it.next()
+                .and_then(|v| v.replace('_', "").parse().ok())
+                .unwrap_or_else(|| panic!("{what} needs a number"))
+        };
+        match a.as_str() {
+            "--seed" => args.seed = Some(num("--seed")),
+            "--schedules" => args.schedules = Some(num("--schedules")),
+            "--from" => args.from = num("--from"),
+            "--no-fencing" => args.knobs.no_fencing = true,
+            "--hide-lag" => args.knobs.hide_lag = true,
+            "--live-api" => args.knobs.live_api = true,
+            "--trace-decisions" => args.knobs.trace_decisions = true,
+            "--sync" => {
+                args.knobs.sync_mode = Some(match it.next().as_deref() {
+                    Some("off") => SyncMode::Off,
+                    Some("on") => SyncMode::On,
+                    Some("strict") => SyncMode::Strict,
+                    Some("quorum") => SyncMode::Quorum,
+                    other => panic!("--sync off|on|strict|quorum, got {other:?}"),
+                })
+            }
+            // Whatever libtest options `cargo test` passes along.
+            _ => {}
+        }
+    }
+    args
+}
+
+/// Runs one schedule; `Err` carries the violation.
+pub fn run_one(seed: u64, knobs: &Knobs) -> (World, Result<(), String>) {
+    let mut w = World::new(Schedule::generate(seed, knobs.clone()));
+    w.run();
+    let r = match w.violation.clone() {
+        Some(v) => Err(v),
+        None => Ok(()),
+    };
+    (w, r)
+}
+
+fn describe(s: &Schedule) -> String {
+    let c = &s.cfg;
+    let mut out = format!(
+        "seed {}: {} nodes, ttl {} ms, synchronous_mode {} (count {}), clock drift up to {} ppm, message loss {}‰{}{}\n",
+        s.seed,
+        c.nodes,
+        c.ttl_ms,
+        c.sync_mode,
+        c.sync_count,
+        c.max_drift_ppm,
+        c.loss_permille,
+        if c.knobs.no_fencing { ", FENCING OFF" } else { "" },
+        if c.knobs.hide_lag { ", CANDIDATES BLIND TO LAG" } else { "" },
+    );
+    for f in &s.faults {
+        out += &format!(
+            "  at {:>6} ms: {:?} on n{}{} for {} ms\n",
+            f.at,
+            f.kind,
+            f.node + 1,
+            if f.kind == world::FaultKind::PeerCut {
+                format!("/n{}", f.other + 1)
+            } else {
+                String::new()
+            },
+            f.duration
+        );
+    }
+    out += &format!("  all healed at {} ms\n", s.heal_at);
+    out
+}
+
+fn knob_flags(k: &Knobs) -> String {
+    let mut s = String::new();
+    if k.no_fencing {
+        s += " --no-fencing";
+    }
+    if k.hide_lag {
+        s += " --hide-lag";
+    }
+    if k.live_api {
+        s += " --live-api";
+    }
+    if let Some(m) = k.sync_mode {
+        s += &format!(" --sync {m}");
+    }
+    s
+}
+
+/// Replays a seed with the trace on and prints it.
+fn replay(seed: u64, knobs: &Knobs, tail: Option<usize>) -> Result<(), String> {
+    let mut knobs = knobs.clone();
+    knobs.trace = true;
+    let (w, r) = run_one(seed, &knobs);
+    println!("{}", describe(&w.sched));
+    let trace = w.trace.as_deref().unwrap_or_default();
+    let skip = tail.map_or(0, |t| trace.len().saturating_sub(t));
+    if skip > 0 {
+        println!("  ... {skip} earlier trace lines (replay the seed for all of them)");
+    }
+    for line in &trace[skip..] {
+        println!("  {line}");
+    }
+    match &r {
+        Ok(()) => println!(
+            "seed {seed}: no violation ({} events, {} decisions, {} commits acknowledged, {} promotions, primary {} ms after the last heal)",
+            w.stats.events,
+            w.stats.decides,
+            w.stats.acked,
+            w.stats.promotions,
+            w.stats.recovery_ms.map_or("never".into(), |m| m.to_string())
+        ),
+        Err(v) => println!("seed {seed}: VIOLATION {v}"),
+    }
+    r
+}
+
+struct Campaign {
+    schedules: u64,
+    violations: Vec<(u64, String)>,
+    faults: BTreeMap<String, u64>,
+    modes: BTreeMap<String, u64>,
+    events: u64,
+    worst_recovery: u64,
+    elapsed: f64,
+}
+
+fn campaign(from: u64, n: u64, knobs: &Knobs, stop_at_first: bool) -> Campaign {
+    let started = Instant::now();
+    let mut c = Campaign {
+        schedules: 0,
+        violations: Vec::new(),
+        faults: BTreeMap::new(),
+        modes: BTreeMap::new(),
+        events: 0,
+        worst_recovery: 0,
+        elapsed: 0.0,
+    };
+    for k in FAULT_KINDS {
+        c.faults.insert(format!("{k:?}"), 0);
+    }
+    for seed in from..from + n {
+        let (w, r) = run_one(seed, knobs);
+        c.schedules += 1;
+        c.events += w.stats.events;
+        for f in &w.sched.faults {
+            *c.faults.entry(format!("{:?}", f.kind)).or_default() += 1;
+        }
+        *c.modes.entry(w.cfg.sync_mode.to_string()).or_default() += 1;
+        c.worst_recovery = c.worst_recovery.max(w.stats.recovery_ms.unwrap_or(0));
+        if let Err(v) = r {
+            c.violations.push((seed, v));
+            if stop_at_first {
+                break;
+            }
+        }
+    }
+    c.elapsed = started.elapsed().as_secs_f64();
+    c
+}
+
+fn report(c: &Campaign) {
+    println!(
+        "sim: {} schedules in {:.1} s: {:.0} schedules/s, {:.0} events/s; worst time to a primary after the last heal: {} ms",
+        c.schedules,
+        c.elapsed,
+        c.schedules as f64 / c.elapsed.max(1e-9),
+        c.events as f64 / c.elapsed.max(1e-9),
+        c.worst_recovery
+    );
+    let mix: Vec<String> = c.faults.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("sim: fault mix: {}", mix.join(", "));
+    let modes: Vec<String> = c.modes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("sim: synchronous_mode: {}", modes.join(", "));
+}
+
+/// Violations of an open finding reported to the maintainers (see the
+/// report of the simulator's branch); they are listed, not failed, until
+/// fixed. Remove a class here once its fix lands.
+fn open_finding(seed: u64, knobs: &Knobs, violation: &str) -> Option<&'static str> {
+    if knobs.no_fencing || knobs.hide_lag {
+        return None;
+    }
+    let sched = Schedule::generate(seed, knobs.clone());
+    if violation.contains("promoted while the leader key is held by") {
+        return Some(
+            "promotion after the lease expired: the host froze between decide and the Promote step, the executor does not re-check the fencing deadline",
+        );
+    }
+    let timeline =
+        violation.contains("promoted to timeline") || violation.contains("rewound from timeline");
+    if timeline && sched.cfg.sync_mode == SyncMode::Off {
+        return Some(
+            "timeline reused: asynchronous failover to a node that never saw the newer timeline (no WAL archive)",
+        );
+    }
+    if violation.contains("lost write") && violation.contains("as a switchover's target") {
+        return Some(
+            "lost write: a switchover's target took the key from a leader that was fenced (or never confirmed it) but shows stopped",
+        );
+    }
+    if violation.contains("lost write") && !knobs.live_api {
+        let live = Knobs {
+            live_api: true,
+            ..knobs.clone()
+        };
+        if run_one(seed, &live).1.is_ok() {
+            return Some(
+                "lost write: a candidate's proof used a peer's stale API snapshot (gone with --live-api)",
+            );
+        }
+    }
+    None
+}
+
+/// A campaign with a deliberately broken cluster must find `want`.
+fn must_find(what: &str, knobs: &Knobs, want: &str) -> bool {
+    let c = campaign(0, BUG_BUDGET, knobs, true);
+    match c.violations.first() {
+        Some((seed, v)) if v.contains(want) => {
+            println!(
+                "sim: {what}: found after {} schedule(s): seed {seed}: {v} (replay: cargo test --release --test sim --{} --seed {seed})",
+                c.schedules,
+                knob_flags(knobs)
+            );
+            true
+        }
+        Some((seed, v)) => {
+            println!("sim: {what}: expected '{want}', first violation was seed {seed}: {v}");
+            false
+        }
+        None => {
+            println!("sim: {what}: NOT FOUND within {BUG_BUDGET} schedules");
+            false
+        }
+    }
+}
+
+fn main() {
+    let args = parse_args();
+    if let Some(seed) = args.seed {
+        if replay(seed, &args.knobs, None).is_err() {
+            std::process::exit(1);
+        }
+        return;
+    }
+    let explicit = args.schedules.is_some();
+    let n = args.schedules.unwrap_or(if cfg!(debug_assertions) {
+        CI_SCHEDULES_DEBUG
+    } else {
+        CI_SCHEDULES_RELEASE
+    });
+    let c = campaign(args.from, n, &args.knobs, false);
+    report(&c);
+    let mut unknown = Vec::new();
+    let mut known: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for (seed, v) in &c.violations {
+        match open_finding(*seed, &args.knobs, v) {
+            Some(class) => known.entry(class).or_default().push(*seed),
+            None => {
+                println!("sim: violation: seed {seed}: {v}");
+                unknown.push((*seed, v.clone()));
+            }
+        }
+    }
+    for (class, seeds) in &known {
+        let shown: Vec<String> = seeds.iter().take(8).map(|s| s.to_string()).collect();
+        println!(
+            "sim: open finding ({} schedule(s), not failing the run): {class}; seeds {}{}",
+            seeds.len(),
+            shown.join(", "),
+            if seeds.len() > 8 { ", ..." } else { "" }
+        );
+    }
+    let mut ok = unknown.is_empty();
+    for (seed, v) in unknown.iter().take(3) {
+        println!("\nsim: VIOLATION seed {seed}: {v}");
+        let _ = replay(*seed, &args.knobs, Some(150));
+        println!(
+            "sim: replay: cargo test --release --test sim --{} --seed {seed}",
+            knob_flags(&args.knobs)
+        );
+    }
+    if !explicit {
+        // The simulator must be able to find bugs.
+        let split = Knobs {
+            no_fencing: true,
+            ..Knobs::default()
+        };
+        ok &= must_find("fencing off", &split, "split brain");
+        let blind = Knobs {
+            hide_lag: true,
+            sync_mode: Some(SyncMode::On),
+            ..Knobs::default()
+        };
+        ok &= must_find(
+            "candidates blind to lag, synchronous_mode on",
+            &blind,
+            "lost write",
+        );
+    }
+    if !ok {
+        std::process::exit(1);
+    }
+}

@@ -292,6 +292,13 @@ impl Agent {
         self.failsafe.clone()
     }
 
+    /// We hold a leader lease whose fencing deadline is still ahead.
+    fn lease_ahead(&self) -> bool {
+        let now = self.now();
+        self.leader_lease
+            .is_some_and(|l| now < self.settings.fencing_deadline(l.renewed_at))
+    }
+
     fn tick_of(&self, at: Instant) -> Tick {
         Tick(at.saturating_duration_since(self.started).as_millis() as u64)
     }
@@ -1075,7 +1082,9 @@ impl Agent {
                         return None;
                     }
                     let lsn = |k: &str| v[k].as_str().and_then(Lsn::parse);
+                    let saw_no_leader = v["cluster_leader"].is_null();
                     Some(Ok(PeerPosition {
+                        saw_no_leader,
                         name,
                         timeline: v["timeline"].as_u64().map(|t| t as u32),
                         lsn: lsn("receive_lsn")
@@ -1237,6 +1246,12 @@ impl Agent {
                         error!(node = %node, error = %e, "could not move the data directory aside")
                     }
                 }
+            }
+            Action::StartPrimary | Action::Promote if !self.lease_ahead() => {
+                // The decision was made on a lease that ran out since (a
+                // slow pass, a frozen host): the next pass decides again.
+                warn!(node = %node, term, action = %step.action, "leader lease no longer ahead of its fencing deadline: step skipped");
+                self.pass_blocked = true;
             }
             Action::StartPrimary => {
                 let pg = self.pg.clone();

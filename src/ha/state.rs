@@ -468,6 +468,10 @@ pub struct PeerPosition {
     pub lsn: Lsn,
     /// Replayed.
     pub replay_lsn: Lsn,
+    /// The member's answer came from a pass in which it, too, saw no
+    /// leader: its WAL position is from after the old primary stopped.
+    /// Only such answers count towards a synchronous promotion proof.
+    pub saw_no_leader: bool,
 }
 
 /// A handover under way: since when, and to whom.

@@ -267,7 +267,11 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Option<Result<(), String>>
     );
     let mut seen = 1u32;
     for p in peers.iter().filter(|p| set.contains(&p.name)) {
-        seen += 1;
+        // A position from before the leader was gone may be short of what
+        // the member holds now: it may still make us yield, never count.
+        if p.saw_no_leader {
+            seen += 1;
+        }
         let theirs = (p.timeline.unwrap_or(0), p.lsn);
         let priority = dcs
             .member(&p.name)

@@ -702,6 +702,7 @@ fn a_replica_too_far_behind_in_replay_does_not_block_the_others() {
         timeline: Some(1),
         lsn: Lsn(far + 10),
         replay_lsn: Lsn(1000),
+        saw_no_leader: true,
     }]);
     assert_eq!(
         actions(&n3, 0),
@@ -763,6 +764,7 @@ fn live_peer_positions_override_etcd_and_unreachable_peers_are_ignored() {
         timeline: Some(1),
         lsn: Lsn(500),
         replay_lsn: Lsn(500),
+        saw_no_leader: true,
     }]);
     assert_eq!(
         actions(&n3, 0),
@@ -780,6 +782,7 @@ fn live_peer_positions_override_etcd_and_unreachable_peers_are_ignored() {
         timeline: Some(1),
         lsn: Lsn(1500),
         replay_lsn: Lsn(1500),
+        saw_no_leader: true,
     }]);
     assert!(actions(&n3, 0).is_empty(), "n2 is ahead");
 }
@@ -927,6 +930,7 @@ fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
         timeline: Some(1),
         lsn: Lsn(1999),
         replay_lsn: Lsn(1999),
+        saw_no_leader: true,
     }]);
     assert_eq!(
         actions(&o, 5_000),
@@ -952,6 +956,7 @@ fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
         timeline: Some(1),
         lsn: Lsn(2100),
         replay_lsn: Lsn(2100),
+        saw_no_leader: true,
     }]);
     assert_eq!(
         actions(&o, 5_000),
@@ -1301,6 +1306,7 @@ fn sync_election(me: &str, claim: SyncSet, positions: &[(&str, u64)]) -> Observa
                 timeline: Some(1),
                 lsn: Lsn(*l),
                 replay_lsn: Lsn(*l),
+                saw_no_leader: true,
             })
             .collect(),
     );
@@ -1339,6 +1345,10 @@ fn quorum_promotion_needs_enough_members_to_prove_it() {
         .contains("sees 1 of the 2"));
     let both = sync_election("n2", claim.clone(), &[("n2", 1000), ("n3", 900)]);
     assert_eq!(actions(&both, 0), vec![Action::AcquireLeader]);
+    // n3's answer predates its noticing the leader gone: it proves nothing.
+    let mut early = both.clone();
+    early.peers.as_mut().unwrap()[0].saw_no_leader = false;
+    assert_eq!(actions(&early, 0), vec![]);
     let behind = sync_election("n3", claim, &[("n2", 1000), ("n3", 900)]);
     assert_eq!(actions(&behind, 0), vec![]);
     // Without live answers nothing is proven.

@@ -430,6 +430,7 @@ impl World {
                         timeline: Some(n.pg.timeline()),
                         lsn: pos,
                         replay_lsn: pos,
+                        saw_no_leader: true,
                     });
                 }
                 continue;
@@ -441,6 +442,7 @@ impl World {
                     timeline: s.timeline,
                     lsn: s.receive_lsn.max(s.replay_lsn).unwrap_or_default(),
                     replay_lsn: s.replay_lsn.unwrap_or_default(),
+                    saw_no_leader: n.api_saw_no_leader,
                 });
             }
         }
@@ -1003,6 +1005,7 @@ impl World {
             tags: BTreeMap::new(),
             region: None,
             basebackup: None,
+            pending_restart: false,
             updated_at_ms: EPOCH_MS + self.now,
             version: "sim".into(),
         }
@@ -1013,6 +1016,9 @@ impl World {
         if stage == 0 {
             let me = self.member_status(i, &pass.obs);
             self.nodes[i].api_status = Some(me.clone());
+            if let Some(view) = &pass.obs.dcs {
+                self.nodes[i].api_saw_no_leader = view.leader.is_none();
+            }
             if pass.obs.dcs.is_some() {
                 let lease = self.nodes[i].agent.member_lease;
                 self.await_rpc(

@@ -331,6 +331,9 @@ pub struct Node {
     pub guard_gen: u64,
     /// The status the node's API serves (its last published snapshot).
     pub api_status: Option<MemberStatus>,
+    /// The pass behind `api_status` saw no leader key (as `/status`'s
+    /// `cluster_leader: null`).
+    pub api_saw_no_leader: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -456,6 +459,7 @@ impl World {
                 guard_deadline: None,
                 guard_gen: 0,
                 api_status: None,
+                api_saw_no_leader: false,
             });
         }
         let settings = cfg.settings();

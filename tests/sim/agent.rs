@@ -546,6 +546,14 @@ impl World {
                 a.needs_rewind = false;
                 Flow::Next
             }
+            // As the agent's executor: a lease that ran out since the
+            // decision (a slow pass, a frozen host) skips the step.
+            Action::StartPrimary | Action::Promote
+                if !self.cfg.knobs.no_fencing && !self.lease_ahead(i) =>
+            {
+                self.pass_blocked = true;
+                Flow::Next
+            }
             Action::StartPrimary => {
                 self.nodes[i].pg.upstream = None;
                 self.spawn_job(i, Job::Start, Work::Start { primary: true });

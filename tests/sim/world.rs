@@ -1080,6 +1080,16 @@ impl World {
     }
 
     /// Arms the fence guard with the agent's fencing deadline, or disarms it.
+    /// The node holds a leader lease whose fencing deadline is still ahead
+    /// on its own clock.
+    pub fn lease_ahead(&self, i: usize) -> bool {
+        let now = self.local_now(i);
+        self.nodes[i]
+            .agent
+            .leader_lease
+            .is_some_and(|l| now < self.settings.fencing_deadline(l.renewed_at))
+    }
+
     pub fn feed_guard(&mut self, i: usize) {
         if self.cfg.knobs.no_fencing {
             return;

@@ -1,0 +1,640 @@
+//! The scenarios: each injects one kind of fault into the cluster (only into
+//! containers and the network of this suite's own compose project), heals
+//! it, and the runner around it drives the workload, waits for convergence
+//! and hands the evidence to the checker.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::check::{self, Evidence, Promotion, RunResult, StoredRow};
+use crate::cluster::{run_ok, wait_for, Cluster, API_TOKEN, ETCDS, NODES};
+use crate::http;
+use crate::workload::{self, Prober, Target, Writer};
+
+/// How long after healing the cluster has to converge.
+pub const CONVERGE_WITHIN: Duration = Duration::from_secs(60);
+
+pub struct Scenario {
+    pub number: u8,
+    pub name: &'static str,
+    pub summary: &'static str,
+    /// Promotions the fault may cause.
+    pub allowed_promotions: usize,
+    inject: fn(&Cluster) -> Result<Injected>,
+}
+
+/// What a fault injection reports back.
+pub struct Injected {
+    pub healed_at: Instant,
+    pub violations: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+impl Injected {
+    fn healed() -> Injected {
+        Injected {
+            healed_at: Instant::now(),
+            violations: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+}
+
+/// Every implemented scenario, in the order a full run takes them.
+pub fn all() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            number: 1,
+            name: "kill-primary-container",
+            summary: "docker kill (SIGKILL) of the primary's container, started again once another node leads",
+            allowed_promotions: 1,
+            inject: kill_primary_container,
+        },
+        Scenario {
+            number: 2,
+            name: "kill-primary-postgres",
+            summary: "kill -9 of the primary's postmaster only",
+            allowed_promotions: 1,
+            inject: kill_primary_postgres,
+        },
+        Scenario {
+            number: 3,
+            name: "kill-primary-agent",
+            summary: "kill -9 of the primary's agent process from the host (PID 1 of its container)",
+            allowed_promotions: 1,
+            inject: kill_primary_agent,
+        },
+        Scenario {
+            number: 4,
+            name: "pause-primary",
+            summary: "docker pause of the primary until another node leads (longer than the TTL), then unpause",
+            allowed_promotions: 1,
+            inject: pause_primary,
+        },
+        Scenario {
+            number: 6,
+            name: "isolate-primary",
+            summary: "docker network disconnect of the primary until another node leads, then reconnect",
+            allowed_promotions: 1,
+            inject: isolate_primary,
+        },
+        Scenario {
+            number: 9,
+            name: "etcd-quorum-loss",
+            summary: "stop 2 of 3 etcd members for 3 TTLs, then start them",
+            allowed_promotions: 1,
+            inject: etcd_quorum_loss,
+        },
+        Scenario {
+            number: 10,
+            name: "kill-etcd-leader",
+            summary: "docker kill of the etcd Raft leader, started again after 2 TTLs",
+            allowed_promotions: 1,
+            inject: kill_etcd_leader,
+        },
+        Scenario {
+            number: 14,
+            name: "switchover-concurrent",
+            summary: "two concurrent planned switchovers to different replicas under load",
+            allowed_promotions: 1,
+            inject: switchover_concurrent,
+        },
+        Scenario {
+            number: 15,
+            name: "rolling-restart",
+            summary: "docker stop (SIGINT) and start of every node, replicas first",
+            allowed_promotions: 3,
+            inject: rolling_restart,
+        },
+        Scenario {
+            number: 17,
+            name: "ten-primary-kills",
+            summary: "docker kill of the primary ten times in a row, each after a synchronous standby is back",
+            allowed_promotions: 10,
+            inject: ten_primary_kills,
+        },
+    ]
+}
+
+/// Scenarios of the issue not implemented yet (number, name).
+pub const MISSING: &[(u8, &str)] = &[
+    (5, "sigstop-primary-agent"),
+    (7, "primary-cut-from-etcd"),
+    (8, "replication-cut"),
+    (11, "netem-delay-loss"),
+    (12, "lagging-replica-not-promoted"),
+    (13, "candidate-killed-after-key"),
+    (16, "replica-datadir-wiped"),
+];
+
+/// One node's view from its API: (status of /primary, its JSON body).
+fn node_state(cluster: &Cluster, node: &str) -> Option<(u16, serde_json::Value)> {
+    let (status, body) =
+        http::get(cluster.api(node)?, "/primary", Duration::from_millis(800)).ok()?;
+    Some((status, serde_json::from_str(&body).ok()?))
+}
+
+/// The one node answering 200 on /primary, if exactly one does.
+pub fn sole_primary(cluster: &Cluster) -> Option<String> {
+    let primaries: Vec<&str> = NODES
+        .iter()
+        .copied()
+        .filter(|n| cluster.answers_200(n, "/primary"))
+        .collect();
+    (primaries.len() == 1).then(|| primaries[0].to_string())
+}
+
+/// Converged: one primary, every other node streaming from it, all on the
+/// primary's timeline.
+pub fn converged(cluster: &Cluster) -> Option<String> {
+    let mut primary = None;
+    let mut timelines = Vec::new();
+    for node in NODES {
+        let (status, body) = node_state(cluster, node)?;
+        timelines.push(body["timeline"].as_u64()?);
+        if status == 200 {
+            if primary.is_some() {
+                return None;
+            }
+            primary = Some(node.to_string());
+        } else if body["replication_state"].as_str() != Some("streaming")
+            || !cluster.answers_200(node, "/replica?replication_state=streaming")
+        {
+            return None;
+        }
+    }
+    timelines.windows(2).all(|w| w[0] == w[1]).then_some(())?;
+    primary
+}
+
+/// Converged and, in a synchronous mode, a replica answering 200 on /sync:
+/// the state in which a fault may be injected.
+pub fn ready(cluster: &Cluster, timeout: Duration) -> Result<String> {
+    wait_for(
+        "a converged cluster with a synchronous standby",
+        timeout,
+        || {
+            let primary = converged(cluster)?;
+            if cluster.sync_mode != "off"
+                && !NODES
+                    .iter()
+                    .any(|n| *n != primary && cluster.answers_200(n, "/sync"))
+            {
+                return None;
+            }
+            Some(primary)
+        },
+    )
+}
+
+fn primary_now(cluster: &Cluster) -> Result<String> {
+    sole_primary(cluster).ok_or_else(|| anyhow!("no single primary before the fault"))
+}
+
+/// Waits until a node other than `old` answers 200 on /primary.
+fn new_primary(cluster: &Cluster, old: &str, timeout: Duration) -> Result<String> {
+    wait_for(&format!("a primary other than {old}"), timeout, || {
+        NODES
+            .iter()
+            .find(|n| **n != old && cluster.answers_200(n, "/primary"))
+            .map(|n| n.to_string())
+    })
+}
+
+fn kill_primary_container(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    cluster.docker_on(&["kill"], &p)?;
+    let np = new_primary(cluster, &p, Duration::from_secs(60));
+    cluster.docker_on(&["start"], &p)?;
+    let mut inj = Injected::healed();
+    match np {
+        Ok(np) => inj.notes.push(format!("{p} killed, {np} promoted")),
+        Err(e) => inj.violations.push(format!("after killing {p}: {e}")),
+    }
+    Ok(inj)
+}
+
+fn kill_primary_postgres(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    run_ok(&mut crate::cluster::docker(&[
+        "exec",
+        cluster.container(&p),
+        "sh",
+        "-c",
+        "kill -9 $(head -n1 /var/lib/pgha/data/postmaster.pid)",
+    ]))?;
+    let mut inj = Injected::healed();
+    inj.notes.push(format!("postmaster of {p} killed"));
+    Ok(inj)
+}
+
+fn kill_primary_agent(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    let pid = cluster.docker_on(&["inspect", "-f", "{{.State.Pid}}"], &p)?;
+    let pid: u32 = pid.parse().context("agent pid")?;
+    run_ok(std::process::Command::new("kill").args(["-9", &pid.to_string()]))?;
+    let np = new_primary(cluster, &p, Duration::from_secs(60));
+    // The container ended with its PID 1; start it again.
+    wait_for(
+        "the killed container to stop",
+        Duration::from_secs(20),
+        || {
+            (cluster
+                .docker_on(&["inspect", "-f", "{{.State.Running}}"], &p)
+                .ok()?
+                == "false")
+                .then_some(())
+        },
+    )?;
+    cluster.docker_on(&["start"], &p)?;
+    let mut inj = Injected::healed();
+    inj.notes.push(
+        "the agent is PID 1 of its container: the kernel takes Postgres and the fence guard down with it"
+            .into(),
+    );
+    if let Err(e) = np {
+        inj.violations
+            .push(format!("after killing {p}'s agent: {e}"));
+    }
+    Ok(inj)
+}
+
+fn pause_primary(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    cluster.docker_on(&["pause"], &p)?;
+    let paused = Instant::now();
+    let np = new_primary(cluster, &p, Duration::from_secs(60));
+    // Frozen longer than the TTL in any case, and a moment after the
+    // promotion, so the zombie wakes up next to a new primary.
+    let min = cluster.timing.ttl + Duration::from_secs(1);
+    std::thread::sleep(min.saturating_sub(paused.elapsed()) + Duration::from_millis(500));
+    cluster.docker_on(&["unpause"], &p)?;
+    let mut inj = Injected::healed();
+    match np {
+        Ok(np) => inj.notes.push(format!(
+            "{p} paused {:.1} s, {np} promoted",
+            paused.elapsed().as_secs_f64()
+        )),
+        Err(e) => inj.violations.push(format!("while {p} was paused: {e}")),
+    }
+    Ok(inj)
+}
+
+fn isolate_primary(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    let net = cluster.network().to_string();
+    cluster.docker_on(&["network", "disconnect", &net], &p)?;
+    let cut = Instant::now();
+    let np = new_primary(cluster, &p, Duration::from_secs(60));
+    let min = cluster.timing.ttl + Duration::from_secs(1);
+    std::thread::sleep(min.saturating_sub(cut.elapsed()) + Duration::from_millis(500));
+    // Back under its service name, the alias compose gave it.
+    cluster.docker_on(&["network", "connect", "--alias", &p, &net], &p)?;
+    let mut inj = Injected::healed();
+    match np {
+        Ok(np) => inj.notes.push(format!(
+            "{p} isolated {:.1} s, {np} promoted",
+            cut.elapsed().as_secs_f64()
+        )),
+        Err(e) => inj.violations.push(format!("while {p} was isolated: {e}")),
+    }
+    Ok(inj)
+}
+
+fn etcd_quorum_loss(cluster: &Cluster) -> Result<Injected> {
+    let stopped = ["etcd2", "etcd3"];
+    for e in stopped {
+        cluster.docker_on(&["stop", "-t", "1"], e)?;
+    }
+    std::thread::sleep(cluster.timing.ttl * 3);
+    let writable: Vec<&str> = NODES
+        .iter()
+        .copied()
+        .filter(|n| cluster.answers_200(n, "/primary"))
+        .collect();
+    for e in stopped {
+        cluster.docker_on(&["start"], e)?;
+    }
+    let mut inj = Injected::healed();
+    inj.notes.push(format!(
+        "3 TTLs without etcd quorum; nodes answering /primary at the end: {writable:?}"
+    ));
+    Ok(inj)
+}
+
+/// The etcd member that is Raft leader, from the members' maintenance API.
+fn etcd_leader(cluster: &Cluster) -> Result<&'static str> {
+    for e in ETCDS {
+        let ip = cluster.docker_on(
+            &[
+                "inspect",
+                "-f",
+                &format!(
+                    "{{{{with index .NetworkSettings.Networks \"{}\"}}}}{{{{.IPAddress}}}}{{{{end}}}}",
+                    cluster.network()
+                ),
+            ],
+            e,
+        )?;
+        let Ok(ip) = ip.parse() else { continue };
+        let Ok((200, body)) = http::request(
+            SocketAddr::new(ip, 2379),
+            "POST",
+            "/v3/maintenance/status",
+            &[],
+            Some("{}"),
+            Duration::from_secs(1),
+        ) else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        if v["header"]["member_id"] == v["leader"] {
+            return Ok(e);
+        }
+    }
+    bail!("no etcd member says it is the leader")
+}
+
+fn kill_etcd_leader(cluster: &Cluster) -> Result<Injected> {
+    let leader = etcd_leader(cluster)?;
+    cluster.docker_on(&["kill"], leader)?;
+    std::thread::sleep(cluster.timing.ttl * 2);
+    cluster.docker_on(&["start"], leader)?;
+    let mut inj = Injected::healed();
+    inj.notes.push(format!("{leader} was the etcd leader"));
+    Ok(inj)
+}
+
+fn switchover_concurrent(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    let api = cluster.api(&p).context("primary's address")?;
+    let candidates: Vec<String> = NODES
+        .iter()
+        .filter(|n| **n != p)
+        .map(|n| n.to_string())
+        .collect();
+    let auth = format!("Bearer {API_TOKEN}");
+    let answers: Vec<(String, std::io::Result<(u16, String)>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = candidates
+            .iter()
+            .map(|c| {
+                let (auth, p) = (&auth, &p);
+                s.spawn(move || {
+                    let body = format!("{{\"leader\":\"{p}\",\"candidate\":\"{c}\"}}");
+                    let r = http::request(
+                        api,
+                        "POST",
+                        "/switchover",
+                        &[("Authorization", auth)],
+                        Some(&body),
+                        Duration::from_secs(30),
+                    );
+                    (c.clone(), r)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut inj = Injected::healed();
+    let ok: Vec<&String> = answers
+        .iter()
+        .filter(|(_, r)| matches!(r, Ok((200, _))))
+        .map(|(c, _)| c)
+        .collect();
+    for (c, r) in &answers {
+        inj.notes.push(match r {
+            Ok((s, body)) => format!("switchover to {c}: {s} {}", body.trim()),
+            Err(e) => format!("switchover to {c}: {e}"),
+        });
+    }
+    if ok.len() != 1 {
+        inj.violations.push(format!(
+            "{} of the two concurrent switchovers succeeded",
+            ok.len()
+        ));
+    }
+    match new_primary(cluster, &p, Duration::from_secs(30)) {
+        Ok(np) if ok.first().is_some_and(|c| **c != np) => inj.violations.push(format!(
+            "switchover to {} answered 200 but {np} leads",
+            ok[0]
+        )),
+        Ok(_) => {}
+        Err(e) => inj.violations.push(format!("after the switchover: {e}")),
+    }
+    inj.healed_at = Instant::now();
+    Ok(inj)
+}
+
+fn rolling_restart(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    let mut order: Vec<&str> = NODES.iter().copied().filter(|n| *n != p).collect();
+    order.push(&p);
+    let mut inj = Injected::healed();
+    for node in order {
+        ready(cluster, Duration::from_secs(90))?;
+        let stopping = Instant::now();
+        cluster.docker_on(&["stop", "-t", "60"], node)?;
+        inj.notes.push(format!(
+            "{node} stopped by SIGINT in {:.1} s",
+            stopping.elapsed().as_secs_f64()
+        ));
+        let code = cluster.docker_on(&["inspect", "-f", "{{.State.ExitCode}}"], node)?;
+        if code != "0" {
+            inj.violations
+                .push(format!("{node} exited {code} on SIGINT instead of 0"));
+        }
+        cluster.docker_on(&["start"], node)?;
+    }
+    inj.healed_at = Instant::now();
+    Ok(inj)
+}
+
+fn ten_primary_kills(cluster: &Cluster) -> Result<Injected> {
+    let mut inj = Injected::healed();
+    for round in 1..=10 {
+        let p = match ready(cluster, Duration::from_secs(90)) {
+            Ok(p) => p,
+            Err(e) => {
+                inj.violations.push(format!(
+                    "before kill {round}: {e} (primaries: {:?})",
+                    primaries(cluster)
+                ));
+                break;
+            }
+        };
+        cluster.docker_on(&["kill"], &p)?;
+        let np = new_primary(cluster, &p, Duration::from_secs(60));
+        cluster.docker_on(&["start"], &p)?;
+        match np {
+            Ok(np) => inj.notes.push(format!("kill {round}: {p} -> {np}")),
+            Err(e) => {
+                inj.violations.push(format!("kill {round} of {p}: {e}"));
+                break;
+            }
+        }
+    }
+    inj.healed_at = Instant::now();
+    Ok(inj)
+}
+
+fn primaries(cluster: &Cluster) -> Vec<&'static str> {
+    NODES
+        .iter()
+        .copied()
+        .filter(|n| cluster.answers_200(n, "/primary"))
+        .collect()
+}
+
+/// Runs one scenario once: workload, fault, convergence, checker.
+pub fn run_once(cluster: &Cluster, scenario: &Scenario, repeat: usize) -> RunResult {
+    let failed = |why: String| RunResult {
+        scenario: scenario.name.to_string(),
+        repeat,
+        writers: Vec::new(),
+        lost: 0,
+        split_brain_events: 0,
+        promotions: 0,
+        converged: false,
+        converged_after_ms: None,
+        violations: vec![why],
+        notes: Vec::new(),
+    };
+    if let Err(e) = ready(cluster, Duration::from_secs(120)) {
+        return failed(format!("cluster not ready before the fault: {e:#}"));
+    }
+    let prober = Prober::start(cluster.addresses.clone());
+    let tag = format!("s{}r{repeat}p{}", scenario.number, std::process::id());
+    let writers = vec![
+        Writer::start(
+            &format!("{tag}-libpq"),
+            Target::MultiHost(cluster.addresses.clone()),
+        ),
+        Writer::start(
+            &format!("{tag}-haproxy"),
+            Target::Haproxy(cluster.primary_port),
+        ),
+    ];
+    let warm = wait_for("both writers acknowledged", Duration::from_secs(30), || {
+        writers
+            .iter()
+            .all(|w| w.log().last_ack().is_some())
+            .then_some(())
+    });
+    if let Err(e) = warm {
+        return failed(format!("workload did not start: {e:#}"));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let run_started_ms = workload::wall_ms();
+    let fault_at = Instant::now();
+    eprintln!("chaos: {} (repeat {repeat}): injecting", scenario.name);
+    let injected = match (scenario.inject)(cluster) {
+        Ok(i) => i,
+        Err(e) => Injected {
+            healed_at: Instant::now(),
+            violations: vec![format!("fault injection failed: {e:#}")],
+            notes: Vec::new(),
+        },
+    };
+    // Converged: the topology is right and both writers had an insert
+    // acknowledged after it was (an API snapshot may look right a moment
+    // before Postgres takes writes again).
+    let converged_after = wait_for("convergence", CONVERGE_WITHIN, || converged(cluster))
+        .ok()
+        .and_then(|_| {
+            let seen = Instant::now();
+            let left = CONVERGE_WITHIN.saturating_sub(injected.healed_at.elapsed());
+            wait_for(
+                "writes after convergence",
+                left.max(Duration::from_secs(5)),
+                || {
+                    writers
+                        .iter()
+                        .all(|w| w.log().last_ack().is_some_and(|a| a > seen))
+                        .then_some(())
+                },
+            )
+            .ok()
+        })
+        .map(|_| injected.healed_at.elapsed());
+    let logs: Vec<_> = writers.into_iter().map(Writer::stop).collect();
+    let rounds = prober.stop();
+
+    let (rows, history) = match read_outcome(cluster, &logs) {
+        Ok(v) => v,
+        Err(e) => return failed(format!("reading the result from the primary: {e:#}")),
+    };
+    let ev = Evidence {
+        writers: logs,
+        rounds,
+        rows,
+        history,
+        run_started_ms,
+        fault_at,
+        healed_at: injected.healed_at,
+        converged_after,
+        allowed_promotions: scenario.allowed_promotions,
+        sync: cluster.sync_mode != "off",
+    };
+    let mut result = check::judge(scenario.name, repeat, &ev);
+    result.violations.extend(injected.violations);
+    result.notes.extend(injected.notes);
+    result
+}
+
+/// The writers' rows and the promotion history, from the current primary.
+fn read_outcome(
+    cluster: &Cluster,
+    logs: &[workload::WriterLog],
+) -> Result<(Vec<StoredRow>, Vec<Promotion>)> {
+    let primary = wait_for("a primary to read from", Duration::from_secs(30), || {
+        sole_primary(cluster)
+    })?;
+    let names: Vec<String> = logs.iter().map(|l| format!("'{}'", l.writer)).collect();
+    let out = cluster.psql_in(
+        &primary,
+        &format!(
+            "SELECT writer, seq, node, timeline, extract(epoch FROM ts)::float8 * 1000 \
+             FROM {} WHERE writer IN ({})",
+            workload::TABLE,
+            names.join(",")
+        ),
+    )?;
+    let mut rows = Vec::new();
+    for line in out.lines().filter(|l| !l.is_empty()) {
+        let f: Vec<&str> = line.split('|').collect();
+        if f.len() != 5 {
+            bail!("unexpected psql line {line:?}");
+        }
+        rows.push(StoredRow {
+            writer: f[0].to_string(),
+            seq: f[1].parse()?,
+            node: f[2].to_string(),
+            timeline: f[3].parse()?,
+            server_ms: f[4].parse()?,
+        });
+    }
+    let history = cluster
+        .get_json(&primary, "/history")
+        .context("GET /history")?;
+    let history = history
+        .as_array()
+        .context("/history is an array")?
+        .iter()
+        .map(|h| Promotion {
+            kind: h["kind"].as_str().unwrap_or("failover").to_string(),
+            timeline: h["timeline"].as_u64().map(|t| t as u32),
+            at_ms: h["at_ms"].as_u64().unwrap_or(0),
+            new_leader: h["new_leader"].as_str().unwrap_or("").to_string(),
+        })
+        .collect();
+    Ok((rows, history))
+}
+
+/// Creates the writes table through HAProxy's primary port.
+pub fn prepare(cluster: &Cluster) -> Result<()> {
+    let primary = ready(cluster, Duration::from_secs(180))?;
+    cluster.psql_in(&primary, workload::CREATE_TABLE)?;
+    Ok(())
+}

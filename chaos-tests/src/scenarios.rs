@@ -62,7 +62,7 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             number: 3,
             name: "kill-primary-agent",
-            summary: "kill -9 of the primary's agent process from the host (PID 1 of its container)",
+            summary: "kill -9 of the primary's agent process (the child of the container's PID 1) from the host",
             allowed_promotions: 1,
             inject: kill_primary_agent,
         },
@@ -72,6 +72,13 @@ pub fn all() -> Vec<Scenario> {
             summary: "docker pause of the primary until another node leads (longer than the TTL), then unpause",
             allowed_promotions: 1,
             inject: pause_primary,
+        },
+        Scenario {
+            number: 5,
+            name: "sigstop-primary-agent",
+            summary: "SIGSTOP of the primary's agent (from the host) until another node leads, then SIGCONT",
+            allowed_promotions: 1,
+            inject: sigstop_primary_agent,
         },
         Scenario {
             number: 6,
@@ -95,6 +102,13 @@ pub fn all() -> Vec<Scenario> {
             inject: kill_etcd_leader,
         },
         Scenario {
+            number: 12,
+            name: "lagging-replica-primary-dies",
+            summary: "replay paused on the replica outside the synchronous set, then docker kill of the primary: the lagging one is not promoted",
+            allowed_promotions: 1,
+            inject: lagging_replica_primary_dies,
+        },
+        Scenario {
             number: 14,
             name: "switchover-concurrent",
             summary: "two concurrent planned switchovers to different replicas under load",
@@ -109,6 +123,13 @@ pub fn all() -> Vec<Scenario> {
             inject: rolling_restart,
         },
         Scenario {
+            number: 16,
+            name: "replica-datadir-wiped",
+            summary: "a stopped replica's data directory removed: it clones again and never answers as primary first",
+            allowed_promotions: 0,
+            inject: replica_datadir_wiped,
+        },
+        Scenario {
             number: 17,
             name: "ten-primary-kills",
             summary: "docker kill of the primary ten times in a row, each after a synchronous standby is back",
@@ -120,13 +141,10 @@ pub fn all() -> Vec<Scenario> {
 
 /// Scenarios of the issue not implemented yet (number, name).
 pub const MISSING: &[(u8, &str)] = &[
-    (5, "sigstop-primary-agent"),
     (7, "primary-cut-from-etcd"),
     (8, "replication-cut"),
     (11, "netem-delay-loss"),
-    (12, "lagging-replica-not-promoted"),
     (13, "candidate-killed-after-key"),
-    (16, "replica-datadir-wiped"),
 ];
 
 /// One node's view from its API: (status of /primary, its JSON body).
@@ -232,13 +250,13 @@ fn kill_primary_postgres(cluster: &Cluster) -> Result<Injected> {
 
 fn kill_primary_agent(cluster: &Cluster) -> Result<Injected> {
     let p = primary_now(cluster)?;
-    let pid = cluster.docker_on(&["inspect", "-f", "{{.State.Pid}}"], &p)?;
-    let pid: u32 = pid.parse().context("agent pid")?;
-    run_ok(std::process::Command::new("kill").args(["-9", &pid.to_string()]))?;
+    let pid = agent_host_pid(cluster, &p)?;
+    run_ok(std::process::Command::new("kill").args(["-9", &pid]))?;
     let np = new_primary(cluster, &p, Duration::from_secs(60));
-    // The container ended with its PID 1; start it again.
-    wait_for(
-        "the killed container to stop",
+    let mut inj = Injected::healed();
+    // PID 1 exits with the agent, and the container with it; start it again.
+    let ended = wait_for(
+        "the container to end with its agent",
         Duration::from_secs(20),
         || {
             (cluster
@@ -247,16 +265,18 @@ fn kill_primary_agent(cluster: &Cluster) -> Result<Injected> {
                 == "false")
                 .then_some(())
         },
-    )?;
-    cluster.docker_on(&["start"], &p)?;
-    let mut inj = Injected::healed();
-    inj.notes.push(
-        "the agent is PID 1 of its container: the kernel takes Postgres and the fence guard down with it"
-            .into(),
     );
-    if let Err(e) = np {
-        inj.violations
-            .push(format!("after killing {p}'s agent: {e}"));
+    if ended.is_err() {
+        inj.notes
+            .push(format!("{p}'s container kept running without its agent"));
+    }
+    let _ = cluster.docker_on(&["start"], &p);
+    inj.healed_at = Instant::now();
+    match np {
+        Ok(np) => inj.notes.push(format!("{p}'s agent killed, {np} promoted")),
+        Err(e) => inj
+            .violations
+            .push(format!("after killing {p}'s agent: {e}")),
     }
     Ok(inj)
 }
@@ -637,4 +657,131 @@ pub fn prepare(cluster: &Cluster) -> Result<()> {
     let primary = ready(cluster, Duration::from_secs(180))?;
     cluster.psql_in(&primary, workload::CREATE_TABLE)?;
     Ok(())
+}
+
+/// The agent's PID on the host. PID 1 of a node's container is the reaper
+/// (`pgha run` as init: reaps orphans, forwards signals); the agent proper is
+/// its child running the same command.
+fn agent_host_pid(cluster: &Cluster, node: &str) -> Result<String> {
+    let init = cluster.docker_on(&["inspect", "-f", "{{.State.Pid}}"], node)?;
+    if init.parse::<u32>().map_or(true, |p| p == 0) {
+        bail!("{node} has no running PID 1 ({init:?})");
+    }
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+        .with_context(|| format!("children of {node}'s PID 1 ({init})"))?;
+    for child in children.split_whitespace() {
+        let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.first().is_some_and(|a| a.ends_with(b"pgha")) && args.get(1) == Some(&&b"run"[..]) {
+            return Ok(child.to_string());
+        }
+    }
+    bail!("no `pgha run` child of {node}'s PID 1 ({init}): {children:?}")
+}
+
+fn sigstop_primary_agent(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    let pid = agent_host_pid(cluster, &p)?;
+    // Only the agent stops: PID 1, Postgres and the fence guard keep running.
+    run_ok(std::process::Command::new("kill").args(["-STOP", &pid]))?;
+    let stopped = Instant::now();
+    let np = new_primary(cluster, &p, Duration::from_secs(60));
+    let min = cluster.timing.ttl + Duration::from_secs(1);
+    std::thread::sleep(min.saturating_sub(stopped.elapsed()) + Duration::from_millis(500));
+    run_ok(std::process::Command::new("kill").args(["-CONT", &pid]))?;
+    let mut inj = Injected::healed();
+    match np {
+        Ok(np) => inj.notes.push(format!(
+            "{p}'s agent stopped {:.1} s, {np} promoted",
+            stopped.elapsed().as_secs_f64()
+        )),
+        Err(e) => inj
+            .violations
+            .push(format!("while {p}'s agent was stopped: {e}")),
+    }
+    Ok(inj)
+}
+
+/// The replicas of the published synchronous set and the others.
+fn sync_split(cluster: &Cluster, primary: &str) -> (Vec<&'static str>, Vec<&'static str>) {
+    NODES
+        .iter()
+        .copied()
+        .filter(|n| *n != primary)
+        .partition(|n| cluster.answers_200(n, "/sync"))
+}
+
+fn lagging_replica_primary_dies(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    let (_, others) = sync_split(cluster, &p);
+    let lagging = *others
+        .first()
+        .context("no replica outside the synchronous set")?;
+    cluster.psql_in(lagging, "SELECT pg_wal_replay_pause()")?;
+    // Let the writers move the primary ahead of the paused replay.
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.docker_on(&["kill"], &p)?;
+    let np = new_primary(cluster, &p, Duration::from_secs(60));
+    let mut inj = Injected::healed();
+    match &np {
+        Ok(np) if np == lagging => inj
+            .violations
+            .push(format!("{lagging}, whose replay was paused, was promoted")),
+        Ok(np) => inj
+            .notes
+            .push(format!("{p} killed with {lagging} paused, {np} promoted")),
+        Err(e) => inj.violations.push(format!("after killing {p}: {e}")),
+    }
+    let _ = cluster.psql_in(lagging, "SELECT pg_wal_replay_resume()");
+    cluster.docker_on(&["start"], &p)?;
+    inj.healed_at = Instant::now();
+    Ok(inj)
+}
+
+fn replica_datadir_wiped(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    let r = NODES
+        .iter()
+        .copied()
+        .find(|n| *n != p)
+        .context("a replica")?;
+    cluster.docker_on(&["stop", "-t", "30"], r)?;
+    // The node's own volume, emptied with the node's own image.
+    let image = cluster.docker_on(&["inspect", "-f", "{{.Config.Image}}"], r)?;
+    run_ok(&mut crate::cluster::docker(&[
+        "run",
+        "--rm",
+        "--user",
+        "root",
+        "--entrypoint",
+        "rm",
+        "-v",
+        &format!("{}_{r}:/var/lib/pgha", cluster.name),
+        &image,
+        "-rf",
+        "/var/lib/pgha/data",
+    ]))?;
+    cluster.docker_on(&["start"], r)?;
+    let mut inj = Injected::healed();
+    let mut was_primary = false;
+    let cloned = wait_for(
+        &format!("{r} streaming again"),
+        Duration::from_secs(90),
+        || {
+            was_primary |= cluster.answers_200(r, "/primary");
+            cluster
+                .answers_200(r, "/replica?replication_state=streaming")
+                .then_some(())
+        },
+    );
+    if was_primary {
+        inj.violations
+            .push(format!("{r} answered as primary before it had cloned"));
+    }
+    match cloned {
+        Ok(()) => inj.notes.push(format!("{r} wiped and cloned again")),
+        Err(e) => inj.violations.push(format!("{e}")),
+    }
+    inj.healed_at = Instant::now();
+    Ok(inj)
 }

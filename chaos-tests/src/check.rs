@@ -235,8 +235,23 @@ pub fn judge(scenario: &str, repeat: usize, ev: &Evidence) -> RunResult {
         split_brain += 1;
     }
 
-    // Leadership moves forward: the history's timelines only increase, and
-    // no more promotions than the faults allow.
+    // Leadership moves forward: the leader key revision each node reports
+    // never goes back, the history's timelines only increase, and no more
+    // promotions than the faults allow.
+    for (i, node) in crate::cluster::NODES.iter().enumerate() {
+        let mut last = 0;
+        for round in &ev.rounds {
+            if let Some(term) = round.nodes[i].term {
+                if term < last {
+                    violations.push(format!(
+                        "{node} reported leader revision {term} after {last}"
+                    ));
+                    break;
+                }
+                last = term;
+            }
+        }
+    }
     let tls: Vec<u32> = ev.history.iter().filter_map(|p| p.timeline).collect();
     if tls.windows(2).any(|w| w[1] <= w[0]) {
         violations.push(format!("history timelines do not increase: {tls:?}"));
@@ -342,10 +357,12 @@ mod tests {
             NodeProbe {
                 primary_200: Some(true),
                 writable: Some(true),
+                term: Some(3),
             },
             NodeProbe {
                 primary_200: Some(false),
                 writable: Some(false),
+                term: Some(3),
             },
             NodeProbe::default(),
         ];
@@ -450,6 +467,21 @@ mod tests {
         ev.allowed_promotions = 2;
         let r = judge("x", 0, &ev);
         assert!(r.violations.iter().any(|v| v.contains("do not increase")));
+    }
+
+    #[test]
+    fn a_leader_revision_going_back_fails() {
+        let t0 = Instant::now();
+        let mut ev = evidence(t0);
+        ev.rounds[0].nodes[1].term = Some(7);
+        let mut later = ev.rounds[0].clone();
+        later.nodes[1].term = Some(5);
+        ev.rounds.push(later);
+        let r = judge("x", 0, &ev);
+        assert!(r
+            .violations
+            .iter()
+            .any(|v| v.contains("leader revision 5 after 7")));
     }
 
     #[test]

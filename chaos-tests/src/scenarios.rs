@@ -109,6 +109,13 @@ pub fn all() -> Vec<Scenario> {
             inject: lagging_replica_primary_dies,
         },
         Scenario {
+            number: 13,
+            name: "candidate-killed-after-key",
+            summary: "docker kill of the primary, then of the replica that takes the leader key as soon as etcd shows it; both started again",
+            allowed_promotions: 2,
+            inject: candidate_killed_after_key,
+        },
+        Scenario {
             number: 14,
             name: "switchover-concurrent",
             summary: "two concurrent planned switchovers to different replicas under load",
@@ -144,7 +151,6 @@ pub const MISSING: &[(u8, &str)] = &[
     (7, "primary-cut-from-etcd"),
     (8, "replication-cut"),
     (11, "netem-delay-loss"),
-    (13, "candidate-killed-after-key"),
 ];
 
 /// One node's view from its API: (status of /primary, its JSON body).
@@ -782,6 +788,100 @@ fn replica_datadir_wiped(cluster: &Cluster) -> Result<Injected> {
         Ok(()) => inj.notes.push(format!("{r} wiped and cloned again")),
         Err(e) => inj.violations.push(format!("{e}")),
     }
+    inj.healed_at = Instant::now();
+    Ok(inj)
+}
+
+/// Standard base64, as etcd's JSON gateway encodes keys and values.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes().filter(|c| *c != b'=') {
+        acc = (acc << 6) | ALPHABET.iter().position(|a| *a == c)? as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// The value of the cluster's leader key, read through any etcd member's
+/// JSON gateway; None when no member answers or the key is absent.
+fn leader_key(etcd: &[SocketAddr]) -> Option<String> {
+    // "/pgha/compose/leader" (namespace /pgha, scope compose).
+    const KEY: &str = "L3BnaGEvY29tcG9zZS9sZWFkZXI=";
+    for addr in etcd {
+        let Ok((200, body)) = http::request(
+            *addr,
+            "POST",
+            "/v3/kv/range",
+            &[],
+            Some(&format!("{{\"key\":\"{KEY}\"}}")),
+            Duration::from_millis(300),
+        ) else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let value = v["kvs"][0]["value"].as_str()?;
+        return String::from_utf8(base64_decode(value)?).ok();
+    }
+    None
+}
+
+fn candidate_killed_after_key(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    let mut etcd = Vec::new();
+    for e in ETCDS {
+        let ip = cluster.docker_on(
+            &[
+                "inspect",
+                "-f",
+                &format!(
+                    "{{{{with index .NetworkSettings.Networks \"{}\"}}}}{{{{.IPAddress}}}}{{{{end}}}}",
+                    cluster.network()
+                ),
+            ],
+            e,
+        )?;
+        etcd.push(SocketAddr::new(ip.parse().context("etcd address")?, 2379));
+    }
+    let before = leader_key(&etcd);
+    if before.as_deref().map(|v| v.trim_matches('"')) != Some(p.as_str()) {
+        bail!("the leader key holds {before:?}, the primary is {p}");
+    }
+    cluster.docker_on(&["kill"], &p)?;
+    let killed = Instant::now();
+    let mut inj = Injected::healed();
+    let candidate = wait_for(
+        "another node's name in the leader key",
+        Duration::from_secs(60),
+        || {
+            let v = leader_key(&etcd)?;
+            let v = v.trim_matches('"');
+            NODES
+                .iter()
+                .find(|n| **n == v && **n != p)
+                .map(|n| n.to_string())
+        },
+    );
+    match candidate {
+        Ok(c) => {
+            let took = killed.elapsed();
+            let was_primary = cluster.answers_200(&c, "/primary");
+            cluster.docker_on(&["kill"], &c)?;
+            inj.notes.push(format!(
+                "{p} killed; {c} took the key {:.1} s later and was killed (answering /primary: {was_primary})",
+                took.as_secs_f64()
+            ));
+            std::thread::sleep(Duration::from_secs(1));
+            cluster.docker_on(&["start"], &c)?;
+        }
+        Err(e) => inj.violations.push(format!("after killing {p}: {e}")),
+    }
+    cluster.docker_on(&["start"], &p)?;
     inj.healed_at = Instant::now();
     Ok(inj)
 }

@@ -254,6 +254,8 @@ async fn write_loop(
 pub struct NodeProbe {
     pub primary_200: Option<bool>,
     pub writable: Option<bool>,
+    /// The leader key's revision the node last saw (`term` in its API's JSON).
+    pub term: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -327,7 +329,12 @@ async fn probe_loop(
         if let Some(ip) = ip {
             let api = SocketAddr::new(ip, 8008);
             let http = tokio::task::spawn_blocking(move || {
-                crate::http::get(api, "/primary", PROBE_TIMEOUT).map(|(s, _)| s == 200)
+                crate::http::get(api, "/primary", PROBE_TIMEOUT).map(|(s, body)| {
+                    let term = serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["term"].as_u64());
+                    (s == 200, term)
+                })
             });
             if client
                 .as_ref()
@@ -361,7 +368,10 @@ async fn probe_loop(
                     _ => client = None,
                 }
             }
-            probe.primary_200 = http.await.ok().and_then(|r| r.ok());
+            if let Ok(Ok((primary, term))) = http.await {
+                probe.primary_200 = Some(primary);
+                probe.term = term;
+            }
         }
         {
             let mut all = rounds.lock().unwrap();

@@ -88,6 +88,20 @@ pub fn all() -> Vec<Scenario> {
             inject: isolate_primary,
         },
         Scenario {
+            number: 7,
+            name: "primary-cut-from-etcd",
+            summary: "iptables in the primary's network namespace drops its etcd traffic until another node leads",
+            allowed_promotions: 1,
+            inject: primary_cut_from_etcd,
+        },
+        Scenario {
+            number: 8,
+            name: "replication-cut",
+            summary: "iptables in the primary's network namespace drops the replicas' Postgres connections for 3 TTLs",
+            allowed_promotions: 1,
+            inject: replication_cut,
+        },
+        Scenario {
             number: 9,
             name: "etcd-quorum-loss",
             summary: "stop 2 of 3 etcd members for 3 TTLs, then start them",
@@ -147,11 +161,7 @@ pub fn all() -> Vec<Scenario> {
 }
 
 /// Scenarios of the issue not implemented yet (number, name).
-pub const MISSING: &[(u8, &str)] = &[
-    (7, "primary-cut-from-etcd"),
-    (8, "replication-cut"),
-    (11, "netem-delay-loss"),
-];
+pub const MISSING: &[(u8, &str)] = &[(11, "netem-delay-loss")];
 
 /// One node's view from its API: (status of /primary, its JSON body).
 fn node_state(cluster: &Cluster, node: &str) -> Option<(u16, serde_json::Value)> {
@@ -883,5 +893,160 @@ fn candidate_killed_after_key(cluster: &Cluster) -> Result<Injected> {
     }
     cluster.docker_on(&["start"], &p)?;
     inj.healed_at = Instant::now();
+    Ok(inj)
+}
+
+/// Commands run in a node's network namespace with the host's tools
+/// (`nsenter -n`), so the image needs neither iptables nor NET_ADMIN. The
+/// undo commands run on drop, also when the scenario fails midway.
+struct NetnsRules {
+    pid: String,
+    undo: Vec<Vec<String>>,
+}
+
+impl NetnsRules {
+    fn new(cluster: &Cluster, node: &str) -> Result<NetnsRules> {
+        let pid = cluster.docker_on(&["inspect", "-f", "{{.State.Pid}}"], node)?;
+        Ok(NetnsRules {
+            pid,
+            undo: Vec::new(),
+        })
+    }
+
+    fn exec(&self, cmd: &[&str]) -> Result<String> {
+        run_ok(
+            std::process::Command::new("nsenter")
+                .args(["-t", &self.pid, "-n", "--"])
+                .args(cmd),
+        )
+    }
+
+    /// `iptables`/`ip6tables -I <rule>`, deleted again on drop.
+    fn insert(&mut self, program: &str, rule: &[&str]) -> Result<()> {
+        let mut add = vec![program, "-I"];
+        add.extend_from_slice(rule);
+        self.exec(&add)?;
+        let mut del = vec![program.to_string(), "-D".to_string()];
+        del.extend(rule.iter().map(|r| r.to_string()));
+        self.undo.push(del);
+        Ok(())
+    }
+
+    fn heal(&mut self) -> Result<()> {
+        while let Some(cmd) = self.undo.pop() {
+            let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            self.exec(&args)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NetnsRules {
+    fn drop(&mut self) {
+        if let Err(e) = self.heal() {
+            eprintln!("chaos: removing network rules: {e:#}");
+        }
+    }
+}
+
+fn primary_cut_from_etcd(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    let mut rules = NetnsRules::new(cluster, &p)?;
+    for program in ["iptables", "ip6tables"] {
+        rules.insert(
+            program,
+            &["OUTPUT", "-p", "tcp", "--dport", "2379", "-j", "DROP"],
+        )?;
+        rules.insert(
+            program,
+            &["INPUT", "-p", "tcp", "--sport", "2379", "-j", "DROP"],
+        )?;
+    }
+    let cut = Instant::now();
+    let np = new_primary(cluster, &p, Duration::from_secs(60));
+    let min = cluster.timing.ttl + Duration::from_secs(1);
+    std::thread::sleep(min.saturating_sub(cut.elapsed()) + Duration::from_millis(500));
+    rules.heal()?;
+    let mut inj = Injected::healed();
+    match np {
+        Ok(np) => inj.notes.push(format!(
+            "{p} cut from etcd {:.1} s, {np} promoted",
+            cut.elapsed().as_secs_f64()
+        )),
+        Err(e) => inj
+            .violations
+            .push(format!("while {p} was cut from etcd: {e}")),
+    }
+    Ok(inj)
+}
+
+/// A node's addresses on the cluster network, IPv4 and IPv6.
+fn node_addresses(cluster: &Cluster, node: &str) -> Result<Vec<String>> {
+    let out = cluster.docker_on(
+        &[
+            "inspect",
+            "-f",
+            &format!(
+                "{{{{with index .NetworkSettings.Networks \"{}\"}}}}{{{{.IPAddress}}}} {{{{.GlobalIPv6Address}}}}{{{{end}}}}",
+                cluster.network()
+            ),
+        ],
+        node,
+    )?;
+    Ok(out.split_whitespace().map(str::to_string).collect())
+}
+
+fn replication_cut(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    let mut rules = NetnsRules::new(cluster, &p)?;
+    for r in NODES.iter().filter(|n| **n != p) {
+        for addr in node_addresses(cluster, r)? {
+            let program = if addr.contains(':') {
+                "ip6tables"
+            } else {
+                "iptables"
+            };
+            rules.insert(
+                program,
+                &[
+                    "INPUT", "-p", "tcp", "-s", &addr, "--dport", "5432", "-j", "DROP",
+                ],
+            )?;
+            rules.insert(
+                program,
+                &[
+                    "OUTPUT", "-p", "tcp", "-d", &addr, "--sport", "5432", "-j", "DROP",
+                ],
+            )?;
+        }
+    }
+    std::thread::sleep(cluster.timing.ttl * 2);
+    // What the primary believes of its standbys while they are black-holed.
+    let walsenders = cluster
+        .psql_in(
+            &p,
+            "SELECT string_agg(format('%s %s %s reply %s s ago', application_name, state, sync_state, \
+             round(extract(epoch FROM now() - reply_time)::numeric, 1)), '; ') FROM pg_stat_replication",
+        )
+        .unwrap_or_else(|e| format!("{e:#}"));
+    let sync = cluster
+        .get_json(&p, "/primary")
+        .map(|v| {
+            format!(
+                "synchronous_standbys {} sync_fallback {}",
+                v["synchronous_standbys"], v["sync_fallback"]
+            )
+        })
+        .unwrap_or_default();
+    std::thread::sleep(cluster.timing.ttl);
+    let primaries = primaries(cluster);
+    rules.heal()?;
+    let mut inj = Injected::healed();
+    inj.notes.push(format!(
+        "2 TTLs into the cut, {p} has walsenders: {walsenders}; {sync}"
+    ));
+    inj.notes.push(format!(
+        "replication to {p} cut for 3 TTLs; answering /primary at the end: {primaries:?}"
+    ));
     Ok(inj)
 }

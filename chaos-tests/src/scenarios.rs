@@ -616,7 +616,43 @@ pub fn run_once(cluster: &Cluster, scenario: &Scenario, repeat: usize) -> RunRes
     let mut result = check::judge(scenario.name, repeat, &ev);
     result.violations.extend(injected.violations);
     result.notes.extend(injected.notes);
+    if !result.passed() {
+        save_diagnostics(cluster, &result);
+    }
     result
+}
+
+/// On a failed run: every node's API state and the tail of every node's log,
+/// under chaos-tests/results/failure-<scenario>-<repeat>.log.
+fn save_diagnostics(cluster: &Cluster, result: &RunResult) {
+    let mut text = format!("{} #{}\n", result.scenario, result.repeat);
+    for v in &result.violations {
+        text.push_str(&format!("violation: {v}\n"));
+    }
+    for n in &result.notes {
+        text.push_str(&format!("note: {n}\n"));
+    }
+    for node in NODES {
+        let state = node_state(cluster, node)
+            .map(|(s, v)| format!("{s} {v}"))
+            .unwrap_or_else(|| "no answer".into());
+        text.push_str(&format!("\n=== {node} /primary: {state}\n"));
+        let logs = crate::cluster::run(&mut cluster.compose(&[
+            "logs",
+            "--no-color",
+            "--tail",
+            "150",
+            node,
+        ]));
+        text.push_str(&String::from_utf8_lossy(&logs.stdout));
+    }
+    let dir = crate::report::results_dir();
+    let path = dir.join(format!("failure-{}-{}.log", result.scenario, result.repeat));
+    let _ = std::fs::create_dir_all(&dir);
+    match std::fs::write(&path, text) {
+        Ok(()) => eprintln!("chaos: diagnostics in {}", path.display()),
+        Err(e) => eprintln!("chaos: writing diagnostics: {e}"),
+    }
 }
 
 /// The writers' rows and the promotion history, from the current primary.

@@ -112,7 +112,11 @@ pub fn run(opts: &Options) -> Result<Outcome> {
     );
     let md = report::markdown(&results, &header);
     println!("{md}");
-    match report::write(&results, &header, &format!("latest-sync-{}", opts.sync)) {
+    let stem = match opts.repeat {
+        1 => format!("latest-sync-{}", opts.sync),
+        n => format!("latest-sync-{}-x{n}", opts.sync),
+    };
+    match report::write(&results, &header, &stem) {
         Ok(path) => eprintln!("chaos: table written to {}", path.display()),
         Err(e) => eprintln!("chaos: writing results: {e}"),
     }

@@ -784,7 +784,19 @@ fn lagging_replica_primary_dies(cluster: &Cluster) -> Result<Injected> {
             .push(format!("{p} killed with {lagging} paused, {np} promoted")),
         Err(e) => inj.violations.push(format!("after killing {p}: {e}")),
     }
-    let _ = cluster.psql_in(lagging, "SELECT pg_wal_replay_resume()");
+    // Replay must run again, or the next scenario starts with a paused replica.
+    let resumed = wait_for("replay resumed", Duration::from_secs(30), || {
+        cluster
+            .psql_in(
+                lagging,
+                "SELECT pg_wal_replay_resume(); SELECT pg_is_wal_replay_paused()",
+            )
+            .ok()
+            .filter(|out| out.lines().last() == Some("f"))
+    });
+    if let Err(e) = resumed {
+        inj.violations.push(format!("{lagging}: {e}"));
+    }
     cluster.docker_on(&["start"], &p)?;
     inj.healed_at = Instant::now();
     Ok(inj)

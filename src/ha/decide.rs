@@ -204,6 +204,17 @@ fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps:
                 Action::ReleaseLeader,
                 format!("postgres down for {down_ms} ms, past primary_start_timeout: hand leadership to a replica"),
             ));
+        } else if obs.last_role == Some(PgRole::Replica) {
+            // We took the key and stopped before promoting. Started as a
+            // primary, a standby's data directory would only crash-recover
+            // from its last restartpoint on that restartpoint's timeline,
+            // dropping every later timeline and WAL it holds (acknowledged
+            // commits included). As a standby it replays all of it first;
+            // the next pass promotes it.
+            steps.push(Step::new(
+                Action::StartReplica { upstream: None },
+                "we hold the leader key but the stopped data directory is a standby's (we stopped before promoting): start it as a standby, then promote",
+            ));
         } else if lease_proven(obs, settings, now) {
             steps.push(Step::new(
                 Action::StartPrimary,

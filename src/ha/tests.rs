@@ -271,6 +271,37 @@ fn empty_replica_clones_a_running_leader_only() {
     assert!(actions(&o, 0).is_empty());
 }
 
+/// Found by chaos-tests candidate-killed-after-key: a replica took the key,
+/// was killed before it promoted, and its restarted agent started the
+/// standby's data directory as a primary. Crash recovery stopped on the
+/// restartpoint's timeline (6, the cluster was on 8): acknowledged writes
+/// lost and a primary on a forked history.
+#[test]
+fn leader_whose_stopped_data_directory_is_a_standby_starts_it_as_a_standby() {
+    let mut o = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
+    o.pg_down_since = Some(Tick(1_000));
+    o.last_role = Some(PgRole::Replica);
+    assert_eq!(
+        actions(&o, 2_000),
+        vec![
+            Action::RenewLeader { lease_id: 42 },
+            Action::StartReplica { upstream: None }
+        ]
+    );
+    // Running as a standby with the key: the usual path promotes it.
+    o.local = LocalPostgres {
+        running: true,
+        role: Some(PgRole::Replica),
+        ..LocalPostgres::default()
+    };
+    o.pg_down_since = None;
+    assert!(actions(&o, 3_000).contains(&Action::Promote));
+}
+
 #[test]
 fn leader_with_postgres_down_restarts_it_within_primary_start_timeout() {
     let mut o = obs(
@@ -1471,6 +1502,9 @@ proptest! {
         for a in actions(&o, now) {
             if matches!(a, Action::Promote | Action::StartPrimary) {
                 prop_assert!(holds, "{a:?} without the key: {o:?}");
+            }
+            if a == Action::StartPrimary {
+                prop_assert!(o.last_role != Some(PgRole::Replica), "a standby's data directory started as primary: {o:?}");
             }
         }
     }

@@ -340,9 +340,7 @@ impl LocalPg {
 
     /// PID of a postmaster running on our data directory, from postmaster.pid.
     pub fn postmaster_pid(&self) -> Option<i32> {
-        let text = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid")).ok()?;
-        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-        kill(Pid::from_raw(pid), None).is_ok().then_some(pid)
+        live_postmaster(&self.cfg.data_dir)
     }
 
     /// Whether our child postmaster exited (reaping it if so).
@@ -363,6 +361,7 @@ impl LocalPg {
         if self.postmaster_pid().is_some() {
             return Ok(());
         }
+        remove_stale_pid_file(&self.cfg.data_dir)?;
         self.prepare_dirs()?;
         let mut cmd = self.command("postgres");
         cmd.arg("-D")
@@ -523,8 +522,10 @@ impl LocalPg {
         if let Some(pw) = &self.cfg.superuser.password {
             cmd.env("PGPASSWORD", pw.expose());
         }
-        // pg_rewind needs the config files to start single-user recovery.
+        // pg_rewind needs the config files to start single-user recovery,
+        // which refuses a lock file naming a live process.
         self.write_config(false, None)?;
+        remove_stale_pid_file(&self.cfg.data_dir)?;
         let out = cmd.output().await.map_err(io_err("running pg_rewind"))?;
         tracing::info!(node = %self.node, output = %last_lines(&String::from_utf8_lossy(&out.stderr)), "pg_rewind finished");
         if !out.status.success() {
@@ -629,8 +630,55 @@ pub fn parse_basebackup_progress(text: &str) -> Option<Progress> {
     })
 }
 
+/// PID of a postmaster running on `data_dir`, from its postmaster.pid: a live
+/// process that is a postgres process. In a container started again after a
+/// kill, the PID a dead postmaster left in the file often belongs to another
+/// process of the new PID namespace.
+fn live_postmaster(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    if kill(Pid::from_raw(pid), None).is_err() {
+        return None;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) => (comm.trim() == "postgres").then_some(pid),
+        // No /proc: trust the live PID, as before.
+        Err(_) => Some(pid),
+    }
+}
+
+/// Removes a postmaster.pid that names no live postmaster. Postgres itself
+/// (and pg_rewind's single-user recovery) refuses to start while the PID in
+/// it is alive, whatever that process is.
+fn remove_stale_pid_file(data_dir: &Path) -> Result<bool> {
+    let file = data_dir.join("postmaster.pid");
+    if !file.exists() || live_postmaster(data_dir).is_some() {
+        return Ok(false);
+    }
+    tracing::info!(file = %file.display(), "removing a stale postmaster.pid (no postmaster runs)");
+    std::fs::remove_file(&file).map_err(io_err("removing a stale postmaster.pid"))?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
+    /// Found by chaos-tests ten-primary-kills: a primary killed with its
+    /// container came back in a new PID namespace where the PID in its
+    /// postmaster.pid belonged to another live process; pg_rewind's
+    /// single-user recovery refused to run ("Is another postmaster (PID 23)
+    /// running") and the node never rejoined.
+    #[test]
+    fn a_postmaster_pid_naming_a_live_non_postgres_process_is_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("postmaster.pid");
+        // This test process: alive, and not postgres.
+        std::fs::write(&file, format!("{}\n/data\n", std::process::id())).unwrap();
+        assert_eq!(super::live_postmaster(dir.path()), None);
+        assert!(super::remove_stale_pid_file(dir.path()).unwrap());
+        assert!(!file.exists());
+        assert!(!super::remove_stale_pid_file(dir.path()).unwrap());
+    }
+
     use super::*;
 
     #[test]

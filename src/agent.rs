@@ -371,6 +371,15 @@ impl Agent {
     async fn handle(&mut self, call: Call) {
         let node = self.cfg.name.clone();
         info!(node = %node, request = ?call.request, "operator request");
+        // A job that already answered its own request may not be reaped
+        // yet: give it a moment, so the next request does not see it busy.
+        for _ in 0..20 {
+            self.reap_job().await;
+            if self.job.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let busy = self.job.as_ref().map(|j| j.kind);
         let leads = self.leader_lease.is_some();
         let reply = match call.request {

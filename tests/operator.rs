@@ -482,7 +482,15 @@ fn cluster_wide_parameters_reload_everywhere_and_restart_only_when_pending() {
     let before = cluster
         .node(&replica)
         .query("SELECT pg_postmaster_start_time()");
-    let (code, out, err) = pgha(&["restart", &replica, "--pending", "--api", &api], &[]);
+    // 409 while the agent still winds up the restart job that answered us.
+    let (code, out, err) = wait_until(
+        "a second restart --pending",
+        Duration::from_secs(10),
+        || {
+            let r = pgha(&["restart", &replica, "--pending", "--api", &api], &[]);
+            (!format!("{}{}", r.1, r.2).contains("409")).then_some(r)
+        },
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         format!("{out}{err}").contains("no restart pending"),

@@ -595,6 +595,7 @@ impl Agent {
             at_ms,
             requested_ms: epoch_ms(),
             force,
+            released_to: None,
         })
     }
 
@@ -729,6 +730,7 @@ impl Agent {
             at_ms: None,
             requested_ms: epoch_ms(),
             force: false,
+            released_to: None,
         };
         match self.etcd.request_switchover(&sw).await {
             Ok(created) => {
@@ -930,7 +932,7 @@ impl Agent {
         let (last_role, checkpoint_lsn) = match (local.running, data_dir) {
             (false, DataDir::Initialized { .. }) if self.job.is_none() => (
                 self.pg.last_role().await.unwrap_or(None),
-                self.pg.checkpoint_location().await.unwrap_or(None),
+                self.pg.shutdown_checkpoint().await.unwrap_or(None),
             ),
             _ => (None, None),
         };
@@ -1310,6 +1312,33 @@ impl Agent {
                 }
             }
             Action::ReleaseLeader => self.release_leader().await,
+            Action::HandOverKey { to } => {
+                let sw = obs.dcs.as_ref().and_then(|d| d.switchover.clone());
+                match (self.leader_lease, sw) {
+                    (Some(lease), Some(sw)) => {
+                        match self
+                            .etcd
+                            .hand_over_leader(&node, lease.lease_id, &sw, &to)
+                            .await
+                        {
+                            Ok(true) => {
+                                info!(node = %node, term, to = %to, "leader key handed over");
+                                let _ = self.etcd.revoke_lease(lease.lease_id).await;
+                                self.leader_lease = None;
+                            }
+                            Ok(false) => {
+                                warn!(node = %node, term, to = %to, "handover not recorded: the key or the switchover request changed");
+                            }
+                            Err(e) => {
+                                warn!(node = %node, term, to = %to, error = %e, "could not hand the leader key over")
+                            }
+                        }
+                    }
+                    _ => {
+                        warn!(node = %node, term, to = %to, "handover without a leader lease or a pending switchover")
+                    }
+                }
+            }
             Action::Promote => {
                 let old_leader = self.last_known_leader.clone();
                 match self.pg.promote().await {

@@ -382,6 +382,41 @@ impl Etcd {
         Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
     }
 
+    /// Ends a planned handover: deletes our leader key and rewrites the
+    /// pending switchover request `sw` as released to `to`, in one
+    /// transaction that holds only while the key is ours under this lease
+    /// and a switchover request still exists. True when it went through.
+    pub async fn hand_over_leader(
+        &self,
+        node: &str,
+        lease_id: i64,
+        sw: &SwitchoverKey,
+        to: &str,
+    ) -> Result<bool> {
+        let key = self.keys.leader();
+        let sw_key = self.keys.switchover();
+        let released = SwitchoverKey {
+            released_to: Some(to.to_string()),
+            ..sw.clone()
+        };
+        let txn = Txn::new()
+            .when([
+                Compare::value(key.as_str(), CompareOp::Equal, node.as_bytes()),
+                Compare::lease(key.as_str(), CompareOp::Equal, lease_id),
+                Compare::create_revision(sw_key.as_str(), CompareOp::Greater, 0),
+            ])
+            .and_then([
+                TxnOp::delete(key.as_str(), None),
+                TxnOp::put(
+                    sw_key.as_str(),
+                    serde_json::to_vec(&released).expect("serializable"),
+                    None,
+                ),
+            ]);
+        let mut c = self.client.clone();
+        Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
+    }
+
     /// Publishes the leader's WAL position, only while the key is ours under this lease.
     pub async fn publish_leader_status(
         &self,

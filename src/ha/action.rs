@@ -30,6 +30,10 @@ pub enum Action {
     RenewLeader { lease_id: i64 },
     /// Delete our leader key (compare: it is still ours) and revoke its lease.
     ReleaseLeader,
+    /// Planned handover confirmed: delete our leader key and mark the
+    /// `switchover` key released to `to`, in one transaction (compare: the
+    /// leader key is still ours and the switchover is still pending).
+    HandOverKey { to: String },
     /// Promote the local standby; we hold the leader key.
     Promote,
     /// Stop Postgres now (fast shutdown: sessions are cut). With
@@ -88,6 +92,7 @@ impl fmt::Display for Action {
             Action::AcquireLeader => f.write_str("acquire leader key"),
             Action::RenewLeader { .. } => f.write_str("renew leader lease"),
             Action::ReleaseLeader => f.write_str("release leader key"),
+            Action::HandOverKey { to } => write!(f, "hand leader key over to {to}"),
             Action::Promote => f.write_str("promote"),
             Action::Stop { then_rewind: false } => f.write_str("stop postgres"),
             Action::Stop { then_rewind: true } => f.write_str("stop postgres for rewind"),

@@ -146,7 +146,7 @@ pub fn lead(
         .map(|p| p.lsn);
     match (obs.checkpoint_lsn, received) {
         (Some(stop), Some(got)) if got > stop => steps.push(Step::new(
-            Action::ReleaseLeader,
+            Action::HandOverKey { to: to.clone() },
             format!("switchover: {to} received all WAL up to our shutdown checkpoint {stop}"),
         )),
         _ if now.since(handover.since) >= settings.handover_timeout_ms => abort(
@@ -187,20 +187,37 @@ pub fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings) -> Option<Ve
     if obs.wall_ms.saturating_sub(started) > stale_after {
         return None;
     }
-    // Only a leader that stopped for the handover hands the key over; one
-    // that vanished while running (crash, partition) never confirmed its
-    // target's WAL, so the candidates' proofs apply as in any election.
+    let running_replica = obs.local.running && obs.local.role == Some(PgRole::Replica);
+    if !sw.force {
+        // A planned switchover hands the key over only once the leader saw
+        // its target confirm every byte up to the shutdown checkpoint, and
+        // said so in the transaction that deleted its key. A leader whose
+        // lease ran out instead (crash, partition, fencing during the
+        // handover) confirmed nothing: the election's proofs apply.
+        return match &sw.released_to {
+            Some(to) if *to == obs.node && running_replica => Some(vec![Step::new(
+                Action::AcquireLeader,
+                format!("switchover from {} to us", sw.from),
+            )]),
+            // Leave the key to the named target while it is around.
+            Some(to) if dcs.member(to).is_some() => Some(Vec::new()),
+            _ => None,
+        };
+    }
+    // A forced failover does not wait for the target's WAL: the operator
+    // chose the target. Only a leader that stopped for it hands the key
+    // over; one that vanished while running leaves the choice to the
+    // election.
     let handing_over = dcs.member(&sw.from).is_some_and(|m| {
         m.role == MemberRole::Primary && matches!(m.state.as_str(), "stopping" | "stopped")
     });
     if !handing_over {
         return None;
     }
-    let running_replica = obs.local.running && obs.local.role == Some(PgRole::Replica);
     match &sw.to {
         Some(to) if *to == obs.node && running_replica => Some(vec![Step::new(
             Action::AcquireLeader,
-            format!("switchover from {} to us", sw.from),
+            format!("forced failover from {} to us", sw.from),
         )]),
         Some(_) => Some(Vec::new()),
         None => None,

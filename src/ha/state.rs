@@ -411,6 +411,13 @@ pub struct SwitchoverKey {
     /// the target to confirm its WAL, and the target need not be healthy.
     #[serde(default)]
     pub force: bool,
+    /// Set by the leader in the same transaction that deletes its key once
+    /// the named target confirmed every byte of WAL up to the leader's
+    /// shutdown checkpoint. Only this member may then take the key as the
+    /// switchover's target; without it (the leader's lease ran out during
+    /// the handover) the election's usual proofs apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_to: Option<String>,
 }
 
 /// Everything read from etcd in one consistent range read.
@@ -518,8 +525,9 @@ pub struct Observation {
     pub wall_ms: u64,
     /// We stopped our primary to hand leadership over.
     pub handover: Option<Handover>,
-    /// Stopped data directory: location of its last checkpoint (the shutdown
-    /// checkpoint after a clean stop).
+    /// Stopped data directory of a primary that shut down cleanly: its
+    /// shutdown checkpoint, the last record of its WAL. `None` after a crash
+    /// or an immediate stop, where WAL may follow the last checkpoint.
     pub checkpoint_lsn: Option<Lsn>,
     /// The agent is shutting down: start nothing, hand over if leading.
     pub shutting_down: bool,

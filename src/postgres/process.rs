@@ -215,11 +215,16 @@ impl LocalPg {
         })
     }
 
-    /// Location of the last checkpoint of the stopped data directory.
-    pub async fn checkpoint_location(&self) -> Result<Option<crate::ha::Lsn>> {
-        Ok(self
-            .control_data()
-            .await?
+    /// Location of the shutdown checkpoint of a primary's data directory
+    /// that was shut down cleanly: then it is the last record of its WAL.
+    /// `None` after a crash or an immediate stop (SIGQUIT by the fence
+    /// guard): WAL written after the last checkpoint is not covered by it.
+    pub async fn shutdown_checkpoint(&self) -> Result<Option<crate::ha::Lsn>> {
+        let control = self.control_data().await?;
+        if control.get("Database cluster state").map(String::as_str) != Some("shut down") {
+            return Ok(None);
+        }
+        Ok(control
             .get("Latest checkpoint location")
             .and_then(|v| crate::ha::Lsn::parse(v)))
     }

@@ -283,7 +283,8 @@ impl World {
                     } else {
                         PgRole::Primary
                     }),
-                    stopped.then_some(lsn(d.checkpoint)),
+                    // pgha reads it only after a clean shutdown.
+                    (stopped && d.shut_down).then_some(lsn(d.checkpoint)),
                 )
             }
         };
@@ -599,7 +600,9 @@ impl World {
                     Flow::Wait
                 }
                 (2, Some(Some(Res::Bool(true)))) => {
-                    if step.reason.starts_with("switchover from") {
+                    if step.reason.starts_with("switchover from")
+                        || step.reason.starts_with("forced failover from")
+                    {
                         self.switchover_takers.push(i);
                     } else {
                         self.switchover_takers.retain(|&n| n != i);
@@ -665,6 +668,34 @@ impl World {
                     self.nodes[i].agent.leader_lease = None;
                     Flow::Next
                 }
+            },
+            Action::HandOverKey { to } => match reply {
+                None => {
+                    let a = &self.nodes[i].agent;
+                    let sw = pass.obs.dcs.as_ref().and_then(|d| d.switchover.clone());
+                    match (a.leader_lease.map(|l| l.lease_id), sw) {
+                        (Some(lease), Some(sw)) => {
+                            pass.tmp = lease;
+                            self.await_rpc(
+                                i,
+                                Op::HandOver {
+                                    lease,
+                                    sw: Box::new(sw),
+                                    to: to.clone(),
+                                },
+                            );
+                            Flow::Wait
+                        }
+                        _ => Flow::Next,
+                    }
+                }
+                Some(Some(Res::Bool(true))) => {
+                    let lease = pass.tmp;
+                    self.send(i, Op::Revoke { lease }, false);
+                    self.nodes[i].agent.leader_lease = None;
+                    Flow::Next
+                }
+                Some(_) => Flow::Next,
             },
             Action::Promote => {
                 self.promote(i);
@@ -885,6 +916,7 @@ impl World {
                     return Err("already running".into());
                 }
                 dir.standby = !primary;
+                dir.shut_down = false;
                 pg.running = true;
                 pg.stopping = false;
                 pg.role = Some(if *primary {
@@ -910,6 +942,7 @@ impl World {
                     let record = self.next_record;
                     let dir = self.nodes[i].pg.dir.as_mut().expect("running");
                     dir.checkpoint = dir.wal.len();
+                    dir.shut_down = true;
                     dir.wal.push(record);
                     let src = dir.clone();
                     for j in 0..self.nodes.len() {

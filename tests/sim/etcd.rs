@@ -243,6 +243,24 @@ impl Etcd {
         true
     }
 
+    /// `txn(value(leader) == node && lease(leader) == lease &&
+    /// create_revision(switchover) > 0).then(delete(leader),
+    /// put(switchover, sw released to `to`))`: one revision for both.
+    pub fn hand_over(&mut self, node: &str, lease: i64, sw: &SwitchoverKey, to: &str) -> bool {
+        if !self.is_leader(node, lease) || !self.kv.contains_key(SWITCHOVER) {
+            return false;
+        }
+        self.revision += 1;
+        self.kv.remove(LEADER);
+        self.touched(LEADER);
+        let released = SwitchoverKey {
+            released_to: Some(to.to_string()),
+            ..sw.clone()
+        };
+        self.put_raw(SWITCHOVER, Value::Switchover(released), 0);
+        true
+    }
+
     /// One consistent range read of the cluster prefix.
     pub fn view(&self) -> DcsView {
         let mut v = DcsView {

@@ -236,11 +236,6 @@ fn open_finding(seed: u64, knobs: &Knobs, violation: &str) -> Option<&'static st
             "timeline reused: asynchronous failover to a node that never saw the newer timeline (no WAL archive)",
         );
     }
-    if violation.contains("lost write") && violation.contains("as a switchover's target") {
-        return Some(
-            "lost write: a switchover's target took the key from a leader that was fenced (or never confirmed it) but shows stopped",
-        );
-    }
     None
 }
 

@@ -26,6 +26,9 @@ pub struct DataDir {
     pub standby: bool,
     /// Index of the last checkpoint record.
     pub checkpoint: usize,
+    /// pg_controldata says "shut down": a primary's fast shutdown wrote
+    /// its checkpoint as the last WAL record (not after a crash or SIGQUIT).
+    pub shut_down: bool,
     /// pgha.sync.conf: survives restarts.
     pub sync_conf: SyncSet,
 }

@@ -214,6 +214,11 @@ pub enum Op {
     ReleaseLeader {
         lease: i64,
     },
+    HandOver {
+        lease: i64,
+        sw: Box<SwitchoverKey>,
+        to: String,
+    },
     PutIfLeader {
         lease: i64,
         key: &'static str,
@@ -418,6 +423,7 @@ impl World {
                     newest_timeline: 1,
                     standby: !primary,
                     checkpoint: 0,
+                    shut_down: false,
                     sync_conf: SyncSet::none(),
                 }),
                 running: true,
@@ -657,6 +663,13 @@ impl World {
                 let ok = self.etcd.delete_if_leader(&name, lease, etcd::LEADER);
                 if ok {
                     self.log(|| format!("etcd: {name} deleted the leader key"));
+                }
+                Res::Bool(ok)
+            }
+            Op::HandOver { lease, sw, to } => {
+                let ok = self.etcd.hand_over(&name, lease, &sw, &to);
+                if ok {
+                    self.log(|| format!("etcd: {name} handed the leader key over to {to}"));
                 }
                 Res::Bool(ok)
             }
@@ -1229,6 +1242,7 @@ impl World {
                         at_ms: None,
                         requested_ms: EPOCH_MS + self.now,
                         force: false,
+                        released_to: None,
                     };
                     // The API answers 409 while one is pending.
                     let _ = self

@@ -196,6 +196,8 @@ pub struct Agent {
     pass_blocked: bool,
     dcs_last_seen: Option<Instant>,
     promotions: u64,
+    /// Timeline the last ReserveTimeline recorded, for the Promote after it.
+    reserved_timeline: Option<u32>,
     loop_durations: LoopHistogram,
     snapshot: watch::Sender<Arc<Snapshot>>,
     job_done: mpsc::Sender<()>,
@@ -270,6 +272,7 @@ impl Agent {
                 pass_blocked: false,
                 dcs_last_seen: None,
                 promotions: 0,
+                reserved_timeline: None,
                 loop_durations: LoopHistogram::default(),
                 snapshot: tx,
                 job_done,
@@ -1258,7 +1261,7 @@ impl Agent {
                     }
                 }
             }
-            Action::StartPrimary | Action::Promote if !self.lease_ahead() => {
+            Action::StartPrimary | Action::Promote { .. } if !self.lease_ahead() => {
                 // The decision was made on a lease that ran out since (a
                 // slow pass, a frozen host): the next pass decides again.
                 warn!(node = %node, term, action = %step.action, "leader lease no longer ahead of its fencing deadline: step skipped");
@@ -1339,9 +1342,54 @@ impl Agent {
                     }
                 }
             }
-            Action::Promote => {
+            Action::ReserveTimeline { timeline } => {
+                // Raised past any history file in our pg_wal: Postgres
+                // would skip those numbers itself.
+                let timeline = self.pg.free_timeline_from(timeline);
+                let reserved = match self.leader_lease {
+                    Some(lease) => self
+                        .etcd
+                        .reserve_timeline(&node, lease.lease_id, timeline)
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|ok| ok.then_some(()).ok_or("leader key not ours".into())),
+                    None => Err("no leader lease".to_string()),
+                };
+                match reserved {
+                    Ok(()) => {
+                        info!(node = %node, term, timeline, "timeline reserved for the promotion");
+                        self.reserved_timeline = Some(timeline);
+                    }
+                    Err(e) => {
+                        warn!(node = %node, term, timeline, error = %e, "could not reserve a timeline: not promoting");
+                        self.pass_blocked = true;
+                    }
+                }
+            }
+            Action::Promote { timeline } => {
                 let old_leader = self.last_known_leader.clone();
-                match self.pg.promote().await {
+                let target = self
+                    .reserved_timeline
+                    .take()
+                    .filter(|r| *r >= timeline)
+                    .unwrap_or(timeline);
+                let current = obs.local.timeline.unwrap_or(1);
+                let steered = match self.pg.steer_promotion(current, target) {
+                    Ok(files) => files.len(),
+                    Err(e) => {
+                        warn!(node = %node, term, error = %e, "could not steer the promotion's timeline: not promoting");
+                        let _ = self.pg.remove_timeline_placeholders();
+                        return Ok(());
+                    }
+                };
+                if steered > 0 {
+                    info!(node = %node, term, timeline = target, skipped = steered, "promotion steered past timelines taken elsewhere");
+                }
+                let promoted = self.pg.promote().await;
+                if let Err(e) = self.pg.remove_timeline_placeholders() {
+                    warn!(node = %node, term, error = %e, "could not remove timeline placeholders");
+                }
+                match promoted {
                     Ok(()) => {
                         self.following = None;
                         self.promotions += 1;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::EtcdConfig;
 use crate::ha::{
     DcsView, DynamicConfig, InitializeKey, LeaderKey, Lsn, MemberStatus, SwitchoverKey, SyncKey,
-    SyncSet,
+    SyncSet, TimelineKey,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +85,9 @@ impl Keys {
     }
     pub fn sync(&self) -> String {
         format!("{}sync", self.prefix)
+    }
+    pub fn timeline(&self) -> String {
+        format!("{}timeline", self.prefix)
     }
 }
 
@@ -197,6 +200,12 @@ impl Etcd {
             } else if key == self.keys.status() {
                 if let Ok(st) = serde_json::from_slice::<LeaderStatus>(value) {
                     view.last_leader_lsn = Some(st.lsn);
+                    view.newest_timeline = view.newest_timeline.max(st.timeline);
+                }
+            } else if key == self.keys.timeline() {
+                match serde_json::from_slice::<TimelineKey>(value) {
+                    Ok(t) => view.timeline = Some(t),
+                    Err(e) => tracing::warn!(key, error = %e, "unreadable timeline key: ignored"),
                 }
             } else if key.starts_with(&members_prefix) {
                 match serde_json::from_slice::<MemberStatus>(value) {
@@ -206,6 +215,11 @@ impl Etcd {
             }
         }
         view.members.sort_by(|a, b| a.name.cmp(&b.name));
+        let recorded = history
+            .iter()
+            .filter_map(|h: &HistoryEntry| h.timeline)
+            .max();
+        view.newest_timeline = view.newest_timeline.max(recorded);
         Ok((view, history))
     }
 
@@ -433,6 +447,25 @@ impl Etcd {
                 Compare::lease(key.as_str(), CompareOp::Equal, lease_id),
             ])
             .and_then([TxnOp::put(self.keys.status(), v, None)]);
+        let mut c = self.client.clone();
+        Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
+    }
+
+    /// Reserves `timeline` for our promotion, only while the leader key is
+    /// ours under this lease.
+    pub async fn reserve_timeline(&self, node: &str, lease_id: i64, timeline: u32) -> Result<bool> {
+        let key = self.keys.leader();
+        let v = serde_json::to_vec(&TimelineKey {
+            timeline,
+            by: node.to_string(),
+        })
+        .expect("serializable");
+        let txn = Txn::new()
+            .when([
+                Compare::value(key.as_str(), CompareOp::Equal, node.as_bytes()),
+                Compare::lease(key.as_str(), CompareOp::Equal, lease_id),
+            ])
+            .and_then([TxnOp::put(self.keys.timeline(), v, None)]);
         let mut c = self.client.clone();
         Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
     }

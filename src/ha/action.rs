@@ -34,8 +34,13 @@ pub enum Action {
     /// `switchover` key released to `to`, in one transaction (compare: the
     /// leader key is still ours and the switchover is still pending).
     HandOverKey { to: String },
-    /// Promote the local standby; we hold the leader key.
-    Promote,
+    /// Record `timeline` in the `timeline` key (compare: we hold the leader
+    /// key), raised past any timeline history the local pg_wal holds. When
+    /// it fails, the rest of the pass is skipped.
+    ReserveTimeline { timeline: u32 },
+    /// Promote the local standby to the timeline reserved for it (at least
+    /// `timeline`); we hold the leader key.
+    Promote { timeline: u32 },
     /// Stop Postgres now (fast shutdown: sessions are cut). With
     /// `then_rewind`, the data directory is rewound before it starts again.
     Stop { then_rewind: bool },
@@ -93,7 +98,8 @@ impl fmt::Display for Action {
             Action::RenewLeader { .. } => f.write_str("renew leader lease"),
             Action::ReleaseLeader => f.write_str("release leader key"),
             Action::HandOverKey { to } => write!(f, "hand leader key over to {to}"),
-            Action::Promote => f.write_str("promote"),
+            Action::ReserveTimeline { timeline } => write!(f, "reserve timeline {timeline}"),
+            Action::Promote { timeline } => write!(f, "promote to timeline {timeline}"),
             Action::Stop { then_rewind: false } => f.write_str("stop postgres"),
             Action::Stop { then_rewind: true } => f.write_str("stop postgres for rewind"),
             Action::CreateSlots { names } => write!(f, "create slots {}", names.join(",")),

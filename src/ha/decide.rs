@@ -187,6 +187,28 @@ fn running_leader<'a>(dcs: &'a DcsView, me: &str) -> Option<&'a str> {
         .then_some(key.name.as_str())
 }
 
+/// The timeline a promotion of ours takes: above every timeline the
+/// cluster has seen, by etcd (the reservation, the leader's status, the
+/// history), the members and our peers' answers. A reservation of ours
+/// above all of them (an earlier pass that did not get to promote) is
+/// taken again rather than skipped.
+fn promotion_timeline(obs: &Observation, dcs: &DcsView) -> u32 {
+    let known = dcs
+        .members
+        .iter()
+        .filter_map(|m| m.timeline)
+        .chain(obs.peers.iter().flatten().filter_map(|p| p.timeline))
+        .chain(obs.local.timeline)
+        .chain(dcs.newest_timeline)
+        .max()
+        .unwrap_or(1);
+    match &dcs.timeline {
+        Some(k) if k.by == obs.node && k.timeline > known => k.timeline,
+        Some(k) => known.max(k.timeline) + 1,
+        None => known + 1,
+    }
+}
+
 /// We hold the leader key.
 fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps: &mut Vec<Step>) {
     let local = &obs.local;
@@ -246,8 +268,13 @@ fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps:
     }
     if local.role == Some(PgRole::Replica) {
         super::sync::before_promote(obs, dcs, steps);
+        let timeline = promotion_timeline(obs, dcs);
         steps.push(Step::new(
-            Action::Promote,
+            Action::ReserveTimeline { timeline },
+            "before promoting: no later promotion may pick our new timeline's number",
+        ));
+        steps.push(Step::new(
+            Action::Promote { timeline },
             "we hold the leader key: promote",
         ));
         return;

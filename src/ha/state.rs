@@ -433,6 +433,23 @@ pub struct DcsView {
     pub switchover: Option<SwitchoverKey>,
     /// The `sync` key.
     pub sync: Option<SyncKey>,
+    /// The `timeline` key: the timeline the last promotion reserved.
+    pub timeline: Option<TimelineKey>,
+    /// Highest timeline etcd knows of otherwise: the leader's `status`
+    /// and the `history` of promotions.
+    pub newest_timeline: Option<u32>,
+}
+
+/// A timeline reserved by the leader before it promoted, so that no later
+/// promotion elsewhere picks the same number. Without a WAL archive a
+/// standby knows only the timelines it streamed; Postgres would promote it
+/// to the next free number it sees locally, and two histories with one
+/// number make pg_rewind take them for the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineKey {
+    pub timeline: u32,
+    /// The member that reserved it.
+    pub by: String,
 }
 
 impl DcsView {

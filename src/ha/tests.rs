@@ -63,6 +63,8 @@ fn view(leader: Option<&str>, members: Vec<MemberStatus>) -> DcsView {
         last_leader_lsn: None,
         switchover: None,
         sync: None,
+        timeline: None,
+        newest_timeline: None,
     }
 }
 
@@ -299,7 +301,9 @@ fn leader_whose_stopped_data_directory_is_a_standby_starts_it_as_a_standby() {
         ..LocalPostgres::default()
     };
     o.pg_down_since = None;
-    assert!(actions(&o, 3_000).contains(&Action::Promote));
+    assert!(actions(&o, 3_000)
+        .iter()
+        .any(|a| matches!(a, Action::Promote { .. })));
 }
 
 #[test]
@@ -459,7 +463,8 @@ fn promotion_weakens_our_own_earlier_claim() {
             Action::SetSyncStandbys {
                 set: SyncSet::none()
             },
-            Action::Promote
+            Action::ReserveTimeline { timeline: 2 },
+            Action::Promote { timeline: 2 }
         ]
     );
 }
@@ -492,6 +497,57 @@ fn aborted_handover_restarts_the_primary_only_on_a_proven_lease() {
     assert_eq!(actions(&o, 10_000)[1..], [Action::ClearSwitchover]);
 }
 
+/// Found by the simulator (asynchronous mode, no WAL archive): n3 promoted
+/// to timeline 2 and vanished; n2, which never streamed from n3, would
+/// promote to timeline 2 as well, and pg_rewind takes two histories with one
+/// number for the same. The promotion goes past every timeline known.
+#[test]
+fn promotion_reserves_a_timeline_above_every_known_one() {
+    let promote_to = |v: DcsView| -> Vec<Action> {
+        let o = obs("n2", running(PgRole::Replica, 1, 1000), Some(v));
+        actions(&o, 0)
+            .into_iter()
+            .filter(|a| matches!(a, Action::ReserveTimeline { .. } | Action::Promote { .. }))
+            .collect()
+    };
+    let reserve = |t| {
+        vec![
+            Action::ReserveTimeline { timeline: t },
+            Action::Promote { timeline: t },
+        ]
+    };
+    let mut v = view(Some("n2"), healthy_three("n1"));
+    assert_eq!(promote_to(v.clone()), reserve(2), "nothing newer known");
+    v.timeline = Some(TimelineKey {
+        timeline: 2,
+        by: "n3".into(),
+    });
+    assert_eq!(
+        promote_to(v.clone()),
+        reserve(3),
+        "n3 reserved 2 and vanished"
+    );
+    v.newest_timeline = Some(4);
+    assert_eq!(promote_to(v.clone()), reserve(5), "the history records 4");
+    v.members[2].timeline = Some(6);
+    assert_eq!(promote_to(v.clone()), reserve(7), "a member runs on 6");
+    v.timeline = Some(TimelineKey {
+        timeline: 9,
+        by: "n2".into(),
+    });
+    assert_eq!(
+        promote_to(v.clone()),
+        reserve(9),
+        "our own reservation from a pass that did not promote is reused"
+    );
+    v.members[2].timeline = Some(9);
+    assert_eq!(
+        promote_to(v),
+        reserve(10),
+        "but not once someone runs on it"
+    );
+}
+
 #[test]
 fn new_leader_creates_slots_then_promotes() {
     let o = obs(
@@ -506,7 +562,8 @@ fn new_leader_creates_slots_then_promotes() {
             Action::CreateSlots {
                 names: vec!["n1".into(), "n3".into()]
             },
-            Action::Promote
+            Action::ReserveTimeline { timeline: 2 },
+            Action::Promote { timeline: 2 }
         ]
     );
 }
@@ -1427,7 +1484,8 @@ fn new_leader_publishes_its_empty_claim_before_promoting() {
             Action::SetSyncStandbys {
                 set: set(&["n3"], 1)
             },
-            Action::Promote,
+            Action::ReserveTimeline { timeline: 2 },
+            Action::Promote { timeline: 2 },
         ]
     );
 }
@@ -1518,7 +1576,7 @@ proptest! {
     fn never_promotes_or_starts_primary_without_holding_the_key((o, now) in arb_obs()) {
         let holds = o.dcs.as_ref().and_then(|d| d.leader.as_ref()).is_some_and(|l| l.name == o.node);
         for a in actions(&o, now) {
-            if matches!(a, Action::Promote | Action::StartPrimary) {
+            if matches!(a, Action::Promote { .. } | Action::StartPrimary) {
                 prop_assert!(holds, "{a:?} without the key: {o:?}");
             }
             if a == Action::StartPrimary {

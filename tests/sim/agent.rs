@@ -9,7 +9,7 @@ use pgha::config::Tags;
 use pgha::ha::{
     self, Action, DataDir as DirKind, DcsView, Handover, HeldLease, Job, LocalPostgres, MemberRole,
     MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Replication, Step, SyncApplied,
-    SyncKey, Tick,
+    SyncKey, Tick, TimelineKey,
 };
 
 use crate::etcd::{self, Value};
@@ -75,6 +75,8 @@ pub struct Agent {
     pub handover: Option<Handover>,
     pub replica_timeline: Option<u32>,
     pub sync_applied: Option<SyncApplied>,
+    /// As the agent's: the last ReserveTimeline's number.
+    pub reserved_timeline: Option<u32>,
     pub phase: Phase,
     pub awaiting: Option<u64>,
     pub wake_gen: u64,
@@ -549,7 +551,7 @@ impl World {
             }
             // As the agent's executor: a lease that ran out since the
             // decision (a slow pass, a frozen host) skips the step.
-            Action::StartPrimary | Action::Promote
+            Action::StartPrimary | Action::Promote { .. }
                 if !self.cfg.knobs.no_fencing && !self.lease_ahead(i) =>
             {
                 self.pass_blocked = true;
@@ -697,7 +699,57 @@ impl World {
                 }
                 Some(_) => Flow::Next,
             },
-            Action::Promote => {
+            Action::ReserveTimeline { timeline } => match reply {
+                None => match self.nodes[i].agent.leader_lease {
+                    Some(l) => {
+                        // Past the history files in pg_wal, as the agent.
+                        let newest = self.nodes[i]
+                            .pg
+                            .dir
+                            .as_ref()
+                            .map_or(0, |d| d.newest_timeline);
+                        let t = (*timeline).max(newest + 1);
+                        self.nodes[i].agent.reserved_timeline = Some(t);
+                        let value = Value::Timeline(TimelineKey {
+                            timeline: t,
+                            by: name.clone(),
+                        });
+                        self.await_rpc(
+                            i,
+                            Op::PutIfLeader {
+                                lease: l.lease_id,
+                                key: etcd::TIMELINE,
+                                value,
+                            },
+                        );
+                        Flow::Wait
+                    }
+                    None => {
+                        self.pass_blocked = true;
+                        Flow::Next
+                    }
+                },
+                Some(Some(Res::Bool(true))) => Flow::Next,
+                Some(_) => {
+                    self.nodes[i].agent.reserved_timeline = None;
+                    self.pass_blocked = true;
+                    Flow::Next
+                }
+            },
+            Action::Promote { timeline } => {
+                let target = self.nodes[i]
+                    .agent
+                    .reserved_timeline
+                    .take()
+                    .filter(|r| r >= timeline)
+                    .unwrap_or(*timeline);
+                // The placeholder history files: Postgres skips every
+                // number below the target (they are removed again after).
+                let pg = &mut self.nodes[i].pg;
+                let promotable = pg.running && !pg.stopping && pg.role == Some(PgRole::Replica);
+                if let Some(dir) = pg.dir.as_mut().filter(|_| promotable) {
+                    dir.newest_timeline = dir.newest_timeline.max(target - 1);
+                }
                 self.promote(i);
                 Flow::Next
             }
@@ -1090,7 +1142,7 @@ impl World {
                     Op::PutIfLeader {
                         lease: lease.lease_id,
                         key: etcd::STATUS,
-                        value: Value::Status(pos),
+                        value: Value::Status(pos, local.timeline),
                     },
                 );
                 self.nodes[i].agent.phase = Phase::Publishing(pass, 1);

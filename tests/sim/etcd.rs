@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use pgha::ha::{
     DcsView, DynamicConfig, InitializeKey, LeaderKey, Lsn, MemberStatus, SwitchoverKey, SyncKey,
+    TimelineKey,
 };
 
 #[derive(Debug, Clone)]
@@ -15,7 +16,9 @@ pub enum Value {
     Initialize(InitializeKey),
     Member(Box<MemberStatus>),
     Config(DynamicConfig),
-    Status(Lsn),
+    /// The leader's WAL position and timeline.
+    Status(Lsn, Option<u32>),
+    Timeline(TimelineKey),
     Switchover(SwitchoverKey),
     Sync(SyncKey),
 }
@@ -63,6 +66,7 @@ pub const LEADER: &str = "leader";
 pub const SYNC: &str = "sync";
 pub const STATUS: &str = "status";
 pub const SWITCHOVER: &str = "switchover";
+pub const TIMELINE: &str = "timeline";
 
 pub fn member_key(name: &str) -> String {
     format!("members/{name}")
@@ -280,7 +284,11 @@ impl Etcd {
                 Value::Member(m) if key.starts_with("members/") => v.members.push((**m).clone()),
                 Value::Member(_) => {}
                 Value::Config(c) => v.config = c.clone(),
-                Value::Status(lsn) => v.last_leader_lsn = Some(*lsn),
+                Value::Status(lsn, timeline) => {
+                    v.last_leader_lsn = Some(*lsn);
+                    v.newest_timeline = v.newest_timeline.max(*timeline);
+                }
+                Value::Timeline(t) => v.timeline = Some(t.clone()),
                 Value::Switchover(s) => v.switchover = Some(s.clone()),
                 Value::Sync(s) => v.sync = Some(s.clone()),
             }

@@ -221,24 +221,6 @@ fn report(c: &Campaign) {
     println!("sim: synchronous_mode: {}", modes.join(", "));
 }
 
-/// Violations of an open finding reported to the maintainers (see the
-/// report of the simulator's branch); they are listed, not failed, until
-/// fixed. Remove a class here once its fix lands.
-fn open_finding(seed: u64, knobs: &Knobs, violation: &str) -> Option<&'static str> {
-    if knobs.no_fencing || knobs.hide_lag {
-        return None;
-    }
-    let sched = Schedule::generate(seed, knobs.clone());
-    let timeline =
-        violation.contains("promoted to timeline") || violation.contains("rewound from timeline");
-    if timeline && sched.cfg.sync_mode == SyncMode::Off {
-        return Some(
-            "timeline reused: asynchronous failover to a node that never saw the newer timeline (no WAL archive)",
-        );
-    }
-    None
-}
-
 /// A campaign with a deliberately broken cluster must find `want`.
 fn must_find(what: &str, knobs: &Knobs, want: &str) -> bool {
     let c = campaign(0, BUG_BUDGET, knobs, true);
@@ -278,25 +260,9 @@ fn main() {
     });
     let c = campaign(args.from, n, &args.knobs, false);
     report(&c);
-    let mut unknown = Vec::new();
-    let mut known: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
-    for (seed, v) in &c.violations {
-        match open_finding(*seed, &args.knobs, v) {
-            Some(class) => known.entry(class).or_default().push(*seed),
-            None => {
-                println!("sim: violation: seed {seed}: {v}");
-                unknown.push((*seed, v.clone()));
-            }
-        }
-    }
-    for (class, seeds) in &known {
-        let shown: Vec<String> = seeds.iter().take(8).map(|s| s.to_string()).collect();
-        println!(
-            "sim: open finding ({} schedule(s), not failing the run): {class}; seeds {}{}",
-            seeds.len(),
-            shown.join(", "),
-            if seeds.len() > 8 { ", ..." } else { "" }
-        );
+    let unknown = &c.violations;
+    for (seed, v) in unknown {
+        println!("sim: violation: seed {seed}: {v}");
     }
     let mut ok = unknown.is_empty();
     for (seed, v) in unknown.iter().take(3) {

@@ -233,6 +233,15 @@ fn sigkill_of_the_primary_and_its_postgres_fails_over_within_the_ttl() {
         .query("SELECT timeline_id FROM pg_control_checkpoint()")
         .parse()
         .expect("timeline");
+    // A member that has vanished since reserved three timelines more (no
+    // WAL archive: nobody here has their history files). The promotion
+    // must go past them, and the replicas must follow across the gap.
+    let reserved = old_tl + 3;
+    let scope = cluster.opts.scope.clone();
+    cluster.etcd.put(
+        &format!("/pgha/{scope}/timeline"),
+        &format!(r#"{{"timeline":{reserved},"by":"gone"}}"#),
+    );
     let probe = RoleProbe::start(&cluster.pg_ports(), PROBE_EVERY);
     let writer = start_writer(&cluster);
 
@@ -245,11 +254,30 @@ fn sigkill_of_the_primary_and_its_postgres_fails_over_within_the_ttl() {
         "promotion took {failover:?} after the kill, more than ttl + 2 s"
     );
     let first_new = writer.wait_for_ack_on(new_port, killed_at, Duration::from_secs(30));
-    assert!(
-        first_new.timeline > old_tl,
-        "{first_new:?}: still timeline {old_tl}"
+    assert_eq!(
+        first_new.timeline,
+        reserved + 1,
+        "{first_new:?}: not past the reserved timeline {reserved}"
     );
     let new = cluster.node_by_port(new_port).name.clone();
+    let key = cluster
+        .etcd
+        .get_json(&format!("/pgha/{scope}/timeline"))
+        .expect("timeline key");
+    assert_eq!(key["timeline"], reserved + 1, "{key}");
+    assert_eq!(key["by"], new.as_str(), "{key}");
+    let placeholders: Vec<_> = std::fs::read_dir(cluster.node(&new).data_dir.join("pg_wal"))
+        .expect("pg_wal")
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path()).is_ok_and(|t| t.starts_with("# pgha placeholder"))
+        })
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        placeholders.is_empty(),
+        "placeholder history files left behind: {placeholders:?}"
+    );
 
     cluster.node_mut(&old).restart();
     let view = cluster.wait_healthy(REJOIN_TIMEOUT);
@@ -259,7 +287,10 @@ fn sigkill_of_the_primary_and_its_postgres_fails_over_within_the_ttl() {
         "leadership moved again: {view:#?}"
     );
     let new_tl = view.primaries()[0].timeline;
-    assert_eq!(view.member(&old).expect("old member").timeline, new_tl);
+    assert_eq!(new_tl, Some(reserved + 1));
+    for m in &view.members {
+        assert_eq!(m.timeline, new_tl, "{} is not on the new timeline", m.name);
+    }
     assert_rewound_not_cloned(cluster.node(&old));
     // Writes go on, and reach the rejoined node.
     writer.wait_for_ack_after(Instant::now(), Duration::from_secs(10));

@@ -240,6 +240,18 @@ impl Etcd {
             .expect("etcd get")
     }
 
+    /// Writes `key` (no lease), as an operator or a vanished member would.
+    pub fn put(&self, key: &str, value: &str) {
+        let url = self.url.clone();
+        let (key, value) = (key.to_string(), value.to_string());
+        runtime()
+            .block_on(async move {
+                let mut client = etcd_client::Client::connect([url], None).await?;
+                client.put(key, value, None).await.map(|_| ())
+            })
+            .expect("etcd put")
+    }
+
     pub fn get_json(&self, key: &str) -> Option<Value> {
         self.get(key)
             .map(|v| serde_json::from_slice(&v).expect("JSON value in etcd"))

@@ -58,6 +58,8 @@ trait HaSystem {
     /// The agent process of every node.
     fn agent_pids(&self) -> Vec<i32>;
     fn health_url(&self, name: &str) -> String;
+    /// The etcd key holding the leader's name.
+    fn leader_key(&self) -> String;
 }
 
 struct Pgha(Cluster);
@@ -128,6 +130,10 @@ impl HaSystem for Pgha {
     fn health_url(&self, name: &str) -> String {
         format!("{}/health", self.0.node(name).api_url())
     }
+
+    fn leader_key(&self) -> String {
+        format!("/pgha/{}/leader", self.0.opts.scope)
+    }
 }
 
 struct Patroni(PatroniCluster);
@@ -191,6 +197,10 @@ impl HaSystem for Patroni {
     fn health_url(&self, name: &str) -> String {
         format!("{}/health", self.0.node(name).api_url())
     }
+
+    fn leader_key(&self) -> String {
+        format!("{}{}/leader", patroni::NAMESPACE, self.0.scope)
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -201,6 +211,8 @@ impl HaSystem for Patroni {
 #[derive(Default)]
 struct Outages {
     windows: Vec<Duration>,
+    /// Failovers: from the SIGKILL until the old leader key was gone.
+    key_gone: Vec<Duration>,
     acked: usize,
     lost: usize,
     /// Time spent in the rounds, for the run-time estimate.
@@ -257,17 +269,32 @@ fn finish_writer(sys: &mut dyn HaSystem, writer: Writer, into: &mut Outages) {
 /// the outage runs from the last write acknowledged by the old primary to
 /// the first acknowledged by a new one. The killed node is restarted and
 /// has rejoined before this returns.
-fn failover_round(sys: &mut dyn HaSystem, writer: &Writer, label: &str) -> Duration {
+fn failover_round(
+    sys: &mut dyn HaSystem,
+    etcd: &Etcd,
+    writer: &Writer,
+    label: &str,
+) -> (Duration, Duration) {
     let ready = sys.ready();
     let old = ready.primary;
     let old_port = sys.port_of(&old);
+    let leader_key = sys.leader_key();
+    assert_eq!(
+        etcd.get(&leader_key).as_deref(),
+        Some(old.as_bytes()),
+        "{label}: {leader_key} names the primary"
+    );
     writer.wait_for_ack_on(old_port, Instant::now(), Duration::from_secs(30));
     let killed_at = Instant::now();
     sys.kill_with_postgres(&old);
+    let mut key_gone = None;
     let first_new = wait_until(
         &format!("{label}: a write acknowledged by a new primary"),
         READY_TIMEOUT,
         || {
+            if key_gone.is_none() && etcd.get(&leader_key).as_deref() != Some(old.as_bytes()) {
+                key_gone = Some(killed_at.elapsed());
+            }
             writer
                 .log()
                 .acked()
@@ -284,15 +311,17 @@ fn failover_round(sys: &mut dyn HaSystem, writer: &Writer, label: &str) -> Durat
         .max()
         .expect("acknowledged writes on the old primary");
     let outage = first_new.at - last_old;
+    let key_gone = key_gone.unwrap_or_else(|| killed_at.elapsed());
     let promoted_sync = sys.port_of(&ready.sync_standby) == first_new.port;
     eprintln!(
-        "{label}: killed {old}; write outage {:.2} s (new primary {} the synchronous standby)",
+        "{label}: killed {old}; leader key gone after {:.2} s, write outage {:.2} s (new primary {} the synchronous standby)",
+        key_gone.as_secs_f64(),
         outage.as_secs_f64(),
         if promoted_sync { "was" } else { "was NOT" }
     );
     sys.restart(&old);
     sys.ready();
-    outage
+    (outage, key_gone)
 }
 
 /// One planned switchover from the primary to its synchronous standby
@@ -396,6 +425,8 @@ fn clock_ticks_per_second() -> f64 {
 struct Idle {
     rss_mib: f64,
     rss_max_mib: f64,
+    /// The agent process alone, without its helpers.
+    agent_only_rss_mib: f64,
     cpu_s: f64,
     processes_per_agent: usize,
 }
@@ -434,6 +465,11 @@ fn measure_idle(systems: [&dyn HaSystem; 2], idle: Duration) -> [Idle; 2] {
         out[i] = Idle {
             rss_mib: rss.iter().sum::<f64>() / n,
             rss_max_mib: rss.iter().copied().fold(0.0, f64::max),
+            agent_only_rss_mib: trees
+                .iter()
+                .map(|t| rss_kib(t[0]) as f64 / 1024.0)
+                .sum::<f64>()
+                / n,
             cpu_s: cpu.iter().sum::<f64>() / n,
             processes_per_agent: trees.iter().map(Vec::len).max().unwrap_or(0),
         };
@@ -529,6 +565,7 @@ fn start_patroni(etcd: &Etcd, scope: &str, timing: PatroniTiming) -> (Patroni, D
 
 /// Alternating failover rounds on both systems, one writer each.
 fn failovers(
+    etcd: &Etcd,
     pgha: &mut Pgha,
     patroni: Option<&mut Patroni>,
     rounds: usize,
@@ -543,19 +580,17 @@ fn failovers(
         .map(|p| start_writer(p, &format!("patroni-{tag}")));
     for round in 1..=rounds {
         let t = Instant::now();
-        a.windows.push(failover_round(
-            pgha,
-            &wa,
-            &format!("pgha {tag} {round}/{rounds}"),
-        ));
+        let (window, key_gone) =
+            failover_round(pgha, etcd, &wa, &format!("pgha {tag} {round}/{rounds}"));
+        a.windows.push(window);
+        a.key_gone.push(key_gone);
         a.spent += t.elapsed();
         if let (Some(p), Some(w), Some(b)) = (patroni.as_deref_mut(), wb.as_ref(), b.as_mut()) {
             let t = Instant::now();
-            b.windows.push(failover_round(
-                p,
-                w,
-                &format!("Patroni {tag} {round}/{rounds}"),
-            ));
+            let (window, key_gone) =
+                failover_round(p, etcd, w, &format!("Patroni {tag} {round}/{rounds}"));
+            b.windows.push(window);
+            b.key_gone.push(key_gone);
             b.spent += t.elapsed();
         }
     }
@@ -644,10 +679,10 @@ fn memory_gib() -> f64 {
 /// seconds per round from a validation run on 2 shared cores.
 fn estimate(rounds: u64, idle_s: u64) -> Duration {
     // Fixed: 5 cluster starts, idle window, 2 wrk runs, teardown.
-    let fixed = 150 + idle_s + 30;
-    // Per round: failovers at defaults (both), at TTL 20 (both), at pgha's
-    // lowest TTL, and one switchover each.
-    let per_round = 75 + 95 + 25 + 10 + 35;
+    let fixed = 120 + idle_s + 30;
+    // Per round: failovers at defaults (pgha, Patroni), at TTL 20 (pgha,
+    // Patroni), at pgha's lowest TTL, and one switchover each.
+    let per_round = 25 + 45 + 35 + 30 + 10 + 5 + 10;
     Duration::from_secs(fixed + rounds * per_round)
 }
 
@@ -695,8 +730,13 @@ fn pgha_and_patroni_side_by_side() {
     let replica = patroni.ready().replicas[0].clone();
     let wrk_patroni = run_wrk(&patroni.health_url(&replica));
     fixed += t.elapsed();
-    let (fo_default_pgha, fo_default_patroni) =
-        failovers(&mut pgha, Some(&mut patroni), rounds as usize, "defaults");
+    let (fo_default_pgha, fo_default_patroni) = failovers(
+        &etcd,
+        &mut pgha,
+        Some(&mut patroni),
+        rounds as usize,
+        "defaults",
+    );
     let fo_default_patroni = fo_default_patroni.expect("Patroni series");
     let mut so_pgha = Outages::default();
     let mut so_patroni = Outages::default();
@@ -739,8 +779,13 @@ fn pgha_and_patroni_side_by_side() {
     );
     starts_pgha.push(took);
     fixed += t.elapsed();
-    let (fo_ttl20_pgha, fo_ttl20_patroni) =
-        failovers(&mut pgha, Some(&mut patroni), rounds as usize, "ttl20");
+    let (fo_ttl20_pgha, fo_ttl20_patroni) = failovers(
+        &etcd,
+        &mut pgha,
+        Some(&mut patroni),
+        rounds as usize,
+        "ttl20",
+    );
     let fo_ttl20_patroni = fo_ttl20_patroni.expect("Patroni series");
     let t = Instant::now();
     drop(pgha);
@@ -750,7 +795,7 @@ fn pgha_and_patroni_side_by_side() {
     let (mut pgha, took) = start_pgha(&etcd, "bench-ttl3", Timing::FAST);
     starts_pgha.push(took);
     fixed += t.elapsed();
-    let (fo_fast_pgha, _) = failovers(&mut pgha, None, rounds as usize, "ttl3");
+    let (fo_fast_pgha, _) = failovers(&etcd, &mut pgha, None, rounds as usize, "ttl3");
     let t = Instant::now();
     drop(pgha);
     drop(etcd);
@@ -771,6 +816,21 @@ fn pgha_and_patroni_side_by_side() {
     .map(|o| o.spent)
     .sum();
     let rest = elapsed.saturating_sub(round_time).saturating_sub(fixed);
+    for (name, o) in [
+        ("failovers pgha defaults", &fo_default_pgha),
+        ("failovers Patroni defaults", &fo_default_patroni),
+        ("failovers pgha ttl 20", &fo_ttl20_pgha),
+        ("failovers Patroni ttl 20", &fo_ttl20_patroni),
+        ("failovers pgha ttl 3", &fo_fast_pgha),
+        ("switchovers pgha", &so_pgha),
+        ("switchovers Patroni", &so_patroni),
+    ] {
+        eprintln!(
+            "time in {name}: {:.0} s ({:.0} s per round)",
+            o.spent.as_secs_f64(),
+            o.spent.as_secs_f64() / rounds as f64
+        );
+    }
     let full_estimate = fixed + rest + round_time.mul_f64(10.0 / rounds as f64);
 
     let half = Duration::from_secs_f64;
@@ -847,6 +907,19 @@ fn pgha_and_patroni_side_by_side() {
             Some(so_pgha.max() < Duration::from_secs(1)),
         ),
     ];
+    for (what, a, b) in [
+        ("defaults", &fo_default_pgha, &fo_default_patroni),
+        ("both ttl 20 s", &fo_ttl20_pgha, &fo_ttl20_patroni),
+        ("lowest accepted ttl", &fo_fast_pgha, &fo_ttl20_patroni),
+    ] {
+        rows.push(duration_row(
+            &format!("failover, {what}: SIGKILL to old leader key gone from etcd, median"),
+            median(&a.key_gone),
+            median(&b.key_gone),
+            "",
+            None,
+        ));
+    }
     let failover_series_pgha = [&fo_default_pgha, &fo_ttl20_pgha, &fo_fast_pgha];
     let failover_series_patroni = [&fo_default_patroni, &fo_ttl20_patroni];
     let lost_pgha: usize = failover_series_pgha.iter().map(|o| o.lost).sum();
@@ -882,6 +955,18 @@ fn pgha_and_patroni_side_by_side() {
         ratio: ratio(idle_pgha.rss_mib, idle_patroni.rss_mib),
         target: "<= 1/3".into(),
         met: verdict(idle_pgha.rss_mib * 3.0 <= idle_patroni.rss_mib),
+    });
+    rows.push(Row {
+        metric: "agent RSS, the agent process alone (pgha without its fence guard), mean per node"
+            .into(),
+        pgha: format!("{:.1} MiB", idle_pgha.agent_only_rss_mib),
+        patroni: format!("{:.1} MiB", idle_patroni.agent_only_rss_mib),
+        ratio: ratio(
+            idle_pgha.agent_only_rss_mib,
+            idle_patroni.agent_only_rss_mib,
+        ),
+        target: "".into(),
+        met: "-".into(),
     });
     rows.push(Row {
         metric: format!("agent CPU seconds over {idle_s} s idle, mean per node"),
@@ -1019,7 +1104,12 @@ fn pgha_and_patroni_side_by_side() {
         ("Patroni, ttl 20 s", &fo_ttl20_patroni),
         ("pgha, ttl 3 s", &fo_fast_pgha),
     ] {
-        let _ = writeln!(md, "- failover, {name}: {}", list(&o.windows));
+        let _ = writeln!(
+            md,
+            "- failover, {name}: {} (leader key gone after: {})",
+            list(&o.windows),
+            list(&o.key_gone)
+        );
     }
     let _ = writeln!(md, "- switchover, pgha: {}", list(&so_pgha.windows));
     let _ = writeln!(md, "- switchover, Patroni: {}", list(&so_patroni.windows));

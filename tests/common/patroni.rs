@@ -22,6 +22,9 @@ use crate::common::{
     tail, wait_until, Etcd, TestDir, PG_BIN, REPLICATION_PASSWORD, SUPERUSER_PASSWORD,
 };
 
+/// Patroni's etcd key prefix, apart from pgha's "/pgha".
+pub const NAMESPACE: &str = "/patroni-bench/";
+
 /// Lines of each log printed when a benchmark fails.
 const LOG_TAIL_LINES: usize = 60;
 
@@ -403,7 +406,7 @@ pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
 fn render_config(node: &PatroniNode, scope: &str, etcd: SocketAddr, t: PatroniTiming) -> String {
     format!(
         r#"scope: {scope}
-namespace: /patroni-bench/
+namespace: {NAMESPACE}
 name: {name}
 log:
   level: INFO

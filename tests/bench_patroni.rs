@@ -663,6 +663,13 @@ fn command_output(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_else(|e| format!("({cmd}: {e})"))
 }
 
+/// The first three fields of /proc/loadavg.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn memory_gib() -> f64 {
     fs::read_to_string("/proc/meminfo")
         .ok()
@@ -701,6 +708,7 @@ fn pgha_and_patroni_side_by_side() {
     let rounds = env_number("PGHA_BENCH_ROUNDS", 10).max(1);
     let idle_s = env_number("PGHA_BENCH_IDLE_SECS", 60);
     let run_started = Instant::now();
+    let load_before = load_average();
     let patroni_version = patroni::version();
     eprintln!(
         "{patroni_version}; {rounds} round(s) per series; estimated run time {:.0} min ({:.0} min with 10 rounds)",
@@ -803,6 +811,7 @@ fn pgha_and_patroni_side_by_side() {
     drop(etcd);
     fixed += t.elapsed();
     let elapsed = run_started.elapsed();
+    let load_after = load_average();
 
     // The same run with 10 rounds: fixed parts as measured, rounds scaled.
     let round_time: Duration = [
@@ -1059,7 +1068,7 @@ fn pgha_and_patroni_side_by_side() {
     );
     let _ = writeln!(
         md,
-        "- machine: {cores} cores ({cpu_model}), {:.1} GiB memory",
+        "- machine: {cores} cores ({cpu_model}), {:.1} GiB memory; load average (1, 5, 15 min) {load_before} at the start, {load_after} at the end (other work on the machine skews every number, wrk's p99 most)",
         memory_gib()
     );
     let _ = writeln!(

@@ -1339,7 +1339,13 @@ pub const WRITES_TABLE: &str = "pgha_writes";
 
 /// Creates [`WRITES_TABLE`] through `node` (the primary).
 pub fn create_writes_table(node: &Node) {
-    node.query(&format!(
+    create_writes_table_on_port(node.pg_port);
+}
+
+/// Creates [`WRITES_TABLE`] on the Postgres at 127.0.0.1:`port` (a primary
+/// not run by pgha, e.g. Patroni's in the side-by-side benchmark).
+pub fn create_writes_table_on_port(port: u16) {
+    let sql = format!(
         "CREATE TABLE IF NOT EXISTS {WRITES_TABLE} (
              writer text NOT NULL,
              seq bigint NOT NULL,
@@ -1347,7 +1353,8 @@ pub fn create_writes_table(node: &Node) {
              timeline int NOT NULL,
              ts timestamptz NOT NULL DEFAULT clock_timestamp(),
              PRIMARY KEY (writer, seq))"
-    ));
+    );
+    psql(port, &sql).unwrap_or_else(|e| panic!("port {port}: {sql}: {e}"));
 }
 
 /// The `seq`s of `writer`'s rows as the Postgres on `port` has them.

@@ -446,10 +446,29 @@ async fn run(cfg: Config) -> ExitCode {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    // The fence guard is plain synchronous code: no runtime, no worker
+    // threads, the smallest footprint beside every primary.
+    if let Command::FenceGuard { data_dir } = cli.command {
+        let stdin = std::io::BufReader::new(std::io::stdin());
+        pgha::fence::run_guard(stdin, &move || pgha::fence::postmaster_pid(&data_dir));
+        return ExitCode::SUCCESS;
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(dispatch(cli.command)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> ExitCode {
+    match command {
         Command::Run { config } => match load_config(&config) {
             // As a container's PID 1 the agent runs as a child of a reaper.
             Ok(cfg) if pgha::reaper::is_pid1() => {
@@ -483,11 +502,7 @@ async fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::FenceGuard { data_dir } => {
-            let stdin = std::io::BufReader::new(std::io::stdin());
-            pgha::fence::run_guard(stdin, &move || pgha::fence::postmaster_pid(&data_dir));
-            ExitCode::SUCCESS
-        }
+        Command::FenceGuard { .. } => unreachable!("handled before the runtime starts"),
         Command::CheckConfig { file } => match load_config(&file) {
             Ok(cfg) => {
                 println!(

@@ -411,6 +411,20 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Proportional set size: every page shared with other processes (the
+/// binary's text between the agent and its guard, libc, libpython) counted
+/// as its share only.
+fn pss_kib(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn clock_ticks_per_second() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
@@ -427,6 +441,8 @@ struct Idle {
     rss_max_mib: f64,
     /// The agent process alone, without its helpers.
     agent_only_rss_mib: f64,
+    /// PSS of the whole tree.
+    pss_mib: f64,
     cpu_s: f64,
     processes_per_agent: usize,
 }
@@ -468,6 +484,11 @@ fn measure_idle(systems: [&dyn HaSystem; 2], idle: Duration) -> [Idle; 2] {
             agent_only_rss_mib: trees
                 .iter()
                 .map(|t| rss_kib(t[0]) as f64 / 1024.0)
+                .sum::<f64>()
+                / n,
+            pss_mib: trees
+                .iter()
+                .map(|t| t.iter().map(|&p| pss_kib(p)).sum::<u64>() as f64 / 1024.0)
                 .sum::<f64>()
                 / n,
             cpu_s: cpu.iter().sum::<f64>() / n,
@@ -976,6 +997,14 @@ fn pgha_and_patroni_side_by_side() {
             idle_pgha.agent_only_rss_mib,
             idle_patroni.agent_only_rss_mib,
         ),
+        target: "".into(),
+        met: "-".into(),
+    });
+    rows.push(Row {
+        metric: "agent PSS (shared pages split among the processes sharing them), agent and helpers, mean per node".into(),
+        pgha: format!("{:.1} MiB", idle_pgha.pss_mib),
+        patroni: format!("{:.1} MiB", idle_patroni.pss_mib),
+        ratio: ratio(idle_pgha.pss_mib, idle_patroni.pss_mib),
         target: "".into(),
         met: "-".into(),
     });

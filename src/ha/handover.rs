@@ -134,8 +134,8 @@ pub fn lead(
     let to = &handover.to;
     if sw.force {
         steps.push(Step::new(
-            Action::ReleaseLeader,
-            format!("forced failover to {to}: release without waiting"),
+            Action::HandOverKey { to: to.clone() },
+            format!("forced failover to {to}: hand the key over without waiting"),
         ));
         return true;
     }
@@ -149,6 +149,19 @@ pub fn lead(
             Action::HandOverKey { to: to.clone() },
             format!("switchover: {to} received all WAL up to our shutdown checkpoint {stop}"),
         )),
+        // Its agent stopped too (a whole fleet stopped at once): no point
+        // in waiting out the timeout.
+        _ if dcs
+            .member(to)
+            .is_none_or(|m| !matches!(m.state.as_str(), "running" | "streaming")) =>
+        {
+            abort(
+                obs,
+                lease_proven(obs, settings, now),
+                steps,
+                &format!("{to} is gone or stopping"),
+            )
+        }
         _ if now.since(handover.since) >= settings.handover_timeout_ms => abort(
             obs,
             lease_proven(obs, settings, now),
@@ -188,38 +201,23 @@ pub fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings) -> Option<Ve
         return None;
     }
     let running_replica = obs.local.running && obs.local.role == Some(PgRole::Replica);
-    if !sw.force {
-        // A planned switchover hands the key over only once the leader saw
-        // its target confirm every byte up to the shutdown checkpoint, and
-        // said so in the transaction that deleted its key. A leader whose
-        // lease ran out instead (crash, partition, fencing during the
-        // handover) confirmed nothing: the election's proofs apply.
-        return match &sw.released_to {
-            Some(to) if *to == obs.node && running_replica => Some(vec![Step::new(
-                Action::AcquireLeader,
-                format!("switchover from {} to us", sw.from),
-            )]),
-            // Leave the key to the named target while it is around.
-            Some(to) if dcs.member(to).is_some() => Some(Vec::new()),
-            _ => None,
-        };
-    }
-    // A forced failover does not wait for the target's WAL: the operator
-    // chose the target. Only a leader that stopped for it hands the key
-    // over; one that vanished while running leaves the choice to the
-    // election.
-    let handing_over = dcs.member(&sw.from).is_some_and(|m| {
-        m.role == MemberRole::Primary && matches!(m.state.as_str(), "stopping" | "stopped")
-    });
-    if !handing_over {
-        return None;
-    }
-    match &sw.to {
+    // The key is handed over only by the leader itself, in the transaction
+    // that deletes it: for a switchover once its target confirmed every
+    // byte up to the shutdown checkpoint, for a forced failover at once. A
+    // leader whose lease ran out instead (crash, partition, fencing during
+    // the handover) handed nothing over: the election's proofs apply.
+    let kind = if sw.force {
+        "forced failover"
+    } else {
+        "switchover"
+    };
+    match &sw.released_to {
         Some(to) if *to == obs.node && running_replica => Some(vec![Step::new(
             Action::AcquireLeader,
-            format!("forced failover from {} to us", sw.from),
+            format!("{kind} from {} to us", sw.from),
         )]),
-        Some(_) => Some(Vec::new()),
-        None => None,
+        // Leave the key to the named target while it is around.
+        Some(to) if dcs.member(to).is_some() => Some(Vec::new()),
+        _ => None,
     }
 }

@@ -1054,6 +1054,20 @@ fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
             Action::HandOverKey { to: "n2".into() }
         ]
     );
+    // The target's agent stops as well (the whole fleet stopped at once):
+    // no waiting out the timeout.
+    o.peers = Some(Vec::new());
+    o.shutting_down = true;
+    if let Some(v) = o.dcs.as_mut() {
+        v.members.retain(|m| m.name != "n2");
+    }
+    assert_eq!(
+        actions(&o, 5_000),
+        vec![
+            Action::RenewLeader { lease_id: 42 },
+            Action::ClearSwitchover
+        ]
+    );
 }
 
 #[test]
@@ -1085,6 +1099,33 @@ fn switchover_target_takes_the_key_and_others_wait() {
         vec![Action::AcquireLeader],
         "a stale request no longer binds"
     );
+}
+
+/// Found by the docker test: during its stop job a forced failover's leader
+/// published itself as a stopping replica, so a bystander took the key in
+/// an ordinary election. Only the hand-over mark in the switchover key counts.
+#[test]
+fn forced_failover_goes_to_the_member_the_key_was_handed_to() {
+    let mut sw = switchover("n1", Some("n2"));
+    sw.force = true;
+    let mut v = with_switchover(None, sw);
+    v.members[0].role = MemberRole::Replica;
+    v.members[0].state = "stopping".into();
+    let bystander = |v: &DcsView| obs("n3", running(PgRole::Replica, 1, 9000), Some(v.clone()));
+    let target = |v: &DcsView| obs("n2", running(PgRole::Replica, 1, 1000), Some(v.clone()));
+    assert_eq!(
+        actions(&bystander(&v), 0),
+        vec![Action::AcquireLeader],
+        "nothing handed over (the leader's lease ran out): an ordinary election"
+    );
+    if let Some(sw) = v.switchover.as_mut() {
+        sw.released_to = Some("n2".into());
+    }
+    assert!(
+        actions(&bystander(&v), 0).is_empty(),
+        "n2 was handed the key"
+    );
+    assert_eq!(actions(&target(&v), 0), vec![Action::AcquireLeader]);
 }
 
 /// Found by the simulator (seed 429, synchronous_mode strict): a switchover

@@ -1612,9 +1612,13 @@ impl Agent {
 
     async fn put_member(&mut self, me: &MemberStatus) -> Result<(), crate::dcs::DcsError> {
         if let Some(id) = self.member_lease {
-            if !self.etcd.keep_alive(id).await? {
-                self.member_lease = None;
+            // The keepalive and the put go out together (one round trip);
+            // a put under a lease that turns out gone is done again below.
+            let (alive, put) = tokio::join!(self.etcd.keep_alive(id), self.etcd.put_member(me, id));
+            if alive? {
+                return put;
             }
+            self.member_lease = None;
         }
         let id = match self.member_lease {
             Some(id) => id,

@@ -95,10 +95,18 @@ fn main() -> ExitCode {
         }
         Command::List => {
             for s in chaos_tests::scenarios::all() {
-                println!("{:>2} {:<24} {}", s.number, s.name, s.summary);
+                let ci = if chaos_tests::scenarios::NOT_IN_CI
+                    .iter()
+                    .any(|(n, _)| *n == s.number)
+                {
+                    " (not in CI)"
+                } else {
+                    ""
+                };
+                println!("{:>2} {:<28} {}{ci}", s.number, s.name, s.summary);
             }
             for (n, name) in chaos_tests::scenarios::MISSING {
-                println!("{n:>2} {name:<24} (not implemented)");
+                println!("{n:>2} {name:<28} (not implemented)");
             }
             ExitCode::SUCCESS
         }

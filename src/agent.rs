@@ -693,7 +693,12 @@ impl Agent {
                     break Ok(());
                 }
             }
-            let wait = self.next_wait();
+            // A fixed cadence, as Patroni keeps: the pass's own time counts
+            // toward the wait. Sleeping a whole loop_wait after a pass that
+            // itself took seconds (etcd round trips on a slow or lossy link)
+            // spaced the lease renewals by pass + loop_wait, past the
+            // fencing deadline while the lease was still held.
+            let wait = self.next_wait().saturating_sub(loop_started.elapsed());
             tokio::select! {
                 _ = shutdown.cancelled(), if shutdown_deadline.is_none() => {
                     shutdown_deadline = Some(Instant::now() + self.cfg.timing.shutdown_timeout);
@@ -1621,19 +1626,26 @@ impl Agent {
     async fn publish(&mut self, obs: &Observation) {
         let me = self.member_status(obs);
         if obs.dcs.is_some() {
-            if let Err(e) = self.put_member(&me).await {
-                warn!(node = %self.cfg.name, error = %e, "could not publish member status");
-            }
-            if let (Some(lease), Some(PgRole::Primary), Some(lsn)) =
-                (self.leader_lease, obs.local.role, obs.local.wal_position)
-            {
-                if let Err(e) = self
-                    .etcd
-                    .publish_leader_status(&self.cfg.name, lease.lease_id, lsn, obs.local.timeline)
-                    .await
+            // Side by side: every round trip of a pass delays the next lease
+            // renewal, and on a slow link they add up.
+            let etcd = self.etcd.clone();
+            let name = self.cfg.name.clone();
+            let leader_lease = self.leader_lease;
+            let leader_status = async {
+                if let (Some(lease), Some(PgRole::Primary), Some(lsn)) =
+                    (leader_lease, obs.local.role, obs.local.wal_position)
                 {
-                    debug!(node = %self.cfg.name, error = %e, "could not publish leader status");
+                    if let Err(e) = etcd
+                        .publish_leader_status(&name, lease.lease_id, lsn, obs.local.timeline)
+                        .await
+                    {
+                        debug!(node = %name, error = %e, "could not publish leader status");
+                    }
                 }
+            };
+            let (member, ()) = tokio::join!(self.put_member(&me), leader_status);
+            if let Err(e) = member {
+                warn!(node = %self.cfg.name, error = %e, "could not publish member status");
             }
         }
         let view = obs.dcs.as_ref().or(self.last_view.as_ref());
@@ -1677,9 +1689,13 @@ impl Agent {
 
     async fn put_member(&mut self, me: &MemberStatus) -> Result<(), crate::dcs::DcsError> {
         if let Some(id) = self.member_lease {
-            if !self.etcd.keep_alive(id).await? {
-                self.member_lease = None;
+            // The keepalive and the put go out together (one round trip);
+            // a put under a lease that turns out gone is done again below.
+            let (alive, put) = tokio::join!(self.etcd.keep_alive(id), self.etcd.put_member(me, id));
+            if alive? {
+                return put;
             }
+            self.member_lease = None;
         }
         let id = match self.member_lease {
             Some(id) => id,

@@ -416,6 +416,10 @@ fn override_yaml(timing: &Timing, sync_mode: &str) -> String {
     env.push_str(&format!(
         "      PGHA_CLUSTER_SYNCHRONOUS_MODE: \"{sync_mode}\"\n"
     ));
+    // The agents' log filter, for a run that needs their debug lines.
+    if let Ok(filter) = std::env::var("CHAOS_PGHA_LOG") {
+        env.push_str(&format!("      RUST_LOG: \"{filter}\"\n"));
+    }
     let mut yaml = String::from(
         "# Written by chaos-tests: short timing and the synchronous mode under test.\nservices:\n",
     );

@@ -7,6 +7,7 @@
 pub mod check;
 pub mod cluster;
 pub mod http;
+pub mod netem;
 pub mod report;
 pub mod scenarios;
 pub mod suite;

@@ -1,10 +1,13 @@
 //! `chaos-tests run [--scenario NAME]... [--repeat N] [--sync on|off]`: brings
-//! up the compose cluster, runs the chosen scenarios and prints the table.
+//! up the compose cluster, runs the chosen scenarios and prints the table;
+//! `chaos-tests netem` runs the tc-netem stand-in by hand.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use chaos_tests::netem::{self, Netem, NetemThread};
 use chaos_tests::suite::{self, Options};
 
 #[derive(Parser)]
@@ -36,16 +39,74 @@ enum Command {
     },
     /// Lists the scenarios.
     List,
+    /// Delays (and drops a share of) the packets iptables sends to an
+    /// NFQUEUE, inside the network namespace of a process: a stand-in for
+    /// `tc netem` where the kernel has no sch_netem. The rules are yours to
+    /// add and remove, e.g. `iptables -I OUTPUT ! -o lo -j NFQUEUE
+    /// --queue-num 11 --queue-bypass` under `nsenter -t PID -n`.
+    Netem {
+        /// A process in the network namespace to serve (a container's PID 1).
+        #[arg(long)]
+        pid: u32,
+        #[arg(long, default_value_t = 11)]
+        queue: u16,
+        /// Delay of every accepted packet, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        delay_ms: u64,
+        /// Share of packets dropped, 0 to 1.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// How long to serve before unbinding.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Netem {
+            pid,
+            queue,
+            delay_ms,
+            loss,
+            seconds,
+        } => {
+            let netem = Netem {
+                queue,
+                delay: Duration::from_millis(delay_ms),
+                loss,
+                seed: netem::clock_seed(),
+            };
+            eprintln!("chaos-tests netem: {netem:?} in the network namespace of PID {pid}");
+            let run = NetemThread::start(pid, netem).and_then(|mut t| {
+                std::thread::sleep(Duration::from_secs(seconds));
+                t.stop_now()
+            });
+            match run {
+                Ok(stats) => {
+                    eprintln!("chaos-tests netem: {stats:?}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("chaos-tests netem: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::List => {
             for s in chaos_tests::scenarios::all() {
-                println!("{:>2} {:<24} {}", s.number, s.name, s.summary);
+                let ci = if chaos_tests::scenarios::NOT_IN_CI
+                    .iter()
+                    .any(|(n, _)| *n == s.number)
+                {
+                    " (not in CI)"
+                } else {
+                    ""
+                };
+                println!("{:>2} {:<28} {}{ci}", s.number, s.name, s.summary);
             }
             for (n, name) in chaos_tests::scenarios::MISSING {
-                println!("{n:>2} {name:<24} (not implemented)");
+                println!("{n:>2} {name:<28} (not implemented)");
             }
             ExitCode::SUCCESS
         }

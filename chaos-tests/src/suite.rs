@@ -103,19 +103,35 @@ pub fn run(opts: &Options) -> Result<Outcome> {
             results.push(r);
         }
     }
+    let subset = !opts.scenarios.is_empty();
     let header = format!(
-        "pgha chaos suite: synchronous_mode={}, ttl {} s, loop_wait 1 s, {} repeat(s), {:.0} s in all",
+        "pgha chaos suite: synchronous_mode={}, ttl {} s, loop_wait 1 s, {} repeat(s), {:.0} s in all{}",
         opts.sync,
         opts.ttl,
         opts.repeat,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        if subset {
+            format!(
+                "; a SUBSET: {} of {} scenarios",
+                chosen.len(),
+                scenarios::all().len()
+            )
+        } else {
+            String::new()
+        }
     );
     let md = report::markdown(&results, &header);
     println!("{md}");
-    let stem = match opts.repeat {
-        1 => format!("latest-sync-{}", opts.sync),
-        n => format!("latest-sync-{}-x{n}", opts.sync),
-    };
+    // A subset never overwrites the table of a full run.
+    let stem = format!(
+        "latest-sync-{}{}{}",
+        opts.sync,
+        if subset { "-subset" } else { "" },
+        match opts.repeat {
+            1 => String::new(),
+            n => format!("-x{n}"),
+        }
+    );
     match report::write(&results, &header, &stem) {
         Ok(path) => eprintln!("chaos: table written to {}", path.display()),
         Err(e) => eprintln!("chaos: writing results: {e}"),

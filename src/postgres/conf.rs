@@ -95,6 +95,17 @@ pub fn managed_parameters(
     // short: the cost is a connection attempt every 250 ms while the
     // upstream is down.
     set("wal_retrieve_retry_interval", quote_conf("250ms"));
+    // A standby that vanishes without closing its connection (host gone,
+    // network cut) is listed as streaming until the walsender times out,
+    // and while it is the synchronous standby every commit waits for it:
+    // the agent drops it from synchronous_standby_names only once Postgres
+    // stops listing it. Postgres' 60 s default held commits for as long;
+    // 10 s (the default TTL: a dead standby costs writes about as long as a
+    // dead primary) still leaves a live standby 5 s to answer the keepalive
+    // the walsender sends after 5 s of silence. The standby side likewise
+    // gives up on a silent upstream after 10 s and reconnects.
+    set("wal_sender_timeout", quote_conf("10s"));
+    set("wal_receiver_timeout", quote_conf("10s"));
     for (k, v) in dynamic.iter().chain(&cfg.parameters) {
         set(k, quote_conf(v));
     }
@@ -250,6 +261,31 @@ mod tests {
             assert!(conninfo.contains(" port=5432 "), "{conninfo}");
             assert!(conninfo.contains(" connect_timeout=3"), "{conninfo}");
         }
+    }
+
+    #[test]
+    fn replication_timeouts_default_to_ten_seconds_and_stay_overridable() {
+        let toml = |extra: &str| {
+            crate::config::Config::parse(
+                &format!(
+                    "scope = \"s\"\nname = \"n1\"\n[etcd]\nendpoints = [\"127.0.0.1:2379\"]\n\
+                     [postgresql]\ndata_dir = \"/d\"\nbin_dir = '{}'\nadvertise_host = \"10.0.0.1\"\n\
+                     [postgresql.replication]\npassword = \"pw\"\n{extra}\
+                     [api]\nadvertise_url = \"http://10.0.0.1:8008\"\n",
+                    std::env::temp_dir().display()
+                ),
+                std::path::Path::new("/t.toml"),
+                &BTreeMap::new(),
+            )
+            .unwrap()
+            .postgresql
+        };
+        let p = managed_parameters(&toml(""), "n1", None, &BTreeMap::new());
+        assert_eq!(p["wal_sender_timeout"], "'10s'");
+        assert_eq!(p["wal_receiver_timeout"], "'10s'");
+        let cfg = toml("[postgresql.parameters]\nwal_sender_timeout = \"60s\"\n");
+        let p = managed_parameters(&cfg, "n1", None, &BTreeMap::new());
+        assert_eq!(p["wal_sender_timeout"], "'60s'");
     }
 
     #[test]

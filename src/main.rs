@@ -447,14 +447,19 @@ async fn run(cfg: Config) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // The fence guard is plain synchronous code: no runtime, no worker
+    // The fence guard is plain synchronous code started by the agent with
+    // exactly these arguments: no argument parser, no runtime, no worker
     // threads, the smallest footprint beside every primary.
-    if let Command::FenceGuard { data_dir } = cli.command {
-        let stdin = std::io::BufReader::new(std::io::stdin());
-        pgha::fence::run_guard(stdin, &move || pgha::fence::postmaster_pid(&data_dir));
-        return ExitCode::SUCCESS;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let [cmd, flag, data_dir] = args.as_slice() {
+        if cmd == "fence-guard" && flag == "--data-dir" {
+            let data_dir = PathBuf::from(data_dir);
+            let stdin = std::io::BufReader::new(std::io::stdin());
+            pgha::fence::run_guard(stdin, &move || pgha::fence::postmaster_pid(&data_dir));
+            return ExitCode::SUCCESS;
+        }
     }
+    let cli = Cli::parse();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -502,7 +507,11 @@ async fn dispatch(command: Command) -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::FenceGuard { .. } => unreachable!("handled before the runtime starts"),
+        // Only reached with other arguments than the agent passes.
+        Command::FenceGuard { .. } => {
+            eprintln!("error: fence-guard takes exactly --data-dir DIR");
+            ExitCode::from(2)
+        }
         Command::CheckConfig { file } => match load_config(&file) {
             Ok(cfg) => {
                 println!(

@@ -1383,18 +1383,13 @@ impl Agent {
                     Ok(files) => files.len(),
                     Err(e) => {
                         warn!(node = %node, term, error = %e, "could not steer the promotion's timeline: not promoting");
-                        let _ = self.pg.remove_timeline_placeholders();
                         return Ok(());
                     }
                 };
                 if steered > 0 {
                     info!(node = %node, term, timeline = target, skipped = steered, "promotion steered past timelines taken elsewhere");
                 }
-                let promoted = self.pg.promote().await;
-                if let Err(e) = self.pg.remove_timeline_placeholders() {
-                    warn!(node = %node, term, error = %e, "could not remove timeline placeholders");
-                }
-                match promoted {
+                match self.pg.promote().await {
                     Ok(()) => {
                         self.following = None;
                         self.promotions += 1;

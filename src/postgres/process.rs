@@ -367,8 +367,6 @@ impl LocalPg {
             return Ok(());
         }
         remove_stale_pid_file(&self.cfg.data_dir)?;
-        // Left behind by an agent that died while promoting.
-        self.remove_timeline_placeholders()?;
         self.prepare_dirs()?;
         let mut cmd = self.command("postgres");
         cmd.arg("-D")
@@ -568,7 +566,12 @@ impl LocalPg {
     /// Postgres promotes to the first timeline above its own with no
     /// history file in pg_wal. Writes placeholders for the numbers from
     /// `current + 1` up to `target - 1` that have none, so that it picks
-    /// `target`; returns them for [`Self::remove_timeline_placeholders`].
+    /// `target`; returns the files written. They stay: a standby that
+    /// follows us from a timeline below the gap fetches the history file of
+    /// every timeline between its own and ours, and stops streaming at the
+    /// first one missing. Their content (a comment, no parent) is read only
+    /// by a server running on that timeline, which none of ours ever does:
+    /// the member that really took it keeps its own history file.
     pub fn steer_promotion(&self, current: u32, target: u32) -> Result<Vec<PathBuf>> {
         let mut written = Vec::new();
         for t in current.saturating_add(1)..target {
@@ -577,36 +580,13 @@ impl LocalPg {
                 continue;
             }
             let text = format!(
-                "{TIMELINE_PLACEHOLDER}: timeline {t} was taken elsewhere in the cluster; this node promotes to {target}\n"
+                "{TIMELINE_PLACEHOLDER}: timeline {t} was reserved by a member this node never streamed from; written so that its promotion skips the number and goes to {target}\n"
             );
             std::fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))?;
             self.chown(&path)?;
             written.push(path);
         }
         Ok(written)
-    }
-
-    /// Deletes the placeholders of [`Self::steer_promotion`]: a standby
-    /// fetches the history of a timeline it follows only when it has no
-    /// file for it, so none may outlive the promotion.
-    pub fn remove_timeline_placeholders(&self) -> Result<()> {
-        let dir = self.cfg.data_dir.join("pg_wal");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(());
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "history") {
-                continue;
-            }
-            let placeholder = std::fs::read_to_string(&path)
-                .is_ok_and(|text| text.starts_with(TIMELINE_PLACEHOLDER));
-            if placeholder {
-                std::fs::remove_file(&path)
-                    .map_err(io_err(format!("removing {}", path.display())))?;
-            }
-        }
-        Ok(())
     }
 
     /// CHECKPOINT on `from` as the superuser, over TCP; returns the address

@@ -805,6 +805,20 @@ fn health_checks_follow_each_nodes_real_role() {
         .iter()
         .map(|m| m.name.clone())
         .collect();
+    // /readiness of a replica depends on its lag: the last clone's backup
+    // ends with a WAL segment switch on the primary, which the replicas'
+    // member keys show a loop later. Wait for each node to see itself
+    // within maximum_lag_on_failover (1 MiB) before checking the table.
+    for node in &cluster.nodes {
+        wait_until(
+            &format!("{} within maximum_lag_on_failover", node.name),
+            Duration::from_secs(15),
+            || {
+                let lag = node.get_json("/status")?["lag_bytes"].as_u64()?;
+                (lag <= 1 << 20).then_some(())
+            },
+        );
+    }
 
     for node in &cluster.nodes {
         let (expected, role) = if node.name == primary {

@@ -198,6 +198,8 @@ pub struct Agent {
     promotions: u64,
     /// Timeline the last ReserveTimeline recorded, for the Promote after it.
     reserved_timeline: Option<u32>,
+    /// Leader leases whose revocation we sent, newest last.
+    abandoned_leases: Vec<i64>,
     loop_durations: LoopHistogram,
     snapshot: watch::Sender<Arc<Snapshot>>,
     job_done: mpsc::Sender<()>,
@@ -273,6 +275,7 @@ impl Agent {
                 dcs_last_seen: None,
                 promotions: 0,
                 reserved_timeline: None,
+                abandoned_leases: Vec::new(),
                 loop_durations: LoopHistogram::default(),
                 snapshot: tx,
                 job_done,
@@ -1303,6 +1306,11 @@ impl Agent {
                 }
             }
             Action::AcquireLeader => self.acquire_leader().await,
+            Action::RenewLeader { lease_id } if self.abandoned_leases.contains(&lease_id) => {
+                warn!(node = %node, term, lease_id, "the leader key is ours under a lease we revoked: not adopting it, it goes with the lease");
+                self.leader_lease = None;
+                self.pass_blocked = true;
+            }
             Action::RenewLeader { lease_id } => {
                 let sent_at = self.now();
                 match self.etcd.keep_alive(lease_id).await {
@@ -1331,7 +1339,7 @@ impl Agent {
                         {
                             Ok(true) => {
                                 info!(node = %node, term, to = %to, "leader key handed over");
-                                let _ = self.etcd.revoke_lease(lease.lease_id).await;
+                                self.abandon_lease(lease.lease_id).await;
                                 self.leader_lease = None;
                             }
                             Ok(false) => {
@@ -1546,13 +1554,26 @@ impl Agent {
             }
             Ok(false) => {
                 info!(node = %node, "another node took the leader key first");
-                let _ = self.etcd.revoke_lease(lease_id).await;
+                self.abandon_lease(lease_id).await;
             }
             Err(e) => {
                 warn!(node = %node, error = %e, "leader key acquisition failed");
-                let _ = self.etcd.revoke_lease(lease_id).await;
+                self.abandon_lease(lease_id).await;
             }
         }
+    }
+
+    /// Revokes a leader lease we gave up on. The revocation may land late
+    /// (a slow etcd answers after our timeout): until then a key created
+    /// under it (an acquisition that went through after all) must not be
+    /// adopted, or it would vanish under a promoted primary.
+    async fn abandon_lease(&mut self, lease_id: i64) {
+        const REMEMBERED: usize = 16;
+        if self.abandoned_leases.len() >= REMEMBERED {
+            self.abandoned_leases.remove(0);
+        }
+        self.abandoned_leases.push(lease_id);
+        let _ = self.etcd.revoke_lease(lease_id).await;
     }
 
     async fn release_leader(&mut self) {
@@ -1571,7 +1592,7 @@ impl Agent {
                 Ok(false) => info!(node = %node, "leader key was no longer ours"),
                 Err(e) => warn!(node = %node, error = %e, "could not release the leader key"),
             }
-            let _ = self.etcd.revoke_lease(id).await;
+            self.abandon_lease(id).await;
         }
         self.leader_lease = None;
     }

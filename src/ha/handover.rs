@@ -216,8 +216,17 @@ pub fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings) -> Option<Ve
             Action::AcquireLeader,
             format!("{kind} from {} to us", sw.from),
         )]),
-        // Leave the key to the named target while it is around.
-        Some(to) if dcs.member(to).is_some() => Some(Vec::new()),
+        // Leave the key to the named target while it runs. One that is
+        // down (crashed right after the handover, or ourselves with
+        // Postgres not running yet) gets no wait: the election decides.
+        Some(to)
+            if *to != obs.node
+                && dcs
+                    .member(to)
+                    .is_some_and(|m| matches!(m.state.as_str(), "running" | "streaming")) =>
+        {
+            Some(Vec::new())
+        }
         _ => None,
     }
 }

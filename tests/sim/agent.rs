@@ -77,6 +77,11 @@ pub struct Agent {
     pub sync_applied: Option<SyncApplied>,
     /// As the agent's: the last ReserveTimeline's number.
     pub reserved_timeline: Option<u32>,
+    /// Local time the current (or last) pass began: its own duration
+    /// counts toward loop_wait, as in the agent.
+    pub pass_started: Tick,
+    /// As the agent's: leader leases whose revocation was sent.
+    pub abandoned_leases: Vec<i64>,
     pub phase: Phase,
     pub awaiting: Option<u64>,
     pub wake_gen: u64,
@@ -149,7 +154,10 @@ impl World {
         } else {
             self.probe(i)
         };
-        self.nodes[i].agent.phase = Phase::Loading { local };
+        let started = self.local_now(i);
+        let a = &mut self.nodes[i].agent;
+        a.pass_started = started;
+        a.phase = Phase::Loading { local };
         self.await_rpc(i, Op::Load);
     }
 
@@ -617,12 +625,18 @@ impl World {
                 }
                 (2, _) => {
                     let lease = pass.tmp;
-                    self.send(i, Op::Revoke { lease }, false);
+                    self.abandon_lease(i, lease);
                     Flow::Next
                 }
                 _ => Flow::Next,
             },
             Action::RenewLeader { lease_id } => match reply {
+                // As the agent: a key under a lease we revoked is not adopted.
+                None if self.nodes[i].agent.abandoned_leases.contains(lease_id) => {
+                    self.nodes[i].agent.leader_lease = None;
+                    self.pass_blocked = true;
+                    Flow::Next
+                }
                 None => {
                     pass.sent_at = now;
                     self.await_rpc(i, Op::KeepAlive { lease: *lease_id });
@@ -666,7 +680,7 @@ impl World {
                 }
                 Some(_) => {
                     let lease = pass.tmp;
-                    self.send(i, Op::Revoke { lease }, false);
+                    self.abandon_lease(i, lease);
                     self.nodes[i].agent.leader_lease = None;
                     Flow::Next
                 }
@@ -693,7 +707,7 @@ impl World {
                 }
                 Some(Some(Res::Bool(true))) => {
                     let lease = pass.tmp;
-                    self.send(i, Op::Revoke { lease }, false);
+                    self.abandon_lease(i, lease);
                     self.nodes[i].agent.leader_lease = None;
                     Flow::Next
                 }
@@ -1152,6 +1166,15 @@ impl World {
         self.end_pass(i);
     }
 
+    fn abandon_lease(&mut self, i: usize, lease: i64) {
+        let a = &mut self.nodes[i].agent;
+        if a.abandoned_leases.len() >= 16 {
+            a.abandoned_leases.remove(0);
+        }
+        a.abandoned_leases.push(lease);
+        self.send(i, Op::Revoke { lease }, false);
+    }
+
     fn end_pass(&mut self, i: usize) {
         let a = &mut self.nodes[i].agent;
         a.phase = Phase::Idle;
@@ -1171,6 +1194,7 @@ impl World {
             let factor = 1u64 << a.etcd_failures.saturating_sub(1).min(4);
             (base * factor).min(8_000.max(base))
         };
-        self.schedule_wake(i, wait);
+        let spent = self.local_now(i).since(a.pass_started);
+        self.schedule_wake(i, wait.saturating_sub(spent));
     }
 }

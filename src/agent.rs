@@ -13,12 +13,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::dcs::{Etcd, HistoryEntry};
-use crate::fence::{Guard, Message};
 use crate::ha::{
     self, Action, DataDir, DcsView, DynamicConfig, Handover, HeldLease, Job, LocalPostgres, Lsn,
     MemberRole, MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Settings, Step,
     SwitchoverKey, SyncApplied, Tick,
 };
+use crate::lease::LeaseKeeper;
 
 /// How long after a reload of `synchronous_standby_names` the primary's WAL
 /// position is taken as the mark every later commit waited behind.
@@ -171,7 +171,8 @@ pub struct Agent {
     pg: Arc<LocalPg>,
     etcd: Etcd,
     started: Instant,
-    leader_lease: Option<HeldLease>,
+    /// The leader lease, kept alive by its own task, and the fence guard.
+    lease: LeaseKeeper,
     member_lease: Option<i64>,
     job: Option<RunningJob>,
     data_dir: Option<DataDir>,
@@ -204,7 +205,6 @@ pub struct Agent {
     snapshot: watch::Sender<Arc<Snapshot>>,
     job_done: mpsc::Sender<()>,
     job_done_rx: mpsc::Receiver<()>,
-    guard: Option<Guard>,
     calls_tx: mpsc::Sender<Call>,
     calls_rx: mpsc::Receiver<Call>,
 }
@@ -240,17 +240,29 @@ impl Agent {
             last_error: None,
         };
         let (tx, rx) = watch::channel(Arc::new(snapshot));
-        let guard = Guard::spawn(&cfg.postgresql.data_dir)
-            .map_err(|e| AgentError::Setup(format!("cannot start the fence guard: {e}")))?;
+        let settings = settings_for(&cfg);
+        let fence_window = Duration::from_millis(settings.ttl_ms - settings.fencing_margin_ms);
+        // Its own connection: a renewal never queues behind the loop's requests.
+        let lease_etcd = Etcd::connect(&cfg.etcd, fence_window)
+            .await
+            .map_err(|e| AgentError::Setup(e.to_string()))?;
+        let lease = LeaseKeeper::spawn(
+            lease_etcd,
+            cfg.name.clone(),
+            cfg.postgresql.data_dir.clone(),
+            fence_window,
+            crate::lease::renew_period(fence_window, cfg.timing.loop_wait),
+        )
+        .map_err(|e| AgentError::Setup(format!("cannot start the fence guard: {e}")))?;
         let (job_done, job_done_rx) = mpsc::channel(4);
         let (calls_tx, calls_rx) = mpsc::channel(16);
         Ok((
             Agent {
-                settings: settings_for(&cfg),
+                settings,
                 pg: Arc::new(pg),
                 etcd,
                 started: Instant::now(),
-                leader_lease: None,
+                lease,
                 member_lease: None,
                 job: None,
                 data_dir: None,
@@ -280,7 +292,6 @@ impl Agent {
                 snapshot: tx,
                 job_done,
                 job_done_rx,
-                guard: Some(guard),
                 calls_tx,
                 calls_rx,
                 cfg,
@@ -298,10 +309,24 @@ impl Agent {
         self.failsafe.clone()
     }
 
+    /// The leader lease we hold, in the decision logic's clock.
+    fn leader_lease(&self) -> Option<HeldLease> {
+        self.lease.held().map(|l| HeldLease {
+            lease_id: l.lease_id,
+            renewed_at: self.tick_of(l.renewed_at),
+        })
+    }
+
+    /// How long one decision to lead keeps the lease renewed: up to the
+    /// next pass, which may itself wait out two etcd timeouts.
+    fn renew_window(&self) -> Duration {
+        self.cfg.timing.loop_wait + 2 * self.cfg.timing.retry_timeout
+    }
+
     /// We hold a leader lease whose fencing deadline is still ahead.
     fn lease_ahead(&self) -> bool {
         let now = self.now();
-        self.leader_lease
+        self.leader_lease()
             .is_some_and(|l| now < self.settings.fencing_deadline(l.renewed_at))
     }
 
@@ -313,8 +338,8 @@ impl Agent {
     /// saw in etcd to confirm us. When all do, that counts as a lease
     /// renewal sent when we asked; when one does not, the fencing deadline
     /// runs out as usual.
-    async fn failsafe_round(&self) -> Option<Tick> {
-        self.leader_lease?;
+    async fn failsafe_round(&self) -> Option<Instant> {
+        self.lease.held()?;
         let view = self.last_view.as_ref().filter(|v| v.config.failsafe_mode)?;
         let others: Vec<(String, String)> = view
             .members
@@ -322,7 +347,7 @@ impl Agent {
             .filter(|m| m.name != self.cfg.name)
             .map(|m| (m.name.clone(), m.api_url.clone()))
             .collect();
-        let sent_at = self.now();
+        let sent_at = Instant::now();
         let timeout = self.cfg.timing.retry_timeout.min(Duration::from_secs(1));
         let body = serde_json::json!({ "leader": self.cfg.name });
         let asks = others.iter().map(|(name, url)| {
@@ -357,13 +382,9 @@ impl Agent {
 
     /// A failsafe confirmation counts as a lease renewal sent at `at`; the
     /// fence guard hears of it at once.
-    fn failsafe_confirmed(&mut self, at: Option<Tick>) {
-        if let (Some(at), Some(lease)) = (at, self.leader_lease) {
-            self.leader_lease = Some(HeldLease {
-                lease_id: lease.lease_id,
-                renewed_at: at.max(lease.renewed_at),
-            });
-            self.feed_guard();
+    fn failsafe_confirmed(&mut self, at: Option<Instant>) {
+        if let Some(at) = at {
+            self.lease.confirmed(at);
         }
     }
 
@@ -387,7 +408,7 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let busy = self.job.as_ref().map(|j| j.kind);
-        let leads = self.leader_lease.is_some();
+        let leads = self.lease.held().is_some();
         let reply = match call.request {
             Request::Reload => {
                 if !self.last_local.running {
@@ -729,7 +750,7 @@ impl Agent {
     async fn begin_graceful_stop(&mut self) -> bool {
         self.shutting_down = true;
         let node = self.cfg.name.clone();
-        let leading = self.leader_lease.is_some()
+        let leading = self.lease.held().is_some()
             && self.last_local.running
             && self.last_local.role == Some(PgRole::Primary);
         if !leading {
@@ -780,7 +801,7 @@ impl Agent {
         {
             return base.min(Duration::from_millis(100));
         }
-        if self.etcd_failures == 0 || self.leader_lease.is_some() {
+        if self.etcd_failures == 0 || self.lease.held().is_some() {
             return base;
         }
         let factor = 1u32 << self.etcd_failures.saturating_sub(1).min(4);
@@ -796,12 +817,12 @@ impl Agent {
         self.pass_blocked = false;
         for step in steps {
             self.execute(step, &obs).await?;
-            self.feed_guard();
+            self.lease.feed_guard();
             if self.pass_blocked {
                 break;
             }
         }
-        self.feed_guard();
+        self.lease.feed_guard();
         self.apply_dynamic_parameters(&obs).await;
         self.publish(&obs).await;
         Ok(())
@@ -834,35 +855,6 @@ impl Agent {
                 warn!(node = %self.cfg.name, error = %e, "could not apply cluster-wide parameters");
                 // Try again next pass.
                 self.pg.set_dynamic_parameters(&Default::default());
-            }
-        }
-    }
-
-    /// Tells the fence guard how long the local Postgres may run as things
-    /// stand: until our fencing deadline while we hold the leader lease,
-    /// indefinitely otherwise. A guard that died is restarted.
-    fn feed_guard(&mut self) {
-        let msg = match self.leader_lease {
-            Some(lease) => {
-                let deadline = self.settings.fencing_deadline(lease.renewed_at);
-                Message::Arm {
-                    within: Duration::from_millis(deadline.since(self.now())),
-                }
-            }
-            None => Message::Disarm,
-        };
-        let sent = self.guard.as_mut().map(|g| g.send(msg));
-        if !matches!(sent, Some(Ok(()))) {
-            error!(node = %self.cfg.name, result = ?sent, "fence guard unavailable: restarting it");
-            self.guard = None;
-            match Guard::spawn(&self.cfg.postgresql.data_dir) {
-                Ok(mut g) => {
-                    let _ = g.send(msg);
-                    self.guard = Some(g);
-                }
-                Err(e) => {
-                    error!(node = %self.cfg.name, error = %e, "cannot restart the fence guard")
-                }
             }
         }
     }
@@ -977,14 +969,14 @@ impl Agent {
             }
         };
         // The lease we renew must be the one the key is bound to.
-        if let (Some(view), Some(lease)) = (&dcs, self.leader_lease) {
+        if let (Some(view), Some(lease)) = (&dcs, self.lease.held()) {
             let still_ours = view
                 .leader
                 .as_ref()
                 .is_some_and(|k| k.name == self.cfg.name && k.lease_id == lease.lease_id);
             if !still_ours {
                 info!(node = %self.cfg.name, "leader key no longer ours");
-                self.leader_lease = None;
+                self.lease.release();
             }
         }
         let mut orphan_slots = Vec::new();
@@ -1054,7 +1046,7 @@ impl Agent {
             data_dir,
             local,
             dcs,
-            leader_lease: self.leader_lease,
+            leader_lease: self.leader_lease(),
             job: self.job.as_ref().map(|j| j.kind),
             pg_down_since: self.pg_down_since,
             orphan_slots,
@@ -1308,29 +1300,34 @@ impl Agent {
             Action::AcquireLeader => self.acquire_leader().await,
             Action::RenewLeader { lease_id } if self.abandoned_leases.contains(&lease_id) => {
                 warn!(node = %node, term, lease_id, "the leader key is ours under a lease we revoked: not adopting it, it goes with the lease");
-                self.leader_lease = None;
+                self.lease.release();
                 self.pass_blocked = true;
             }
             Action::RenewLeader { lease_id } => {
-                let sent_at = self.now();
-                match self.etcd.keep_alive(lease_id).await {
-                    Ok(true) => {
-                        self.leader_lease = Some(HeldLease {
-                            lease_id,
-                            renewed_at: sent_at,
-                        })
+                // The keeper renews on its own clock; this decision keeps
+                // it renewing until the next pass is due.
+                let until = Instant::now() + self.renew_window();
+                if !self.lease.extend(lease_id, until) {
+                    // A key of ours the keeper does not hold (the agent
+                    // restarted): adopted once a renewal of it succeeds.
+                    let sent_at = Instant::now();
+                    match self.etcd.keep_alive(lease_id).await {
+                        Ok(true) => {
+                            info!(node = %node, term, lease_id, "adopted our leader key");
+                            self.lease.hold(lease_id, sent_at, until);
+                        }
+                        Ok(false) => {
+                            warn!(node = %node, lease_id, "leader lease expired");
+                            self.lease.release();
+                        }
+                        Err(e) => warn!(node = %node, error = %e, "leader lease renewal failed"),
                     }
-                    Ok(false) => {
-                        warn!(node = %node, lease_id, "leader lease expired");
-                        self.leader_lease = None;
-                    }
-                    Err(e) => warn!(node = %node, error = %e, "leader lease renewal failed"),
                 }
             }
             Action::ReleaseLeader => self.release_leader().await,
             Action::HandOverKey { to } => {
                 let sw = obs.dcs.as_ref().and_then(|d| d.switchover.clone());
-                match (self.leader_lease, sw) {
+                match (self.lease.held(), sw) {
                     (Some(lease), Some(sw)) => {
                         match self
                             .etcd
@@ -1339,8 +1336,8 @@ impl Agent {
                         {
                             Ok(true) => {
                                 info!(node = %node, term, to = %to, "leader key handed over");
+                                self.lease.release();
                                 self.abandon_lease(lease.lease_id).await;
-                                self.leader_lease = None;
                             }
                             Ok(false) => {
                                 warn!(node = %node, term, to = %to, "handover not recorded: the key or the switchover request changed");
@@ -1359,7 +1356,7 @@ impl Agent {
                 // Raised past any history file in our pg_wal: Postgres
                 // would skip those numbers itself.
                 let timeline = self.pg.free_timeline_from(timeline);
-                let reserved = match self.leader_lease {
+                let reserved = match self.lease.held() {
                     Some(lease) => self
                         .etcd
                         .reserve_timeline(&node, lease.lease_id, timeline)
@@ -1485,7 +1482,7 @@ impl Agent {
                 }
             },
             Action::PublishSync { set } => {
-                let published = match self.leader_lease {
+                let published = match self.lease.held() {
                     Some(lease) => self
                         .etcd
                         .publish_sync(&node, lease.lease_id, &set)
@@ -1505,7 +1502,7 @@ impl Agent {
                 }
             }
             Action::DeleteSync => {
-                if let Some(lease) = self.leader_lease {
+                if let Some(lease) = self.lease.held() {
                     if let Err(e) = self.etcd.delete_sync(&node, lease.lease_id).await {
                         warn!(node = %node, term, error = %e, "could not delete the sync key");
                     }
@@ -1536,7 +1533,7 @@ impl Agent {
 
     async fn acquire_leader(&mut self) {
         let node = self.cfg.name.clone();
-        let sent_at = self.now();
+        let sent_at = Instant::now();
         let lease_id = match self.etcd.grant_lease(self.cfg.timing.ttl).await {
             Ok(id) => id,
             Err(e) => {
@@ -1547,10 +1544,8 @@ impl Agent {
         match self.etcd.acquire_leader(&node, lease_id).await {
             Ok(true) => {
                 info!(node = %node, lease_id, "acquired the leader key");
-                self.leader_lease = Some(HeldLease {
-                    lease_id,
-                    renewed_at: sent_at,
-                });
+                self.lease
+                    .hold(lease_id, sent_at, Instant::now() + self.renew_window());
             }
             Ok(false) => {
                 info!(node = %node, "another node took the leader key first");
@@ -1578,7 +1573,7 @@ impl Agent {
 
     async fn release_leader(&mut self) {
         let node = self.cfg.name.clone();
-        let lease_id = self.leader_lease.map(|l| l.lease_id).or_else(|| {
+        let lease_id = self.lease.held().map(|l| l.lease_id).or_else(|| {
             self.last_view
                 .as_ref()?
                 .leader
@@ -1594,7 +1589,7 @@ impl Agent {
             }
             self.abandon_lease(id).await;
         }
-        self.leader_lease = None;
+        self.lease.release();
     }
 
     fn member_status(&self, obs: &Observation) -> MemberStatus {
@@ -1646,7 +1641,7 @@ impl Agent {
             // renewal, and on a slow link they add up.
             let etcd = self.etcd.clone();
             let name = self.cfg.name.clone();
-            let leader_lease = self.leader_lease;
+            let leader_lease = self.lease.held();
             let leader_status = async {
                 if let (Some(lease), Some(PgRole::Primary), Some(lsn)) =
                     (leader_lease, obs.local.role, obs.local.wal_position)
@@ -1683,10 +1678,10 @@ impl Agent {
             config: view.map(|v| v.config.clone()),
             dcs_reachable: obs.dcs.is_some(),
             dcs_last_seen: self.dcs_last_seen,
-            lease_remaining: self.leader_lease.map(|l| {
+            lease_remaining: self.leader_lease().map(|l| {
                 Duration::from_millis(l.renewed_at.plus_ms(self.settings.ttl_ms).since(now))
             }),
-            fencing_remaining: self.leader_lease.map(|l| {
+            fencing_remaining: self.leader_lease().map(|l| {
                 Duration::from_millis(self.settings.fencing_deadline(l.renewed_at).since(now))
             }),
             pending_restart: obs.local.pending_restart,
@@ -1734,15 +1729,15 @@ impl Agent {
         if let Err(e) = self.pg.stop(Duration::from_secs(30)).await {
             warn!(node = %node, error = %e, "stopping postgres failed");
         }
-        if self.leader_lease.is_some() {
+        if self.lease.held().is_some() {
             self.release_leader().await;
         }
         if let Some(id) = self.member_lease.take() {
             let _ = self.etcd.delete_member(&node).await;
             let _ = self.etcd.revoke_lease(id).await;
         }
-        // Dropping the guard disarms it: Postgres is already stopped.
-        self.guard = None;
+        // Disarms and ends the guard: Postgres is already stopped.
+        self.lease.stop();
         info!(node = %node, "stopped");
     }
 }

@@ -11,6 +11,7 @@ pub mod dcs;
 pub mod failsafe;
 pub mod fence;
 pub mod ha;
+pub mod lease;
 pub mod net;
 pub mod operator;
 pub mod postgres;

@@ -82,6 +82,11 @@ pub struct Agent {
     pub pass_started: Tick,
     /// As the agent's: leader leases whose revocation was sent.
     pub abandoned_leases: Vec<i64>,
+    /// The lease keeper's (`src/lease.rs`): renewals go out until then
+    /// (local clock), with their lease and send time by request.
+    pub renew_until: Option<Tick>,
+    pub keeper_rpcs: BTreeMap<u64, (i64, Tick)>,
+    pub keeper_gen: u64,
     pub phase: Phase,
     pub awaiting: Option<u64>,
     pub wake_gen: u64,
@@ -617,10 +622,8 @@ impl World {
                     } else {
                         self.switchover_takers.retain(|&n| n != i);
                     }
-                    self.nodes[i].agent.leader_lease = Some(HeldLease {
-                        lease_id: pass.tmp,
-                        renewed_at: pass.sent_at,
-                    });
+                    let lease = pass.tmp;
+                    self.keeper_hold(i, lease, pass.sent_at);
                     Flow::Next
                 }
                 (2, _) => {
@@ -637,16 +640,15 @@ impl World {
                     self.pass_blocked = true;
                     Flow::Next
                 }
+                // The keeper holds it: renewing until the next pass is due.
+                None if self.keeper_extend(i, *lease_id) => Flow::Next,
                 None => {
                     pass.sent_at = now;
                     self.await_rpc(i, Op::KeepAlive { lease: *lease_id });
                     Flow::Wait
                 }
                 Some(Some(Res::Bool(true))) => {
-                    self.nodes[i].agent.leader_lease = Some(HeldLease {
-                        lease_id: *lease_id,
-                        renewed_at: pass.sent_at,
-                    });
+                    self.keeper_hold(i, *lease_id, pass.sent_at);
                     Flow::Next
                 }
                 Some(Some(_)) => {
@@ -1173,6 +1175,119 @@ impl World {
         }
         a.abandoned_leases.push(lease);
         self.send(i, Op::Revoke { lease }, false);
+    }
+
+    /// As `LeaseKeeper::hold`: the lease is ours, renewed at `renewed_at`,
+    /// and renewals go out for one window from now.
+    fn keeper_hold(&mut self, i: usize, lease_id: i64, renewed_at: Tick) {
+        let until = self.local_now(i).plus_ms(self.renew_window_ms());
+        let a = &mut self.nodes[i].agent;
+        a.leader_lease = Some(HeldLease {
+            lease_id,
+            renewed_at,
+        });
+        a.renew_until = Some(until);
+        self.feed_guard(i);
+        self.keeper_wake(i);
+    }
+
+    /// As `LeaseKeeper::extend`.
+    fn keeper_extend(&mut self, i: usize, lease_id: i64) -> bool {
+        let now = self.local_now(i);
+        let until = now.plus_ms(self.renew_window_ms());
+        let a = &mut self.nodes[i].agent;
+        if !a.leader_lease.is_some_and(|l| l.lease_id == lease_id) {
+            return false;
+        }
+        let lapsed = a.renew_until.is_none_or(|u| u <= now);
+        a.renew_until = Some(a.renew_until.map_or(until, |u| u.max(until)));
+        if lapsed {
+            self.keeper_wake(i);
+        }
+        true
+    }
+
+    fn renew_window_ms(&self) -> u64 {
+        self.cfg.loop_wait_ms + 2 * self.cfg.retry_timeout_ms
+    }
+
+    fn fence_window_ms(&self) -> u64 {
+        let s = self.settings;
+        s.ttl_ms - s.fencing_margin_ms
+    }
+
+    /// The keeper looks now (its notify), its old tick superseded.
+    fn keeper_wake(&mut self, i: usize) {
+        let a = &mut self.nodes[i].agent;
+        a.keeper_gen += 1;
+        let ev = Ev::KeeperTick {
+            node: i,
+            epoch: a.epoch,
+            gen: a.keeper_gen,
+        };
+        self.push(0, ev);
+    }
+
+    /// As the keeper's loop: a keepalive every period while renewals are
+    /// wanted and fewer than four are in flight; its answer may come back
+    /// after later ones, or not at all.
+    pub fn keeper_tick(&mut self, i: usize) {
+        let now = self.local_now(i);
+        let a = &self.nodes[i].agent;
+        let Some(lease) = a.leader_lease else {
+            return; // idle until a lease is held again
+        };
+        let wanted = a.renew_until.is_some_and(|u| now < u);
+        if wanted && a.keeper_rpcs.len() < 4 {
+            let timeout = self.fence_window_ms();
+            let rpc = self.send_within(
+                i,
+                Op::KeepAlive {
+                    lease: lease.lease_id,
+                },
+                Some(timeout),
+            );
+            self.nodes[i]
+                .agent
+                .keeper_rpcs
+                .insert(rpc, (lease.lease_id, now));
+        }
+        let period = pgha::lease::renew_period(
+            std::time::Duration::from_millis(self.fence_window_ms()),
+            std::time::Duration::from_millis(self.cfg.loop_wait_ms),
+        )
+        .as_millis() as u64;
+        let at = self.true_time(i, now.plus_ms(period)).max(self.now);
+        let a = &self.nodes[i].agent;
+        let ev = Ev::KeeperTick {
+            node: i,
+            epoch: a.epoch,
+            gen: a.keeper_gen,
+        };
+        self.push_at(at, ev);
+    }
+
+    /// A keepalive of the keeper answered (or timed out: `None`).
+    pub fn keeper_reply(&mut self, i: usize, lease_id: i64, sent_at: Tick, res: Option<Res>) {
+        let a = &mut self.nodes[i].agent;
+        let Some(held) = a.leader_lease.filter(|l| l.lease_id == lease_id) else {
+            return;
+        };
+        match res {
+            Some(Res::Bool(true)) if sent_at > held.renewed_at => {
+                a.leader_lease = Some(HeldLease {
+                    lease_id,
+                    renewed_at: sent_at,
+                });
+                self.feed_guard(i);
+            }
+            Some(Res::Bool(false)) => {
+                a.leader_lease = None;
+                a.renew_until = None;
+                self.feed_guard(i);
+            }
+            _ => {}
+        }
     }
 
     fn end_pass(&mut self, i: usize) {

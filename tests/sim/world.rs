@@ -279,6 +279,12 @@ pub enum Ev {
         node: usize,
         gen: u64,
     },
+    /// The lease keeper's clock (`src/lease.rs`).
+    KeeperTick {
+        node: usize,
+        epoch: u64,
+        gen: u64,
+    },
     Replicate {
         node: usize,
     },
@@ -594,11 +600,17 @@ impl World {
     /// Sends an etcd request from node `i`; with `reply`, the node gets
     /// the answer or, at its retry timeout, `None`.
     pub fn send(&mut self, i: usize, op: Op, reply: bool) -> u64 {
+        let timeout = reply.then_some(self.cfg.retry_timeout_ms);
+        self.send_within(i, op, timeout)
+    }
+
+    /// As `send`, with the request timeout given (`None`: no answer wanted).
+    pub fn send_within(&mut self, i: usize, op: Op, timeout: Option<u64>) -> u64 {
         self.next_rpc += 1;
         let rpc = self.next_rpc;
         let epoch = self.nodes[i].agent.epoch;
-        if reply {
-            let t = self.cfg.retry_timeout_ms;
+        let reply = timeout.is_some();
+        if let Some(t) = timeout {
             self.push(
                 t,
                 Ev::Reply {
@@ -759,6 +771,14 @@ impl World {
                 }
                 self.agent_poke(node);
             }
+            Ev::KeeperTick { node, epoch, gen } => {
+                if !self.agent_alive(node, epoch) || self.agent_deferred(node, &ev) {
+                    return;
+                }
+                if gen == self.nodes[node].agent.keeper_gen {
+                    self.keeper_tick(node);
+                }
+            }
             Ev::Arrive {
                 node,
                 epoch,
@@ -799,7 +819,10 @@ impl World {
                 if self.agent_deferred(node, &ev) {
                     return;
                 }
-                if self.nodes[node].agent.awaiting == Some(rpc) {
+                if let Some((lease, sent_at)) = self.nodes[node].agent.keeper_rpcs.remove(&rpc) {
+                    let res = res.clone();
+                    self.keeper_reply(node, lease, sent_at, res);
+                } else if self.nodes[node].agent.awaiting == Some(rpc) {
                     self.nodes[node].agent.awaiting = None;
                     let res = res.clone();
                     self.agent_reply(node, res);

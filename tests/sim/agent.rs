@@ -1196,7 +1196,7 @@ impl World {
         let now = self.local_now(i);
         let until = now.plus_ms(self.renew_window_ms());
         let a = &mut self.nodes[i].agent;
-        if !a.leader_lease.is_some_and(|l| l.lease_id == lease_id) {
+        if a.leader_lease.is_none_or(|l| l.lease_id != lease_id) {
             return false;
         }
         let lapsed = a.renew_until.is_none_or(|u| u <= now);

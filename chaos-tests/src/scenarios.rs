@@ -169,10 +169,7 @@ pub fn all() -> Vec<Scenario> {
 }
 
 /// Implemented scenarios the CI test leaves out, with the reason.
-pub const NOT_IN_CI: &[(u8, &str)] = &[(
-    11,
-    "the primary still fences itself in some runs (a lease renewal later than ttl - fencing margin); see README",
-)];
+pub const NOT_IN_CI: &[(u8, &str)] = &[];
 
 /// Scenarios of the issue not implemented yet (number, name).
 pub const MISSING: &[(u8, &str)] = &[];

@@ -103,7 +103,7 @@ pub fn run(opts: &Options) -> Result<Outcome> {
             results.push(r);
         }
     }
-    let subset = !opts.scenarios.is_empty();
+    let subset = chosen.len() < scenarios::all().len();
     let header = format!(
         "pgha chaos suite: synchronous_mode={}, ttl {} s, loop_wait 1 s, {} repeat(s), {:.0} s in all{}",
         opts.sync,

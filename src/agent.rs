@@ -130,6 +130,7 @@ fn identity(cfg: &Config) -> MemberStatus {
         region: cfg.region.clone(),
         basebackup: None,
         pending_restart: false,
+        replay_paused: false,
         updated_at_ms: epoch_ms(),
         version: env!("CARGO_PKG_VERSION").into(),
     }
@@ -239,19 +240,35 @@ impl Agent {
             loop_durations: LoopHistogram::default(),
             last_error: None,
         };
-        let (tx, rx) = watch::channel(Arc::new(snapshot));
         let settings = settings_for(&cfg);
         let fence_window = Duration::from_millis(settings.ttl_ms - settings.fencing_margin_ms);
         // Its own connection: a renewal never queues behind the loop's requests.
         let lease_etcd = Etcd::connect(&cfg.etcd, fence_window)
             .await
             .map_err(|e| AgentError::Setup(e.to_string()))?;
+        let (tx, rx) = watch::channel(Arc::new(snapshot));
+        // Every renewal moves the deadlines the API judges /primary by, also
+        // while a slow pass has not published a snapshot yet.
+        let snapshots = tx.clone();
+        let ttl = cfg.timing.ttl;
+        let on_change = Box::new(move |lease: Option<crate::lease::Lease>| {
+            snapshots.send_modify(|s| {
+                let s = Arc::make_mut(s);
+                let taken_at = s.taken_at;
+                let left = |window: Duration| {
+                    lease.map(|l| (l.renewed_at + window).saturating_duration_since(taken_at))
+                };
+                s.lease_remaining = left(ttl);
+                s.fencing_remaining = left(fence_window);
+            })
+        });
         let lease = LeaseKeeper::spawn(
             lease_etcd,
             cfg.name.clone(),
             cfg.postgresql.data_dir.clone(),
             fence_window,
             crate::lease::renew_period(fence_window, cfg.timing.loop_wait),
+            on_change,
         )
         .map_err(|e| AgentError::Setup(format!("cannot start the fence guard: {e}")))?;
         let (job_done, job_done_rx) = mpsc::channel(4);
@@ -1105,6 +1122,7 @@ impl Agent {
                             .max(lsn("replay_lsn"))
                             .unwrap_or_default(),
                         replay_lsn: lsn("replay_lsn").unwrap_or_default(),
+                        replay_paused: v["replay_paused"].as_bool().unwrap_or(false),
                     }))
                 }
             });
@@ -1629,6 +1647,7 @@ impl Agent {
                 None
             },
             pending_restart: local.pending_restart,
+            replay_paused: local.replay_paused,
             ..identity(&self.cfg)
         }
     }

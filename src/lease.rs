@@ -44,7 +44,13 @@ struct State {
     renew_until: Option<Instant>,
     in_flight: usize,
     guard: Option<Guard>,
+    /// What `on_change` was last told.
+    reported: Option<Lease>,
 }
+
+/// Told of every change of the held lease (a renewal, a release), under
+/// the keeper's lock: what the API serves follows the guard's deadline.
+pub type OnChange = Box<dyn Fn(Option<Lease>) + Send + Sync>;
 
 struct Shared {
     node: String,
@@ -53,6 +59,7 @@ struct Shared {
     fence_window: Duration,
     state: Mutex<State>,
     wake: Notify,
+    on_change: OnChange,
 }
 
 /// The agent's handle on the keeper task.
@@ -79,6 +86,7 @@ impl LeaseKeeper {
         data_dir: PathBuf,
         fence_window: Duration,
         period: Duration,
+        on_change: OnChange,
     ) -> std::io::Result<LeaseKeeper> {
         let guard = Guard::spawn(&data_dir)?;
         info!(
@@ -96,8 +104,10 @@ impl LeaseKeeper {
                 renew_until: None,
                 in_flight: 0,
                 guard: Some(guard),
+                reported: None,
             }),
             wake: Notify::new(),
+            on_change,
         });
         let task = tokio::spawn(keep(shared.clone(), etcd, period));
         Ok(LeaseKeeper { shared, task })
@@ -191,6 +201,10 @@ impl Shared {
     }
 
     fn feed(&self, s: &mut State) {
+        if s.reported != s.lease {
+            s.reported = s.lease;
+            (self.on_change)(s.lease);
+        }
         let msg = match s.lease {
             Some(l) => Message::Arm {
                 within: (l.renewed_at + self.fence_window)

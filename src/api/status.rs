@@ -142,6 +142,7 @@ fn member_json(s: &Snapshot, m: &MemberStatus) -> Value {
         "region": m.region,
         "basebackup": m.basebackup,
         "pending_restart": m.pending_restart,
+        "replay_paused": m.replay_paused,
         "version": m.version,
     })
 }
@@ -167,6 +168,7 @@ fn status_json(s: &Snapshot) -> Value {
         _ => json!({
             "received_location": me.receive_lsn.map(|l| l.0),
             "replayed_location": me.replay_lsn.map(|l| l.0),
+            "paused": me.replay_paused,
         }),
     };
     let extra = [

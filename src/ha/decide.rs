@@ -462,6 +462,9 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
             "{primary} still runs a primary: it takes the leader key back"
         ));
     }
+    if obs.local.replay_paused {
+        return Err("WAL replay is paused: resume it to make this node a candidate".into());
+    }
     if let Some(proof) = super::sync::candidacy(obs, dcs) {
         return proof;
     }
@@ -497,10 +500,10 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
                 m.name
             ));
         }
-        let (timeline, lsn, replayed) = match &obs.peers {
+        let (timeline, lsn, replayed, paused) = match &obs.peers {
             // Live answers win; a member whose API did not answer is ignored.
             Some(peers) => match peers.iter().find(|p| p.name == m.name) {
-                Some(p) => (p.timeline, p.lsn, p.replay_lsn),
+                Some(p) => (p.timeline, p.lsn, p.replay_lsn, p.replay_paused),
                 None => continue,
             },
             None => {
@@ -513,9 +516,14 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
                     m.timeline,
                     m.receive_lsn.max(m.replay_lsn).unwrap_or_default(),
                     m.replay_lsn.unwrap_or_default(),
+                    m.replay_paused,
                 )
             }
         };
+        // Nor does one whose replay is paused (it refuses, see above).
+        if paused {
+            continue;
+        }
         // A member that may not lead itself (replay too far behind) must
         // not keep the others from leading.
         if dcs.last_leader_lsn.is_some_and(|last| {

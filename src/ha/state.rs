@@ -70,6 +70,9 @@ pub struct LocalPostgres {
     pub wal_position: Option<Lsn>,
     pub receive_lsn: Option<Lsn>,
     pub replay_lsn: Option<Lsn>,
+    /// Replica: WAL replay is paused (`pg_wal_replay_pause()`, a recovery
+    /// target): not a failover candidate until it is resumed.
+    pub replay_paused: bool,
     /// Replica: the WAL receiver streams from this `host:port`.
     pub streaming_from: Option<String>,
     /// Replica: `primary_conninfo` names this member as its upstream.
@@ -323,6 +326,9 @@ pub struct MemberStatus {
     /// Postgres has settings that take effect only after a restart.
     #[serde(default)]
     pub pending_restart: bool,
+    /// Replica: WAL replay is paused.
+    #[serde(default)]
+    pub replay_paused: bool,
     /// Milliseconds since the Unix epoch of this status.
     pub updated_at_ms: u64,
     pub version: String,
@@ -492,6 +498,7 @@ pub struct PeerPosition {
     pub lsn: Lsn,
     /// Replayed.
     pub replay_lsn: Lsn,
+    pub replay_paused: bool,
     /// The member's answer came from a pass in which it, too, saw no
     /// leader: its WAL position is from after the old primary stopped.
     /// Only such answers count towards a synchronous promotion proof.

@@ -86,11 +86,12 @@ fn strict_fallback(obs: &Observation, dcs: &DcsView) -> SyncSet {
 }
 
 /// A member that may be a synchronous standby: known in etcd, not tagged
-/// `nosync` or `nofailover` (a standby that may not be promoted cannot
-/// carry a claim that decides a promotion).
+/// `nosync` or `nofailover`, replay not paused (a standby that may not be
+/// promoted cannot carry a claim that decides a promotion).
 fn eligible(dcs: &DcsView, name: &str) -> bool {
-    dcs.member(name)
-        .is_some_and(|m| !m.nosync && !m.nofailover && m.role == MemberRole::Replica)
+    dcs.member(name).is_some_and(|m| {
+        !m.nosync && !m.nofailover && !m.replay_paused && m.role == MemberRole::Replica
+    })
 }
 
 /// The claim this leader has published, if the `sync` key is ours.

@@ -37,6 +37,7 @@ fn member(name: &str, role: MemberRole, state: &str, tl: u32, lsn: u64) -> Membe
         region: None,
         basebackup: None,
         pending_restart: false,
+        replay_paused: false,
         updated_at_ms: 0,
         version: "test".into(),
     }
@@ -772,6 +773,38 @@ fn nofailover_lagging_and_waiting_candidates_stay_replicas() {
 }
 
 #[test]
+fn a_replica_whose_replay_is_paused_is_no_candidate_and_blocks_no_one() {
+    // Equal received positions, lag far below maximum_lag_on_failover: only
+    // the pause tells them apart (n2 would win the tie on its name).
+    let pos = 1000 + 64 * 1024;
+    let mut v = view(None, replicas(&[("n2", 1, pos), ("n3", 1, pos)]));
+    v.last_leader_lsn = Some(Lsn(pos));
+    let mut paused = running(PgRole::Replica, 1, pos);
+    paused.replay_paused = true;
+    paused.replay_lsn = Some(Lsn(pos - 16 * 1024));
+    let n2 = obs("n2", paused, Some(v.clone()));
+    assert!(actions(&n2, 0).is_empty(), "n2 must not take the key");
+    let why = super::decide::candidacy(&n2, &v).unwrap_err();
+    assert!(why.contains("replay is paused"), "{why}");
+
+    // n3 sees the pause in n2's member key, or in its live answer.
+    v.members[0].replay_paused = true;
+    let n3 = obs("n3", running(PgRole::Replica, 1, pos), Some(v.clone()));
+    assert_eq!(actions(&n3, 0), vec![Action::AcquireLeader]);
+    v.members[0].replay_paused = false;
+    let mut n3 = obs("n3", running(PgRole::Replica, 1, pos), Some(v));
+    n3.peers = Some(vec![PeerPosition {
+        name: "n2".into(),
+        timeline: Some(1),
+        lsn: Lsn(pos),
+        replay_lsn: Lsn(pos - 16 * 1024),
+        saw_no_leader: true,
+        replay_paused: true,
+    }]);
+    assert_eq!(actions(&n3, 0), vec![Action::AcquireLeader]);
+}
+
+#[test]
 fn a_replica_too_far_behind_in_replay_does_not_block_the_others() {
     let far = 1000 + 4 * 1024 * 1024;
     let mut v = view(None, replicas(&[("n2", 1, far), ("n3", 1, far)]));
@@ -791,6 +824,7 @@ fn a_replica_too_far_behind_in_replay_does_not_block_the_others() {
         lsn: Lsn(far + 10),
         replay_lsn: Lsn(1000),
         saw_no_leader: true,
+        replay_paused: false,
     }]);
     assert_eq!(
         actions(&n3, 0),
@@ -853,6 +887,7 @@ fn live_peer_positions_override_etcd_and_unreachable_peers_are_ignored() {
         lsn: Lsn(500),
         replay_lsn: Lsn(500),
         saw_no_leader: true,
+        replay_paused: false,
     }]);
     assert_eq!(
         actions(&n3, 0),
@@ -871,6 +906,7 @@ fn live_peer_positions_override_etcd_and_unreachable_peers_are_ignored() {
         lsn: Lsn(1500),
         replay_lsn: Lsn(1500),
         saw_no_leader: true,
+        replay_paused: false,
     }]);
     assert!(actions(&n3, 0).is_empty(), "n2 is ahead");
 }
@@ -1020,6 +1056,7 @@ fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
         lsn: Lsn(1999),
         replay_lsn: Lsn(1999),
         saw_no_leader: true,
+        replay_paused: false,
     }]);
     assert_eq!(
         actions(&o, 5_000),
@@ -1046,6 +1083,7 @@ fn stopped_leader_releases_only_when_the_target_has_its_last_wal() {
         lsn: Lsn(2100),
         replay_lsn: Lsn(2100),
         saw_no_leader: true,
+        replay_paused: false,
     }]);
     assert_eq!(
         actions(&o, 5_000),
@@ -1454,6 +1492,7 @@ fn sync_election(me: &str, claim: SyncSet, positions: &[(&str, u64)]) -> Observa
                 lsn: Lsn(*l),
                 replay_lsn: Lsn(*l),
                 saw_no_leader: true,
+                replay_paused: false,
             })
             .collect(),
     );

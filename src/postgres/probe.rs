@@ -109,7 +109,9 @@ impl LocalPg {
                                  THEN (SELECT received_tli FROM pg_stat_wal_receiver)
                                  ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
                             (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'),
-                            NULL::text,
+                            CASE WHEN pg_is_in_recovery()
+                                 THEN pg_get_wal_replay_pause_state() <> 'not paused'
+                                 ELSE false END,
                             (SELECT timeline_id FROM pg_control_checkpoint()),
                             ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'),
                             EXISTS (SELECT 1 FROM pg_settings WHERE pending_restart),
@@ -145,6 +147,7 @@ impl LocalPg {
             receive_lsn: receive,
             replay_lsn: replay,
             streaming_from: row.get(5),
+            replay_paused: row.get(6),
             // Which member we follow is the agent's own bookkeeping.
             following: None,
             slots: row.get(8),

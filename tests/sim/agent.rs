@@ -447,6 +447,7 @@ impl World {
                         lsn: pos,
                         replay_lsn: pos,
                         saw_no_leader: true,
+                        replay_paused: false,
                     });
                 }
                 continue;
@@ -459,6 +460,7 @@ impl World {
                     lsn: s.receive_lsn.max(s.replay_lsn).unwrap_or_default(),
                     replay_lsn: s.replay_lsn.unwrap_or_default(),
                     saw_no_leader: n.api_saw_no_leader,
+                    replay_paused: false,
                 });
             }
         }
@@ -1115,6 +1117,7 @@ impl World {
             region: None,
             basebackup: None,
             pending_restart: false,
+            replay_paused: false,
             updated_at_ms: EPOCH_MS + self.now,
             version: "sim".into(),
         }
@@ -1218,14 +1221,18 @@ impl World {
 
     /// The keeper looks now (its notify), its old tick superseded.
     fn keeper_wake(&mut self, i: usize) {
-        let a = &mut self.nodes[i].agent;
-        a.keeper_gen += 1;
+        self.nodes[i].agent.keeper_gen += 1;
+        self.keeper_tick_at(i, self.now);
+    }
+
+    fn keeper_tick_at(&mut self, i: usize, at: u64) {
+        let a = &self.nodes[i].agent;
         let ev = Ev::KeeperTick {
             node: i,
             epoch: a.epoch,
             gen: a.keeper_gen,
         };
-        self.push(0, ev);
+        self.push_at(at, ev);
     }
 
     /// As the keeper's loop: a keepalive every period while renewals are
@@ -1258,13 +1265,7 @@ impl World {
         )
         .as_millis() as u64;
         let at = self.true_time(i, now.plus_ms(period)).max(self.now);
-        let a = &self.nodes[i].agent;
-        let ev = Ev::KeeperTick {
-            node: i,
-            epoch: a.epoch,
-            gen: a.keeper_gen,
-        };
-        self.push_at(at, ev);
+        self.keeper_tick_at(i, at);
     }
 
     /// A keepalive of the keeper answered (or timed out: `None`).

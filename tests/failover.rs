@@ -418,6 +418,19 @@ fn a_primary_cut_off_from_etcd_fences_itself_before_a_replica_is_promoted() {
 
 #[test]
 fn a_replica_with_paused_replay_beyond_maximum_lag_is_never_promoted() {
+    paused_replica_survives_a_failover(5000, true);
+}
+
+#[test]
+fn a_replica_with_paused_replay_is_never_promoted_even_within_maximum_lag() {
+    paused_replica_survives_a_failover(50, false);
+}
+
+/// Pauses replay on the replica that wins ties (the first name), writes
+/// `rows` of 1 kB (beyond maximum_lag_on_failover or not), kills the
+/// primary: the other replica is promoted, the paused one never answers as
+/// primary.
+fn paused_replica_survives_a_failover(rows: u32, beyond_max_lag: bool) {
     let _serial = serial();
     let mut cluster = Cluster::start(3, fast());
     let old = healthy(&mut cluster);
@@ -434,10 +447,12 @@ fn a_replica_with_paused_replay_beyond_maximum_lag_is_never_promoted() {
     cluster.node(&paused).query("SELECT pg_wal_replay_pause()");
     let primary = cluster.node(&old);
     primary.query("CREATE TABLE filler (t text)");
-    primary.query("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 5000)");
+    primary.query(&format!(
+        "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, {rows})"
+    ));
     let filled = Lsn::parse(&primary.query("SELECT pg_current_wal_lsn()")).expect("LSN");
     let view = cluster.wait_for(
-        "the leader to publish its position after the fill, and the lags",
+        "the leader to publish its position after the fill, the lags and the pause",
         Duration::from_secs(30),
         |v| {
             let leader_at = v
@@ -446,8 +461,9 @@ fn a_replica_with_paused_replay_beyond_maximum_lag_is_never_promoted() {
                 .and_then(Lsn::parse);
             let lag = |n: &str| v.member(n).and_then(|m| m.replay_lag_bytes);
             leader_at.is_some_and(|l| l >= filled)
-                && lag(&paused).is_some_and(|l| l > 1 << 20)
+                && lag(&paused).is_some_and(|l| l > 0 && (l > 1 << 20) == beyond_max_lag)
                 && lag(&other).is_some_and(|l| l < 1 << 20)
+                && v.member(&paused).is_some_and(|m| m.replay_paused)
         },
     );
     let paused_lag = view

@@ -367,6 +367,8 @@ impl LocalPg {
             return Ok(());
         }
         remove_stale_pid_file(&self.cfg.data_dir)?;
+        let socket_lock = format!(".s.PGSQL.{}.lock", self.cfg.port);
+        remove_stale_lock(&self.cfg.socket_dir.join(socket_lock))?;
         self.prepare_dirs()?;
         let mut cmd = self.command("postgres");
         cmd.arg("-D")
@@ -684,7 +686,13 @@ pub fn parse_basebackup_progress(text: &str) -> Option<Progress> {
 /// kill, the PID a dead postmaster left in the file often belongs to another
 /// process of the new PID namespace.
 fn live_postmaster(data_dir: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    lock_owner(&data_dir.join("postmaster.pid"))
+}
+
+/// The live postgres process a Postgres lock file (postmaster.pid, a
+/// socket's `.s.PGSQL.PORT.lock`) names, if any.
+fn lock_owner(file: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(file).ok()?;
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
     if kill(Pid::from_raw(pid), None).is_err() {
         return None;
@@ -700,12 +708,18 @@ fn live_postmaster(data_dir: &Path) -> Option<i32> {
 /// (and pg_rewind's single-user recovery) refuses to start while the PID in
 /// it is alive, whatever that process is.
 fn remove_stale_pid_file(data_dir: &Path) -> Result<bool> {
-    let file = data_dir.join("postmaster.pid");
-    if !file.exists() || live_postmaster(data_dir).is_some() {
+    remove_stale_lock(&data_dir.join("postmaster.pid"))
+}
+
+/// Removes a Postgres lock file that names no live postgres process. The
+/// socket directory keeps `.s.PGSQL.PORT.lock` across a killed container
+/// like the data directory keeps postmaster.pid, with the same PID trap.
+fn remove_stale_lock(file: &Path) -> Result<bool> {
+    if !file.exists() || lock_owner(file).is_some() {
         return Ok(false);
     }
-    tracing::info!(file = %file.display(), "removing a stale postmaster.pid (no postmaster runs)");
-    std::fs::remove_file(&file).map_err(io_err("removing a stale postmaster.pid"))?;
+    tracing::info!(file = %file.display(), "removing a stale Postgres lock file (no postmaster runs)");
+    std::fs::remove_file(file).map_err(io_err("removing a stale Postgres lock file"))?;
     Ok(true)
 }
 
@@ -726,6 +740,19 @@ mod tests {
         assert!(super::remove_stale_pid_file(dir.path()).unwrap());
         assert!(!file.exists());
         assert!(!super::remove_stale_pid_file(dir.path()).unwrap());
+    }
+
+    /// Found by chaos-tests ten-primary-kills (sync on, 3 runs): the socket
+    /// directory's lock file of the killed postmaster named a PID alive in
+    /// the container's new PID namespace, and every start failed with
+    /// "lock file .s.PGSQL.5432.lock already exists".
+    #[test]
+    fn a_socket_lock_naming_a_live_non_postgres_process_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(".s.PGSQL.5432.lock");
+        std::fs::write(&file, format!("{}\n/data\n", std::process::id())).unwrap();
+        assert!(super::remove_stale_lock(&file).unwrap());
+        assert!(!file.exists());
     }
 
     use super::*;

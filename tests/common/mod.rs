@@ -353,6 +353,9 @@ pub struct MemberView {
     /// How far this member's replayed WAL is behind the leader's position.
     #[serde(default)]
     pub replay_lag_bytes: Option<u64>,
+    /// WAL replay paused on this replica (`pg_wal_replay_pause()`).
+    #[serde(default)]
+    pub replay_paused: bool,
     /// Primary: its write position; replica: its replay position (`X/Y`).
     #[serde(default)]
     pub wal_position: Option<String>,

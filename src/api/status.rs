@@ -16,7 +16,8 @@ use crate::ha::{Lsn, MemberRole, MemberStatus};
 pub struct Rendered {
     pub snapshot: Arc<Snapshot>,
     /// `/status` without its closing brace: each answer appends the
-    /// snapshot's age, the one field that changes between snapshots.
+    /// snapshot's age and the lease's remaining times, which change
+    /// between snapshots.
     status_open: Bytes,
     pub cluster: Bytes,
     pub history: Bytes,
@@ -60,13 +61,23 @@ impl Rendered {
 
     /// This node's state (`/status`, and the body of every health check).
     pub fn status(&self, age: Duration) -> Bytes {
-        let mut body = Vec::with_capacity(self.status_open.len() + 32);
+        let mut body = Vec::with_capacity(self.status_open.len() + 96);
         body.extend_from_slice(&self.status_open);
         if body.len() > 1 {
             body.push(b',');
         }
         body.extend_from_slice(b"\"snapshot_age_ms\":");
         body.extend_from_slice(age.as_millis().to_string().as_bytes());
+        // As of now, not of the snapshot.
+        let s = &self.snapshot;
+        let left = |d: Option<Duration>| match d {
+            Some(d) => d.saturating_sub(age).as_millis().to_string(),
+            None => "null".to_string(),
+        };
+        body.extend_from_slice(b",\"lease_remaining_ms\":");
+        body.extend_from_slice(left(s.lease_remaining).as_bytes());
+        body.extend_from_slice(b",\"fencing_remaining_ms\":");
+        body.extend_from_slice(left(s.fencing_remaining).as_bytes());
         body.push(b'}');
         Bytes::from(body)
     }
@@ -179,14 +190,6 @@ fn status_json(s: &Snapshot) -> Value {
         (
             "dcs_last_seen",
             json!(s.dcs_last_seen.and_then(epoch_seconds_of)),
-        ),
-        (
-            "lease_remaining_ms",
-            json!(s.lease_remaining.map(|d| d.as_millis() as u64)),
-        ),
-        (
-            "fencing_remaining_ms",
-            json!(s.fencing_remaining.map(|d| d.as_millis() as u64)),
         ),
         ("pending_restart", json!(s.pending_restart)),
         ("pause", json!(s.paused)),

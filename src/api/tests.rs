@@ -364,6 +364,18 @@ fn health_bodies_are_this_nodes_status_even_on_503() {
 }
 
 #[test]
+fn status_counts_the_lease_down_from_the_snapshot_to_the_answer() {
+    // The leader's snapshot said 9 s of lease and 7 s to the fencing
+    // deadline; the answer comes 300 ms later.
+    let v = json(&get(&cluster("n1"), "/status"));
+    assert_eq!(v["snapshot_age_ms"], 300);
+    assert_eq!(v["lease_remaining_ms"], 8_700);
+    assert_eq!(v["fencing_remaining_ms"], 6_700);
+    let v = json(&get(&cluster("n2"), "/status"));
+    assert!(v["lease_remaining_ms"].is_null() && v["fencing_remaining_ms"].is_null());
+}
+
+#[test]
 fn cluster_history_and_config_are_their_documents() {
     let s = cluster("n1");
     let c = json(&get(&s, "/cluster"));

@@ -18,7 +18,7 @@ use crate::ha::{
     MemberRole, MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Settings, Step,
     SwitchoverKey, SyncApplied, Tick,
 };
-use crate::lease::LeaseKeeper;
+use crate::lease::{Lease, LeaseKeeper};
 
 /// How long after a reload of `synchronous_standby_names` the primary's WAL
 /// position is taken as the mark every later commit waited behind.
@@ -108,6 +108,11 @@ impl LoopHistogram {
 
 /// Safety margin between the fencing deadline and the lease's expiry.
 pub const FENCING_MARGIN: Duration = Duration::from_secs(2);
+
+/// Time left at `at` of a window that opened when `lease` was last renewed.
+fn remaining(lease: Option<Lease>, window: Duration, at: Instant) -> Option<Duration> {
+    lease.map(|l| (l.renewed_at + window).saturating_duration_since(at))
+}
 
 /// The parts of this member's status that come from its configuration.
 fn identity(cfg: &Config) -> MemberStatus {
@@ -241,7 +246,7 @@ impl Agent {
             last_error: None,
         };
         let settings = settings_for(&cfg);
-        let fence_window = Duration::from_millis(settings.ttl_ms - settings.fencing_margin_ms);
+        let fence_window = Duration::from_millis(settings.fence_window_ms());
         // Its own connection: a renewal never queues behind the loop's requests.
         let lease_etcd = Etcd::connect(&cfg.etcd, fence_window)
             .await
@@ -251,15 +256,11 @@ impl Agent {
         // while a slow pass has not published a snapshot yet.
         let snapshots = tx.clone();
         let ttl = cfg.timing.ttl;
-        let on_change = Box::new(move |lease: Option<crate::lease::Lease>| {
+        let on_change = Box::new(move |lease: Option<Lease>| {
             snapshots.send_modify(|s| {
                 let s = Arc::make_mut(s);
-                let taken_at = s.taken_at;
-                let left = |window: Duration| {
-                    lease.map(|l| (l.renewed_at + window).saturating_duration_since(taken_at))
-                };
-                s.lease_remaining = left(ttl);
-                s.fencing_remaining = left(fence_window);
+                s.lease_remaining = remaining(lease, ttl, s.taken_at);
+                s.fencing_remaining = remaining(lease, fence_window, s.taken_at);
             })
         });
         let lease = LeaseKeeper::spawn(
@@ -1685,9 +1686,11 @@ impl Agent {
             None => members.push(me.clone()),
         }
         members.sort_by(|a, b| a.name.cmp(&b.name));
-        let now = self.now();
+        let taken_at = Instant::now();
+        let lease = self.lease.held();
+        let fence_window = Duration::from_millis(self.settings.fence_window_ms());
         let snapshot = Snapshot {
-            taken_at: Instant::now(),
+            taken_at,
             scope: self.cfg.scope.clone(),
             me,
             leader: view.and_then(|v| v.leader.as_ref()).map(|l| l.name.clone()),
@@ -1697,12 +1700,8 @@ impl Agent {
             config: view.map(|v| v.config.clone()),
             dcs_reachable: obs.dcs.is_some(),
             dcs_last_seen: self.dcs_last_seen,
-            lease_remaining: self.leader_lease().map(|l| {
-                Duration::from_millis(l.renewed_at.plus_ms(self.settings.ttl_ms).since(now))
-            }),
-            fencing_remaining: self.leader_lease().map(|l| {
-                Duration::from_millis(self.settings.fencing_deadline(l.renewed_at).since(now))
-            }),
+            lease_remaining: remaining(lease, self.cfg.timing.ttl, taken_at),
+            fencing_remaining: remaining(lease, fence_window, taken_at),
             pending_restart: obs.local.pending_restart,
             paused: view.is_some_and(|v| v.config.paused),
             sync: view.and_then(|v| v.sync.clone()),

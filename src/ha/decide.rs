@@ -20,9 +20,14 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// From a renewal's send time to its fencing deadline: ttl − margin.
+    pub fn fence_window_ms(&self) -> u64 {
+        self.ttl_ms.saturating_sub(self.fencing_margin_ms)
+    }
+
     /// Instant from which a primary renewed at `renewed_at` must no longer take writes.
     pub fn fencing_deadline(&self, renewed_at: Tick) -> Tick {
-        renewed_at.plus_ms(self.ttl_ms.saturating_sub(self.fencing_margin_ms))
+        renewed_at.plus_ms(self.fence_window_ms())
     }
 }
 

@@ -1214,11 +1214,6 @@ impl World {
         self.cfg.loop_wait_ms + 2 * self.cfg.retry_timeout_ms
     }
 
-    fn fence_window_ms(&self) -> u64 {
-        let s = self.settings;
-        s.ttl_ms - s.fencing_margin_ms
-    }
-
     /// The keeper looks now (its notify), its old tick superseded.
     fn keeper_wake(&mut self, i: usize) {
         self.nodes[i].agent.keeper_gen += 1;
@@ -1246,7 +1241,7 @@ impl World {
         };
         let wanted = a.renew_until.is_some_and(|u| now < u);
         if wanted && a.keeper_rpcs.len() < 4 {
-            let timeout = self.fence_window_ms();
+            let timeout = self.settings.fence_window_ms();
             let rpc = self.send_within(
                 i,
                 Op::KeepAlive {
@@ -1260,7 +1255,7 @@ impl World {
                 .insert(rpc, (lease.lease_id, now));
         }
         let period = pgha::lease::renew_period(
-            std::time::Duration::from_millis(self.fence_window_ms()),
+            std::time::Duration::from_millis(self.settings.fence_window_ms()),
             std::time::Duration::from_millis(self.cfg.loop_wait_ms),
         )
         .as_millis() as u64;

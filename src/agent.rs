@@ -15,8 +15,8 @@ use crate::config::Config;
 use crate::dcs::{Etcd, HistoryEntry};
 use crate::ha::{
     self, Action, DataDir, DcsView, DynamicConfig, Handover, HeldLease, Job, LocalPostgres, Lsn,
-    MemberRole, MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Settings, Step,
-    SwitchoverKey, SyncApplied, Tick,
+    MemberRole, MemberStatus, MemberWaits, Observation, OrphanSlot, PeerPosition, PgRole, Settings,
+    Step, SwitchoverKey, SyncApplied, Tick,
 };
 use crate::lease::{Lease, LeaseKeeper};
 
@@ -24,7 +24,7 @@ use crate::lease::{Lease, LeaseKeeper};
 /// position is taken as the mark every later commit waited behind.
 const SYNC_SETTLE_MS: u64 = 1000;
 use crate::operator::{self, Call, Reply, Request};
-use crate::postgres::{LocalPg, Upstream};
+use crate::postgres::{LocalPg, Unfinished, Upstream};
 
 /// What the API serves: the last observation and decision, never a live query.
 #[derive(Debug, Clone)]
@@ -193,6 +193,9 @@ pub struct Agent {
     stalled_since: Option<Tick>,
     needs_rewind: bool,
     rewind_failed: bool,
+    /// The rewind marker beside the data directory (no job running).
+    rewind_pending: bool,
+    member_waits: MemberWaits,
     last_known_leader: Option<String>,
     handover: Option<Handover>,
     shutting_down: bool,
@@ -295,6 +298,8 @@ impl Agent {
                 stalled_since: None,
                 needs_rewind: false,
                 rewind_failed: false,
+                rewind_pending: false,
+                member_waits: MemberWaits::default(),
                 last_known_leader: None,
                 handover: None,
                 shutting_down: false,
@@ -889,6 +894,7 @@ impl Agent {
                 if job.kind == Job::Rewind {
                     self.needs_rewind = false;
                     self.rewind_failed = false;
+                    self.rewind_pending = false;
                 }
                 if job.kind == Job::Start {
                     // Running again (as replica of the new leader, or as
@@ -942,6 +948,9 @@ impl Agent {
             self.pg_down_since = None;
         } else {
             self.pg_down_since.get_or_insert(now);
+        }
+        if self.job.is_none() && !local.running {
+            self.check_job_marker().await;
         }
         if self.data_dir.is_none() || !local.running {
             match self.pg.inspect_data_dir().await {
@@ -1056,6 +1065,7 @@ impl Agent {
         };
         self.last_local = local.clone();
         if let Some(v) = &dcs {
+            self.member_waits.observe(v, now);
             self.last_view = Some(v.clone());
         }
         Observation {
@@ -1072,6 +1082,8 @@ impl Agent {
             replica_stalled_since: self.stalled_since,
             needs_rewind: self.needs_rewind,
             rewind_failed: self.rewind_failed,
+            rewind_pending: self.rewind_pending,
+            member_waits: self.member_waits.clone(),
             peers,
             region: self.cfg.region.clone(),
             wall_ms: epoch_ms(),
@@ -1240,11 +1252,16 @@ impl Agent {
                 let pg = self.pg.clone();
                 self.spawn_job(Job::Clone, async move {
                     match pg.basebackup(&up).await {
-                        Ok(()) => pg.write_config(true, Some(&up)).map_err(|e| e.to_string()),
+                        Ok(()) => {
+                            pg.write_config(true, Some(&up))
+                                .map_err(|e| e.to_string())?;
+                            pg.job_marker().finish().map_err(|e| e.to_string())
+                        }
                         Err(e) => {
                             // The directory was empty before this clone: remove
                             // only what the failed clone wrote, so it can retry.
                             let _ = std::fs::remove_dir_all(&pg.cfg.data_dir);
+                            let _ = pg.job_marker().finish();
                             Err(e.to_string())
                         }
                     }
@@ -1271,6 +1288,10 @@ impl Agent {
                 match std::fs::rename(&dir, &aside) {
                     Ok(()) => {
                         warn!(node = %node, aside = %aside.display(), "data directory moved aside; it will be recloned");
+                        if let Err(e) = self.pg.job_marker().finish() {
+                            warn!(node = %node, error = %e, "could not remove the rewind marker");
+                        }
+                        self.rewind_pending = false;
                         self.rewind_failed = false;
                         self.needs_rewind = false;
                         self.data_dir = None;
@@ -1317,6 +1338,8 @@ impl Agent {
                 }
             }
             Action::AcquireLeader => self.acquire_leader().await,
+            // Logged above with its reason; nothing to do.
+            Action::Wait => {}
             Action::RenewLeader { lease_id } if self.abandoned_leases.contains(&lease_id) => {
                 warn!(node = %node, term, lease_id, "the leader key is ours under a lease we revoked: not adopting it, it goes with the lease");
                 self.lease.release();
@@ -1626,6 +1649,7 @@ impl Agent {
             Some(Job::Rewind) => "rewinding",
             Some(Job::Start) => "starting",
             Some(Job::Stop) => "stopping",
+            None if !local.running && obs.rewind_pending => "rewind_pending",
             None if local.running
                 && local.role == Some(PgRole::Replica)
                 && local.streaming_from.is_some() =>
@@ -1737,11 +1761,69 @@ impl Agent {
         self.etcd.put_member(me, id).await
     }
 
+    /// Reads the marker of a rewind or clone that did not finish (the agent
+    /// stopped or died during it). A partial clone, written by us into an
+    /// empty directory, is removed so that the clone starts over; a partial
+    /// rewind keeps the directory from starting until a rewind succeeds.
+    async fn check_job_marker(&mut self) {
+        let marker = self.pg.job_marker();
+        let node = self.cfg.name.clone();
+        let found = match marker.read() {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(node = %node, marker = %marker.path().display(), error = %e, "cannot read the job marker: treated as an unfinished rewind");
+                Some(Unfinished::Rewind)
+            }
+        };
+        let was_pending = self.rewind_pending;
+        self.rewind_pending = found == Some(Unfinished::Rewind);
+        if self.rewind_pending && !was_pending {
+            warn!(node = %node, marker = %marker.path().display(), "the last pg_rewind did not finish: Postgres stays down until a rewind against the leader succeeds (published as rewind_pending)");
+        }
+        if found == Some(Unfinished::Clone) {
+            let dir = &self.cfg.postgresql.data_dir;
+            warn!(node = %node, dir = %dir.display(), "an interrupted clone left a partial copy: removing what it wrote and cloning again");
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    error!(node = %node, error = %e, "could not remove the partial clone");
+                    return;
+                }
+            }
+            if let Err(e) = marker.finish() {
+                error!(node = %node, error = %e, "could not remove the clone marker");
+            }
+            self.data_dir = None;
+        }
+    }
+
     /// Stops Postgres, gives up the leader key and the member key.
     async fn shut_down(&mut self) {
         let node = self.cfg.name.clone();
         info!(node = %node, "shutting down");
-        if let Some(job) = self.job.take() {
+        if let Some(mut job) = self.job.take() {
+            if matches!(job.kind, Job::Rewind | Job::Clone) {
+                // Cut short, either leaves a directory that must not start
+                // as it is (the marker says so on the next start); finished,
+                // the node rejoins at once next time.
+                let wait = self.cfg.timing.shutdown_timeout;
+                info!(node = %node, job = ?job.kind, wait_ms = wait.as_millis() as u64, "stopping: waiting for the running job to finish");
+                match tokio::time::timeout(wait, &mut job.handle).await {
+                    Ok(Ok(Ok(()))) => {
+                        info!(node = %node, job = ?job.kind, "stopping: the job finished")
+                    }
+                    Ok(Ok(Err(e))) => {
+                        warn!(node = %node, job = ?job.kind, error = %e, "stopping: the job failed; the next start repairs the data directory")
+                    }
+                    Ok(Err(e)) => {
+                        warn!(node = %node, job = ?job.kind, error = %e, "stopping: the job panicked")
+                    }
+                    Err(_) => {
+                        warn!(node = %node, job = ?job.kind, "stopping: the job did not finish within shutdown_timeout: cancelled; the next start repairs the data directory")
+                    }
+                }
+            }
             job.handle.abort();
         }
         if let Err(e) = self.pg.stop(Duration::from_secs(30)).await {

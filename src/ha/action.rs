@@ -63,6 +63,9 @@ pub enum Action {
     DeleteSync,
     /// A condition the agent must not act on: log it, publish it, exit non-zero.
     Refuse { problem: String },
+    /// Nothing to do yet: the step's reason says what we wait for and
+    /// until when. Logged every pass, so no wait is silent.
+    Wait,
 }
 
 /// An action and why.
@@ -110,6 +113,7 @@ impl fmt::Display for Action {
             Action::PublishSync { set } => write!(f, "publish sync {set}"),
             Action::DeleteSync => f.write_str("delete sync key"),
             Action::Refuse { .. } => f.write_str("refuse"),
+            Action::Wait => f.write_str("wait"),
         }
     }
 }

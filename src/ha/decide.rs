@@ -221,6 +221,13 @@ fn lead(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps:
         return;
     }
     if !local.running {
+        if obs.rewind_pending {
+            steps.push(Step::new(
+                Action::ReleaseLeader,
+                "the data directory holds an unfinished rewind: it cannot run as primary",
+            ));
+            return;
+        }
         if dcs.config.paused || obs.shutting_down {
             // Maintenance: an operator may have stopped Postgres on purpose.
             return;
@@ -348,7 +355,10 @@ fn follow(
         return;
     }
     let leader_up = running_leader(dcs, &obs.node).is_some();
-    if obs.handover.as_ref().is_some_and(|h| !h.force) && obs.last_role == Some(PgRole::Primary) {
+    if obs.handover.as_ref().is_some_and(|h| !h.force)
+        && obs.last_role == Some(PgRole::Primary)
+        && !obs.rewind_pending
+    {
         // We handed over cleanly: the new leader has all our WAL, no rewind.
         if leader_up {
             steps.push(Step::new(
@@ -360,7 +370,7 @@ fn follow(
         }
         return;
     }
-    if obs.last_role == Some(PgRole::Primary) || obs.needs_rewind {
+    if obs.last_role == Some(PgRole::Primary) || obs.needs_rewind || obs.rewind_pending {
         if obs.rewind_failed {
             if dcs.config.auto_reinit && leader_up {
                 steps.push(Step::new(
@@ -371,11 +381,21 @@ fn follow(
             return;
         }
         if leader_up {
+            let why = if obs.rewind_pending {
+                format!("an interrupted rewind left the data directory unusable: finish it against {leader}")
+            } else {
+                format!("rejoining {leader}: rewind any diverged WAL first")
+            };
             steps.push(Step::new(
                 Action::Rewind {
                     from: leader.to_string(),
                 },
-                format!("rejoining {leader}: rewind any diverged WAL first"),
+                why,
+            ));
+        } else if obs.rewind_pending {
+            steps.push(Step::new(
+                Action::Wait,
+                format!("an interrupted rewind must finish before Postgres starts: waiting for {leader}'s Postgres to run"),
             ));
         }
         return;
@@ -415,6 +435,16 @@ fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps
         return;
     }
     if !local.running {
+        if obs.rewind_pending {
+            // Started, a half-rewound directory waits for WAL that only a
+            // primary can send, and reports no position: not a candidate,
+            // and published as `rewind_pending` so that nobody waits for it.
+            steps.push(Step::new(
+                Action::Wait,
+                "no leader, and an interrupted rewind must finish before Postgres starts: not a candidate",
+            ));
+            return;
+        }
         steps.push(Step::new(
             Action::StartReplica { upstream: None },
             "no leader: start read-only to report our WAL position",
@@ -434,14 +464,13 @@ fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps
                 "no leader and we run the primary: take the key back",
             )),
         },
-        _ => {
-            if candidacy(obs, dcs).is_ok() {
-                steps.push(Step::new(
-                    Action::AcquireLeader,
-                    "leader key gone and we are the most advanced eligible replica",
-                ))
-            }
-        }
+        _ => match candidacy(obs, dcs, now) {
+            Ok(why) => steps.push(Step::new(Action::AcquireLeader, why)),
+            Err(why) => steps.push(Step::new(
+                Action::Wait,
+                format!("no leader, not a candidate: {why}"),
+            )),
+        },
     }
 }
 
@@ -453,8 +482,12 @@ pub fn candidacy_region_ok(dcs: &DcsView, r: &Option<String>) -> bool {
         .is_none_or(|p| r.as_ref() == Some(p))
 }
 
-/// Whether this replica may take the leader key now, and if not why.
-pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
+/// Whether this replica may take the leader key now (the reason to), and
+/// if not why. Every wait here is bounded: a member without a WAL position
+/// is waited for at most `primary_start_timeout`; the others are answered
+/// by the member itself (tags, replay) or by the sync claim, whose own
+/// waits are bounded in `sync::candidacy`.
+pub fn candidacy(obs: &Observation, dcs: &DcsView, now: Tick) -> Result<String, String> {
     if obs.tags.nofailover {
         return Err("tagged nofailover".into());
     }
@@ -467,11 +500,16 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
             "{primary} still runs a primary: it takes the leader key back"
         ));
     }
+    if obs.rewind_pending {
+        return Err("the data directory holds an unfinished rewind".into());
+    }
     if obs.local.replay_paused {
         return Err("WAL replay is paused: resume it to make this node a candidate".into());
     }
     if let Some(proof) = super::sync::candidacy(obs, dcs) {
-        return proof;
+        return proof.map(|()| {
+            "leader key gone and the sync claim lets us take over without losing an acknowledged commit".to_string()
+        });
     }
     let mine = position(&obs.local);
     // Lag counts what is replayed: WAL received but not replayed (replay
@@ -495,15 +533,28 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
         mine,
         obs.tags.failover_priority,
     );
+    let mut passed_over = Vec::new();
     for m in &dcs.members {
         if m.name == obs.node || m.nofailover || !in_region(&m.region) {
             continue;
         }
         if m.state == "starting" {
-            return Err(format!(
-                "{} is starting: wait until it reports its WAL position",
+            // It may be the most advanced; but a standby that waits for a
+            // primary to become consistent never reports a position, and
+            // waiting for it for good leaves the cluster without one.
+            let waited = obs.member_waits.waited_ms(&m.name, now);
+            let bound = dcs.config.primary_start_timeout_ms;
+            if waited < bound {
+                return Err(format!(
+                    "{} is starting: wait until it reports its WAL position ({waited} of {bound} ms, primary_start_timeout)",
+                    m.name
+                ));
+            }
+            passed_over.push(format!(
+                "{} starting for {waited} ms without a WAL position (primary_start_timeout {bound} ms)",
                 m.name
             ));
+            continue;
         }
         let (timeline, lsn, replayed, paused) = match &obs.peers {
             // Live answers win; a member whose API did not answer is ignored.
@@ -541,7 +592,11 @@ pub fn candidacy(obs: &Observation, dcs: &DcsView) -> Result<(), String> {
             return Err(format!("{} is a better candidate", m.name));
         }
     }
-    Ok(())
+    let mut why = "leader key gone and we are the most advanced eligible replica".to_string();
+    if !passed_over.is_empty() {
+        why += &format!("; no longer waiting for {}", passed_over.join(", "));
+    }
+    Ok(why)
 }
 
 fn position(local: &LocalPostgres) -> Lsn {

@@ -489,6 +489,33 @@ pub struct OrphanSlot {
     pub missing_since: Tick,
 }
 
+/// Since when (by this node's clock) each member has been seen in etcd
+/// without any WAL position: what bounds the election's wait for a member
+/// that is `starting`. HA memory kept across passes: the agent and the
+/// simulator call `observe` with every etcd view.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemberWaits {
+    since: BTreeMap<String, Tick>,
+}
+
+impl MemberWaits {
+    pub fn observe(&mut self, dcs: &DcsView, now: Tick) {
+        let without_position = |m: &MemberStatus| {
+            m.wal_position.is_none() && m.receive_lsn.is_none() && m.replay_lsn.is_none()
+        };
+        self.since
+            .retain(|name, _| dcs.member(name).is_some_and(without_position));
+        for m in dcs.members.iter().filter(|m| without_position(m)) {
+            self.since.entry(m.name.clone()).or_insert(now);
+        }
+    }
+
+    /// How long `member` has been without a WAL position, 0 when it has one.
+    pub fn waited_ms(&self, member: &str, now: Tick) -> u64 {
+        self.since.get(member).map_or(0, |t| now.since(*t))
+    }
+}
+
 /// A member's WAL position as its own API reported it just now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerPosition {
@@ -541,6 +568,12 @@ pub struct Observation {
     pub needs_rewind: bool,
     /// The last pg_rewind failed.
     pub rewind_failed: bool,
+    /// A rewind was interrupted (or failed) part way: the data directory
+    /// must not start before a rewind against a leader succeeds (the
+    /// marker beside the data directory, see `postgres::JobMarker`).
+    pub rewind_pending: bool,
+    /// Since when each member has been seen without a WAL position.
+    pub member_waits: MemberWaits,
     /// Positions of the running replicas whose APIs answered, asked while no
     /// leader exists or while we hand over; `None` when not asked (positions
     /// from etcd are used).

@@ -112,6 +112,8 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
         replica_stalled_since: None,
         needs_rewind: false,
         rewind_failed: false,
+        rewind_pending: false,
+        member_waits: MemberWaits::default(),
         peers: None,
         wall_ms: 1_000_000,
         handover: None,
@@ -123,10 +125,12 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
     }
 }
 
+/// The actions that do something (a `Wait` only logs its reason).
 fn actions(o: &Observation, now: u64) -> Vec<Action> {
     decide(o, &settings(), Tick(now))
         .into_iter()
         .map(|s| s.action)
+        .filter(|a| *a != Action::Wait)
         .collect()
 }
 
@@ -772,6 +776,143 @@ fn nofailover_lagging_and_waiting_candidates_stay_replicas() {
     );
 }
 
+/// Issue 26: a member stuck in `starting` (a standby that waits for a
+/// primary to become consistent) kept every election waiting for good.
+#[test]
+fn a_member_starting_without_a_position_is_waited_for_at_most_primary_start_timeout() {
+    let mut members = replicas(&[("n2", 14, 5000), ("n3", 14, 4000)]);
+    let mut stuck = member("n1", MemberRole::Replica, "starting", 13, 0);
+    stuck.wal_position = None;
+    stuck.receive_lsn = None;
+    stuck.replay_lsn = None;
+    members.insert(0, stuck);
+    let v = view(None, members);
+    let bound = v.config.primary_start_timeout_ms;
+    let mut n2 = obs("n2", running(PgRole::Replica, 14, 5000), Some(v.clone()));
+    n2.member_waits.observe(&v, Tick(1_000));
+
+    // Within the bound: wait, and say so (the reason is logged every pass).
+    let steps = decide(&n2, &settings(), Tick(1_000 + bound - 1));
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    assert_eq!(steps[0].action, Action::Wait);
+    assert!(
+        steps[0].reason.contains("n1 is starting"),
+        "{}",
+        steps[0].reason
+    );
+    assert!(
+        steps[0].reason.contains("primary_start_timeout"),
+        "{}",
+        steps[0].reason
+    );
+
+    // Past it: the most advanced of the others runs, and says whom it passed over.
+    let steps = decide(&n2, &settings(), Tick(1_000 + bound));
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    assert_eq!(steps[0].action, Action::AcquireLeader);
+    assert!(
+        steps[0].reason.contains("no longer waiting for n1"),
+        "{}",
+        steps[0].reason
+    );
+    // ...and only the most advanced: n3 still yields to n2.
+    let mut n3 = obs("n3", running(PgRole::Replica, 14, 4000), Some(v.clone()));
+    n3.member_waits.observe(&v, Tick(1_000));
+    assert!(actions(&n3, 1_000 + bound).is_empty());
+
+    // Once it reports a position it is a candidate like any other: the
+    // wait starts again from zero if it loses it.
+    let mut waits = n2.member_waits.clone();
+    let mut reported = v.clone();
+    reported.members[0].replay_lsn = Some(Lsn(100));
+    waits.observe(&reported, Tick(2_000));
+    assert_eq!(waits.waited_ms("n1", Tick(50_000)), 0);
+    waits.observe(&v, Tick(50_000));
+    assert_eq!(waits.waited_ms("n1", Tick(50_100)), 100);
+}
+
+#[test]
+fn the_start_wait_never_overrides_the_sync_claim() {
+    // synchronous_mode on, the claim names n1 (stuck starting): n2 may not
+    // lead however long n1 takes, because only n1 holds every commit.
+    let mut members = replicas(&[("n2", 1, 5000)]);
+    let mut stuck = member("n1", MemberRole::Replica, "starting", 1, 0);
+    stuck.wal_position = None;
+    stuck.receive_lsn = None;
+    stuck.replay_lsn = None;
+    members.push(stuck);
+    let mut v = view(None, members);
+    v.config.synchronous_mode = SyncMode::On;
+    v.sync = Some(SyncKey {
+        leader: "n3".into(),
+        set: SyncSet::new(vec!["n1".into()], 1),
+    });
+    let mut n2 = obs("n2", running(PgRole::Replica, 1, 5000), Some(v.clone()));
+    n2.member_waits.observe(&v, Tick(0));
+    n2.peers = Some(vec![]);
+    assert!(actions(&n2, 10_000_000).is_empty());
+}
+
+#[test]
+fn an_unfinished_rewind_never_starts_and_finishes_against_the_leader() {
+    // No leader: not started (it would wait for a primary for good), not a candidate.
+    let mut o = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(view(None, replicas(&[("n2", 2, 5000), ("n3", 2, 5000)]))),
+    );
+    o.rewind_pending = true;
+    o.last_role = Some(PgRole::Replica);
+    let steps = decide(&o, &settings(), Tick(0));
+    assert_eq!(
+        steps.iter().map(|s| &s.action).collect::<Vec<_>>(),
+        vec![&Action::Wait]
+    );
+    assert!(
+        steps[0].reason.contains("not a candidate"),
+        "{}",
+        steps[0].reason
+    );
+
+    // A leader whose Postgres runs: rewind against it, never a plain start.
+    let mut members = healthy_three("n2");
+    members.retain(|m| m.name != "n1");
+    o.dcs = Some(view(Some("n2"), members.clone()));
+    assert_eq!(actions(&o, 0), vec![Action::Rewind { from: "n2".into() }]);
+    // Even after a clean handover (which otherwise needs no rewind).
+    o.last_role = Some(PgRole::Primary);
+    o.handover = Some(Handover {
+        since: Tick(0),
+        to: "n2".into(),
+        force: false,
+    });
+    assert_eq!(actions(&o, 0), vec![Action::Rewind { from: "n2".into() }]);
+    // The leader's Postgres is not up yet: wait for it.
+    members[0].state = "starting".into();
+    o.dcs = Some(view(Some("n2"), members));
+    assert!(actions(&o, 0).is_empty());
+    // The rewind failed again: auto_reinit reclones, otherwise it stays down.
+    let mut v = view(Some("n2"), healthy_three("n2"));
+    o.rewind_failed = true;
+    o.dcs = Some(v.clone());
+    assert!(actions(&o, 0).is_empty());
+    v.config.auto_reinit = true;
+    o.dcs = Some(v);
+    assert_eq!(actions(&o, 0), vec![Action::MoveAside]);
+
+    // Holding the key (it cannot run as primary): hand the key over.
+    let mut l = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
+    l.rewind_pending = true;
+    assert_eq!(
+        actions(&l, 0),
+        vec![Action::RenewLeader { lease_id: 42 }, Action::ReleaseLeader]
+    );
+}
+
 #[test]
 fn a_replica_whose_replay_is_paused_is_no_candidate_and_blocks_no_one() {
     // Equal received positions, lag far below maximum_lag_on_failover: only
@@ -784,7 +925,7 @@ fn a_replica_whose_replay_is_paused_is_no_candidate_and_blocks_no_one() {
     paused.replay_lsn = Some(Lsn(pos - 16 * 1024));
     let n2 = obs("n2", paused, Some(v.clone()));
     assert!(actions(&n2, 0).is_empty(), "n2 must not take the key");
-    let why = super::decide::candidacy(&n2, &v).unwrap_err();
+    let why = super::decide::candidacy(&n2, &v, Tick(0)).unwrap_err();
     assert!(why.contains("replay is paused"), "{why}");
 
     // n3 sees the pause in n2's member key, or in its live answer.
@@ -1507,7 +1648,7 @@ fn only_a_member_of_the_published_set_is_promoted() {
     assert_eq!(actions(&n2, 0), vec![Action::AcquireLeader]);
     let n3 = sync_election("n3", claim, &[("n2", 1000), ("n3", 2000)]);
     assert_eq!(actions(&n3, 0), vec![]);
-    assert!(decide::candidacy(&n3, n3.dcs.as_ref().unwrap())
+    assert!(decide::candidacy(&n3, n3.dcs.as_ref().unwrap(), Tick(0))
         .unwrap_err()
         .contains("not in the synchronous set"));
     // A claim of nothing (fallback) promotes nobody automatically...
@@ -1526,9 +1667,11 @@ fn quorum_promotion_needs_enough_members_to_prove_it() {
     let mut alone = sync_election("n2", claim.clone(), &[("n2", 1000), ("n3", 900)]);
     alone.peers = Some(vec![]);
     assert_eq!(actions(&alone, 0), vec![]);
-    assert!(decide::candidacy(&alone, alone.dcs.as_ref().unwrap())
-        .unwrap_err()
-        .contains("sees 1 of the 2"));
+    assert!(
+        decide::candidacy(&alone, alone.dcs.as_ref().unwrap(), Tick(0))
+            .unwrap_err()
+            .contains("sees 1 of the 2")
+    );
     let both = sync_election("n2", claim.clone(), &[("n2", 1000), ("n3", 900)]);
     assert_eq!(actions(&both, 0), vec![Action::AcquireLeader]);
     // n3's answer predates its noticing the leader gone: it proves nothing.
@@ -1645,6 +1788,8 @@ fn arb_obs() -> impl Strategy<Value = (Observation, u64)> {
                 renewed_at: Tick(t),
             });
             o.needs_rewind = rewind;
+            // An unfinished rewind on about a third of the observations.
+            o.rewind_pending = now % 3 == 0;
             (o, now)
         })
 }
@@ -1661,6 +1806,19 @@ proptest! {
             }
             if a == Action::StartPrimary {
                 prop_assert!(o.last_role != Some(PgRole::Replica), "a standby's data directory started as primary: {o:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn never_starts_a_data_directory_with_an_unfinished_rewind((o, now) in arb_obs()) {
+        // (The agent reads the marker only while Postgres is down.)
+        if o.rewind_pending && !o.local.running {
+            for a in actions(&o, now) {
+                prop_assert!(
+                    !matches!(a, Action::StartPrimary | Action::StartReplica { .. } | Action::AcquireLeader),
+                    "{a:?} with an unfinished rewind: {o:?}"
+                );
             }
         }
     }

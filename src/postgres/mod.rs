@@ -3,8 +3,10 @@
 //! probes. Postgres runs as the agent's child so a crash is seen at once.
 
 pub mod conf;
+mod marker;
 mod probe;
 mod process;
 
 pub use conf::Upstream;
+pub use marker::{JobMarker, Unfinished};
 pub use process::{LocalPg, PgError};

@@ -16,6 +16,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
 use super::conf::{self, Upstream};
+use super::marker::{JobMarker, Unfinished};
 use crate::config::PostgresConfig;
 use crate::ha::{DataDir, PgRole, Progress};
 
@@ -446,6 +447,10 @@ impl LocalPg {
     /// Clones `from` with pg_basebackup (WAL streamed), publishing progress.
     pub async fn basebackup(&self, from: &Upstream) -> Result<()> {
         let dir = self.create_data_dir()?;
+        // Removed by the caller once the copy is configured as a standby.
+        self.job_marker()
+            .begin(Unfinished::Clone, &from.name)
+            .map_err(io_err("writing the clone marker"))?;
         let mut cmd = self.command("pg_basebackup");
         cmd.arg("-D")
             .arg(dir)
@@ -533,6 +538,11 @@ impl LocalPg {
         // which refuses a lock file naming a live process.
         self.write_config(false, None)?;
         remove_stale_pid_file(&self.cfg.data_dir)?;
+        // From here the directory may be left part rewound: recorded, so
+        // that it is never started as it is (see `JobMarker`).
+        self.job_marker()
+            .begin(Unfinished::Rewind, &from.name)
+            .map_err(io_err("writing the rewind marker"))?;
         let out = cmd.output().await.map_err(io_err("running pg_rewind"))?;
         tracing::info!(node = %self.node, output = %last_lines(&String::from_utf8_lossy(&out.stderr)), "pg_rewind finished");
         if !out.status.success() {
@@ -542,7 +552,15 @@ impl LocalPg {
                 stderr: last_lines(&String::from_utf8_lossy(&out.stderr)),
             });
         }
-        self.write_config(true, Some(from))
+        self.write_config(true, Some(from))?;
+        self.job_marker()
+            .finish()
+            .map_err(io_err("removing the rewind marker"))
+    }
+
+    /// The record of a rewind or clone in progress, beside the data directory.
+    pub fn job_marker(&self) -> JobMarker {
+        JobMarker::for_data_dir(&self.cfg.data_dir)
     }
 }
 

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use pgha::config::Tags;
 use pgha::ha::{
     self, Action, DataDir as DirKind, DcsView, Handover, HeldLease, Job, LocalPostgres, MemberRole,
-    MemberStatus, Observation, OrphanSlot, PeerPosition, PgRole, Replication, Step, SyncApplied,
-    SyncKey, Tick, TimelineKey,
+    MemberStatus, MemberWaits, Observation, OrphanSlot, PeerPosition, PgRole, Replication, Step,
+    SyncApplied, SyncKey, Tick, TimelineKey,
 };
 
 use crate::etcd::{self, Value};
@@ -72,6 +72,9 @@ pub struct Agent {
     pub stalled_since: Option<Tick>,
     pub needs_rewind: bool,
     pub rewind_failed: bool,
+    /// As the agent's: the rewind marker, read while Postgres is down.
+    pub rewind_pending: bool,
+    pub member_waits: MemberWaits,
     pub handover: Option<Handover>,
     pub replica_timeline: Option<u32>,
     pub sync_applied: Option<SyncApplied>,
@@ -371,7 +374,13 @@ impl World {
         } else {
             None
         };
+        if job_kind.is_none() && !local.running {
+            let marker = self.nodes[i].pg.rewind_marker && !self.cfg.knobs.ignore_rewind_marker;
+            self.nodes[i].agent.rewind_pending = marker;
+        }
+        let a = &mut self.nodes[i].agent;
         if let Some(v) = &dcs {
+            a.member_waits.observe(v, now);
             a.last_view = Some(v.clone());
         }
         let (mut peers, live_primary) = match (&dcs, leaderless_replica || handing_over) {
@@ -407,6 +416,8 @@ impl World {
             replica_stalled_since: a.stalled_since,
             needs_rewind: a.needs_rewind,
             rewind_failed: a.rewind_failed,
+            rewind_pending: a.rewind_pending,
+            member_waits: a.member_waits.clone(),
             peers,
             wall_ms: EPOCH_MS + self.now,
             handover: a.handover.clone(),
@@ -554,11 +565,16 @@ impl World {
                 Flow::Next
             }
             Action::Rewind { from } => {
+                // As `LocalPg::rewind`: the marker goes down before pg_rewind runs.
+                self.nodes[i].pg.rewind_marker = true;
                 self.spawn_job(i, Job::Rewind, Work::Rewind { from: from.clone() });
                 Flow::Next
             }
+            Action::Wait => Flow::Next,
             Action::MoveAside => {
                 self.nodes[i].pg.dir = None;
+                self.nodes[i].pg.rewind_marker = false;
+                self.nodes[i].agent.rewind_pending = false;
                 let a = &mut self.nodes[i].agent;
                 a.rewind_failed = false;
                 a.needs_rewind = false;
@@ -961,6 +977,26 @@ impl World {
         else {
             return;
         };
+        let inconsistent = self.nodes[i]
+            .pg
+            .dir
+            .as_ref()
+            .is_some_and(|d| d.inconsistent);
+        let primary_runs = (0..self.nodes.len()).any(|j| j != i && self.writable(j));
+        if matches!(job.work, Work::Start { primary: false }) && inconsistent && !primary_runs {
+            // A half-rewound standby waits for WAL only a primary sends:
+            // still `starting`, no position.
+            let epoch = self.nodes[i].agent.epoch;
+            self.push(
+                500,
+                Ev::JobDone {
+                    node: i,
+                    epoch,
+                    job: id,
+                },
+            );
+            return;
+        }
         let result = self.finish_work(i, &job.work);
         let name = self.nodes[i].name.clone();
         self.log(|| format!("{name}: job {:?} done: {result:?}", job.kind));
@@ -1067,7 +1103,9 @@ impl World {
                 }
                 src.standby = true;
                 src.checkpoint = src.wal.len().saturating_sub(1);
+                src.inconsistent = false;
                 self.nodes[i].pg.dir = Some(src);
+                self.nodes[i].pg.rewind_marker = false;
                 Ok(())
             }
         }
@@ -1089,6 +1127,7 @@ impl World {
             Some(Job::Rewind) => "rewinding",
             Some(Job::Start) => "starting",
             Some(Job::Stop) => "stopping",
+            None if !local.running && obs.rewind_pending => "rewind_pending",
             None if local.running
                 && local.role == Some(PgRole::Replica)
                 && local.streaming_from.is_some() =>

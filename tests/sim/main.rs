@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use pgha::ha::SyncMode;
-use world::{Knobs, Schedule, World, FAULT_KINDS};
+use world::{FaultKind, Knobs, Schedule, World, FAULT_KINDS};
 
 /// Schedules CI runs (debug builds run fewer; see `scripts/test`).
 const CI_SCHEDULES_RELEASE: u64 = 10_000;
@@ -57,6 +57,9 @@ fn parse_args() -> Args {
             "--no-fencing" => args.knobs.no_fencing = true,
             "--hide-lag" => args.knobs.hide_lag = true,
             "--live-api" => args.knobs.live_api = true,
+            "--unbounded-start-wait" => args.knobs.unbounded_start_wait = true,
+            "--ignore-rewind-marker" => args.knobs.ignore_rewind_marker = true,
+            "--only-cluster-restart" => args.knobs.only_fault = Some(FaultKind::ClusterRestart),
             "--trace-decisions" => args.knobs.trace_decisions = true,
             "--sync" => {
                 args.knobs.sync_mode = Some(match it.next().as_deref() {
@@ -127,6 +130,15 @@ fn knob_flags(k: &Knobs) -> String {
     }
     if k.live_api {
         s += " --live-api";
+    }
+    if k.unbounded_start_wait {
+        s += " --unbounded-start-wait";
+    }
+    if k.ignore_rewind_marker {
+        s += " --ignore-rewind-marker";
+    }
+    if k.only_fault == Some(FaultKind::ClusterRestart) {
+        s += " --only-cluster-restart";
     }
     if let Some(m) = k.sync_mode {
         s += &format!(" --sync {m}");
@@ -244,6 +256,27 @@ fn must_find(what: &str, knobs: &Knobs, want: &str) -> bool {
     }
 }
 
+/// A campaign with one planted fault kind and its fix must stay clean.
+fn must_pass(what: &str, knobs: &Knobs) -> bool {
+    let c = campaign(0, BUG_BUDGET, knobs, true);
+    match c.violations.first() {
+        None => {
+            println!(
+                "sim: {what}: {} schedules clean (worst time to a primary after the last heal: {} ms)",
+                c.schedules, c.worst_recovery
+            );
+            true
+        }
+        Some((seed, v)) => {
+            println!(
+                "sim: {what}: VIOLATION seed {seed}: {v} (replay: cargo test --release --test sim --{} --seed {seed})",
+                knob_flags(knobs)
+            );
+            false
+        }
+    }
+}
+
 fn main() {
     let args = parse_args();
     if let Some(seed) = args.seed {
@@ -289,6 +322,29 @@ fn main() {
             "candidates blind to lag, synchronous_mode on",
             &blind,
             "lost write",
+        );
+        // Issue 26: a half-rewound member started anyway stays `starting`;
+        // waiting for it for good leaves the cluster without a primary...
+        let stuck = Knobs {
+            ignore_rewind_marker: true,
+            unbounded_start_wait: true,
+            only_fault: Some(FaultKind::ClusterRestart),
+            sync_mode: Some(SyncMode::Off),
+            ..Knobs::default()
+        };
+        ok &= must_find(
+            "election waits for a starting member for good",
+            &stuck,
+            "liveness",
+        );
+        // ...and the bound alone (marker still ignored) restores a primary.
+        let bounded = Knobs {
+            unbounded_start_wait: false,
+            ..stuck
+        };
+        ok &= must_pass(
+            "a starting member is waited for at most primary_start_timeout",
+            &bounded,
         );
     }
     if !ok {

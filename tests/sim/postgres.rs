@@ -31,6 +31,9 @@ pub struct DataDir {
     pub shut_down: bool,
     /// pgha.sync.conf: survives restarts.
     pub sync_conf: SyncSet,
+    /// Left part rewound: started as a standby it never becomes
+    /// consistent (never reports a position) while no primary runs.
+    pub inconsistent: bool,
 }
 
 impl DataDir {
@@ -64,6 +67,9 @@ pub struct Pg {
     pub exited: bool,
     /// The fence guard stopped the postmaster while it was starting.
     pub start_killed: bool,
+    /// The agent's rewind marker beside the data directory (on disk:
+    /// survives agent and host crashes).
+    pub rewind_marker: bool,
 }
 
 impl Pg {

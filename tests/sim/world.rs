@@ -35,6 +35,14 @@ pub struct Knobs {
     /// their last published snapshot (what a fix of the stale-snapshot
     /// finding would do).
     pub live_api: bool,
+    /// Planted bug: the election waits for a `starting` member for good
+    /// (primary_start_timeout out of reach).
+    pub unbounded_start_wait: bool,
+    /// Planted bug: the agent does not read its rewind marker, so a
+    /// half-rewound directory is started (and stays `starting`).
+    pub ignore_rewind_marker: bool,
+    /// Every fault of the schedule is of this kind.
+    pub only_fault: Option<FaultKind>,
     pub trace: bool,
     /// Trace every decision (also those with no step) with its inputs.
     pub trace_decisions: bool,
@@ -90,9 +98,13 @@ pub enum FaultKind {
     ReplicationStall,
     EtcdSlow,
     Switchover,
+    /// Every agent stops (a rolling deploy's SIGINT, a platform restart)
+    /// while the fault's node is part way through a rewind; all start
+    /// again when the fault ends.
+    ClusterRestart,
 }
 
-pub const FAULT_KINDS: [FaultKind; 11] = [
+pub const FAULT_KINDS: [FaultKind; 12] = [
     FaultKind::PgCrash,
     FaultKind::AgentCrash,
     FaultKind::HostCrash,
@@ -104,6 +116,7 @@ pub const FAULT_KINDS: [FaultKind; 11] = [
     FaultKind::ReplicationStall,
     FaultKind::EtcdSlow,
     FaultKind::Switchover,
+    FaultKind::ClusterRestart,
 ];
 
 #[derive(Debug, Clone)]
@@ -147,6 +160,7 @@ impl Schedule {
         let mut faults = Vec::new();
         for _ in 0..n_faults {
             let kind = *rng.pick(&FAULT_KINDS);
+            let kind = knobs.only_fault.unwrap_or(kind);
             let node = rng.below(nodes as u64) as usize;
             let mut other = rng.below(nodes as u64) as usize;
             if kind == FaultKind::PeerCut && other == node {
@@ -404,6 +418,13 @@ impl World {
             Value::Config(DynamicConfig {
                 synchronous_mode: cfg.sync_mode,
                 synchronous_node_count: cfg.sync_count,
+                // The election's wait for a `starting` member, within the
+                // liveness bound.
+                primary_start_timeout_ms: if cfg.knobs.unbounded_start_wait {
+                    u64::MAX / 4
+                } else {
+                    10_000
+                },
                 ..DynamicConfig::default()
             }),
             None,
@@ -431,6 +452,7 @@ impl World {
                     checkpoint: 0,
                     shut_down: false,
                     sync_conf: SyncSet::none(),
+                    inconsistent: false,
                 }),
                 running: true,
                 role: Some(if primary {
@@ -1254,6 +1276,49 @@ impl World {
                 return;
             }
             FaultKind::EtcdSlow => self.etcd_slow += 1,
+            FaultKind::ClusterRestart => {
+                // Only a follower of a leader whose Postgres runs can be
+                // part way through a rewind (it rewinds from that leader).
+                let leader = self.etcd.leader_name();
+                let leader_runs = leader
+                    .as_ref()
+                    .and_then(|l| self.index_of(l))
+                    .is_some_and(|l| self.writable(l));
+                let n = self.nodes.len();
+                let rewinding = (0..n).map(|k| (i + k) % n).find(|&j| {
+                    leader_runs
+                        && Some(&self.nodes[j].name) != leader.as_ref()
+                        && self.nodes[j].host_up
+                        && self.nodes[j].agent_up
+                });
+                for j in 0..n {
+                    if !self.nodes[j].host_up || !self.nodes[j].agent_up {
+                        continue;
+                    }
+                    self.kill_agent(j);
+                    // SIGINT: each agent stops its Postgres (fast shutdown).
+                    let _ = self.finish_work(
+                        j,
+                        &crate::agent::Work::Stop {
+                            checkpoint_first: false,
+                        },
+                    );
+                    self.push(fault.duration, Ev::AgentBoot { node: j });
+                }
+                let Some(r) = rewinding else {
+                    return;
+                };
+                let rn = self.nodes[r].name.clone();
+                self.log(|| format!("{rn}: rewind cut short by the stop: marker left, data directory inconsistent"));
+                let pg = &mut self.nodes[r].pg;
+                if let Some(d) = pg.dir.as_mut() {
+                    d.inconsistent = true;
+                    d.standby = true;
+                    d.shut_down = false;
+                    pg.rewind_marker = true;
+                }
+                return;
+            }
             FaultKind::Switchover => {
                 if let Some(from) = self.etcd.leader_name() {
                     let to = (fault.other != i)

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use pgha::ha::Lsn;
 
 use common::{
-    create_writes_table, process_alive, serial, stored_seqs, wait_until, Ack, Cluster, Node,
-    Options, ProbeRound, RoleProbe, Timing, Writer, WriterLog,
+    create_writes_table, process_alive, replace_with_copy_lacking_wal, serial, stored_seqs,
+    wait_until, Ack, Cluster, Node, Options, ProbeRound, RoleProbe, Timing, Writer, WriterLog,
 };
 
 const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(90);
@@ -783,5 +783,151 @@ fn replicas_keep_running_while_a_second_failover_waits_for_the_lease() {
         "SUMMARY second failover (ttl {} s): {survivor} promoted after {} ms, postmaster kept",
         timing.ttl_s,
         ms(failover)
+    );
+}
+
+/// Issue 26 on real processes: a member that can never report a WAL
+/// position (a standby that waits for a primary to become consistent) kept
+/// every election waiting for good after a whole-cluster stop and start.
+/// Now the others wait for it at most `primary_start_timeout`; and a member
+/// whose rewind was cut short (its marker beside the data directory) does
+/// not start at all, so nobody waits for it, and it rewinds once there is
+/// a leader.
+// Ignored until the second half of issue 26 lands: phase 1 passes (the
+// wait for the member without a position is logged and given up after
+// primary_start_timeout, a primary is elected), but the copy then stays
+// `starting` although a primary runs: its Start job (started with no
+// upstream) waits up to 300 s for consistency and nothing repoints it at
+// the new leader meanwhile. Run with `cargo test --test failover -- --ignored`.
+#[test]
+#[ignore = "issue 26: a standby started without an upstream is not repointed while its start job waits"]
+fn a_whole_cluster_restart_elects_a_primary_despite_a_member_that_cannot_start() {
+    let _serial = serial();
+    let start_timeout = Duration::from_secs(10);
+    let mut cluster = Cluster::start(
+        3,
+        Options {
+            extra_toml: format!(
+                "[cluster]\nprimary_start_timeout = \"{}s\"\n",
+                start_timeout.as_secs()
+            ),
+            ..fast()
+        },
+    );
+    let leader = healthy(&mut cluster);
+    let leader_port = cluster.node(&leader).pg_port;
+    cluster
+        .node(&leader)
+        .query("INSERT INTO pgha_writes (writer, seq, server_port, timeline) SELECT 'before', g, 0, 0 FROM generate_series(1, 100) g");
+    let names: Vec<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+    let mut others = names.iter().filter(|n| **n != leader).cloned();
+    let (stuck, marked) = (others.next().unwrap(), others.next().unwrap());
+
+    // 1. The stuck member: a copy taken while the leader runs, without its
+    // WAL; then every agent stops at once, as in a rolling deploy.
+    let stuck_dir = cluster.node(&stuck).data_dir.clone();
+    cluster.node_mut(&stuck).sigterm();
+    replace_with_copy_lacking_wal(&stuck_dir, leader_port);
+    for (name, status) in cluster.sigterm_all(Duration::from_secs(40)) {
+        assert!(status.is_some(), "{name} did not stop");
+    }
+    let started = Instant::now();
+    for n in &names {
+        cluster.node_mut(n).restart();
+    }
+    let view = cluster.wait_for(
+        "a primary although a member cannot become consistent",
+        start_timeout + ttl() + Duration::from_secs(30),
+        |v| v.primaries().len() == 1,
+    );
+    let first = started.elapsed();
+    let new_leader = view.primaries()[0].name.clone();
+    assert_ne!(new_leader, stuck, "the member without a position led");
+    let log = cluster.node(&new_leader).current_run_log();
+    assert!(
+        log.contains(&format!(
+            "{stuck} is starting: wait until it reports its WAL position"
+        )),
+        "the wait was not logged:\n{}",
+        common::tail(&cluster.node(&new_leader).log, 40)
+    );
+    assert!(
+        log.contains(&format!("no longer waiting for {stuck}")),
+        "giving up the wait was not logged:\n{}",
+        common::tail(&cluster.node(&new_leader).log, 40)
+    );
+    assert!(
+        first >= start_timeout,
+        "a primary after {first:?}: the wait for {stuck} was not applied"
+    );
+    // With a primary, the copy gets its WAL and streams.
+    cluster.wait_healthy(REJOIN_TIMEOUT);
+
+    // 2. A rewind cut short: its marker is left beside the data directory.
+    // Another stop and start: the marked member is not started, reports
+    // rewind_pending, delays nobody, and rewinds against the new leader.
+    for (name, status) in cluster.sigterm_all(Duration::from_secs(40)) {
+        assert!(status.is_some(), "{name} did not stop");
+    }
+    let marked_dir = cluster.node(&marked).data_dir.clone();
+    let marker = marked_dir.with_file_name("data.pgha-job");
+    assert_eq!(
+        marked_dir.file_name().and_then(|n| n.to_str()),
+        Some("data")
+    );
+    std::fs::write(&marker, "rewind\nsource gone\n").expect("write marker");
+    let started = Instant::now();
+    for n in &names {
+        cluster.node_mut(n).restart();
+    }
+    let scope = cluster.opts.scope.clone();
+    wait_until(
+        "the marked member to report rewind_pending",
+        Duration::from_secs(30),
+        || {
+            let m = cluster
+                .etcd
+                .get_json(&format!("/pgha/{scope}/members/{marked}"))?;
+            (m["state"] == "rewind_pending").then_some(())
+        },
+    );
+    assert!(
+        cluster.node(&marked).postmaster_pid().is_none(),
+        "Postgres runs on a directory with an unfinished rewind"
+    );
+    cluster.wait_for(
+        "a primary without waiting for the marked member",
+        ttl() + Duration::from_secs(20),
+        |v| v.primaries().len() == 1,
+    );
+    let second = started.elapsed();
+    assert!(
+        second < start_timeout + ttl(),
+        "a primary after {second:?}: the election waited for the marked member"
+    );
+    let view = cluster.wait_healthy(REJOIN_TIMEOUT);
+    assert!(view.streaming_replicas().iter().any(|m| m.name == marked));
+    assert!(!marker.exists(), "the marker outlived a successful rewind");
+    assert!(
+        cluster
+            .node(&marked)
+            .current_run_log()
+            .contains("the last pg_rewind did not finish"),
+        "{}",
+        common::tail(&cluster.node(&marked).log, 40)
+    );
+    let primary = view.primaries()[0].name.clone();
+    assert_eq!(
+        cluster
+            .node(&primary)
+            .query("SELECT count(*) FROM pgha_writes WHERE writer = 'before'"),
+        "100"
+    );
+    eprintln!(
+        "SUMMARY whole-cluster restart: primary {} ms after the start with a member that cannot become consistent (primary_start_timeout {} s, ttl {} s); {} ms with a member whose rewind was cut short",
+        ms(first),
+        start_timeout.as_secs(),
+        TIMING.ttl_s,
+        ms(second)
     );
 }

@@ -858,6 +858,51 @@ pub fn initdb_as_postgres(data_dir: &Path) {
     );
 }
 
+/// Replaces `data_dir` with a `pg_basebackup -X none` of the Postgres on
+/// 127.0.0.1:`port`, as the postgres user: a copy that needs WAL only a
+/// primary can send before it becomes consistent (what a rewind cut short
+/// leaves is no better). Started as a standby while no primary runs, it
+/// waits for that WAL for good.
+pub fn replace_with_copy_lacking_wal(data_dir: &Path, port: u16) {
+    let user = User::from_name("postgres")
+        .expect("getpwnam")
+        .expect("OS user postgres");
+    if data_dir.exists() {
+        fs::remove_dir_all(data_dir).expect("remove the old data dir");
+    }
+    fs::create_dir_all(data_dir).expect("create data dir");
+    fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).expect("chmod data dir");
+    std::os::unix::fs::chown(data_dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+        .expect("chown data dir");
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(Path::new(PG_BIN).join("pg_basebackup"))
+        .arg("-D")
+        .arg(data_dir)
+        .args([
+            "-X",
+            "none",
+            "-c",
+            "fast",
+            "--no-sync",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "replicator",
+        ])
+        .arg("-p")
+        .arg(port.to_string())
+        .env("PGPASSWORD", REPLICATION_PASSWORD)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run pg_basebackup");
+    assert!(
+        out.status.success(),
+        "pg_basebackup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Everything that identifies a directory tree's contents: per path its
 /// kind, mode, owner, mtime, size and bytes.
 #[derive(Debug, PartialEq, Eq)]

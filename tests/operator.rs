@@ -270,7 +270,7 @@ fn of_two_concurrent_switchover_requests_exactly_one_runs() {
         .map(|r| {
             (
                 cluster.node(r).api_addr(),
-                format!(r#"{{"candidate":"{r}"}}"#),
+                format!(r#"{{"leader":"{old}","candidate":"{r}"}}"#),
             )
         })
         .collect();

@@ -478,7 +478,11 @@ mod tests {
             Request::CancelSwitchover
         );
         assert!(matches!(
-            ok(Method::PATCH, "/config", Some(r#"{"ttl":"30s"}"#)),
+            ok(
+                Method::PATCH,
+                "/config",
+                Some(r#"{"maximum_lag_on_failover":2048}"#)
+            ),
             Request::PatchConfig(_)
         ));
     }

@@ -453,9 +453,18 @@ impl Agent {
             Request::Restart { .. } | Request::Reinitialize if busy.is_some() => {
                 Reply::message(409, format!("{busy:?} is already in progress on {node}"))
             }
-            Request::Restart { pending_only: true } if !self.last_local.pending_restart => {
+            Request::Restart {
+                pending_only: true, ..
+            } if !self.last_local.pending_restart => {
                 Reply::message(200, format!("no restart pending on {node}: nothing done"))
             }
+            // Patroni's answer when a restart condition does not hold.
+            Request::Restart {
+                role: Some(role), ..
+            } if self.last_local.role != Some(role) => Reply::message(
+                503,
+                format!("restart conditions are not satisfied: {node} does not run as {role:?}"),
+            ),
             Request::Restart { .. } => {
                 if !self.last_local.running {
                     Reply::message(503, "postgres is not running: nothing to restart")
@@ -524,11 +533,15 @@ impl Agent {
                 leader,
                 candidate,
                 at_ms,
-            } => match self.switchover_request(leader, candidate, at_ms, false) {
+            } => match self.switchover_request(Some(leader), candidate, at_ms, false) {
                 Ok(sw) => return self.start_switchover(sw, call.reply).await,
                 Err(reply) => reply,
             },
-            Request::Failover { candidate, force } => {
+            Request::Failover {
+                leader,
+                candidate,
+                force,
+            } => {
                 let current = self
                     .last_view
                     .as_ref()
@@ -536,9 +549,9 @@ impl Agent {
                     .map(|l| l.name.clone());
                 let request = match &current {
                     Some(_) if !force => {
-                        self.switchover_request(None, Some(candidate), None, false)
+                        self.switchover_request(leader, Some(candidate), None, false)
                     }
-                    _ => self.switchover_request(None, Some(candidate), None, true),
+                    _ => self.switchover_request(leader, Some(candidate), None, true),
                 };
                 match request {
                     Ok(sw) => return self.start_switchover(sw, call.reply).await,
@@ -583,11 +596,12 @@ impl Agent {
                 format!("a switchover from {} is already pending", pending.from),
             ));
         }
-        if let (Some(asked), Some(cur)) = (&leader, &current) {
-            if asked != cur {
+        if let Some(asked) = &leader {
+            if Some(asked) != current.as_ref() {
+                let now = current.as_deref().unwrap_or("nobody");
                 return Err(Reply::message(
                     412,
-                    format!("{asked} is not the leader ({cur} is)"),
+                    format!("{asked} is not the leader ({now} is)"),
                 ));
             }
         }

@@ -221,6 +221,20 @@ pub async fn send(
     Ok((status, value))
 }
 
+/// The name of the cluster's leader now, as any member's `/cluster` has it.
+pub async fn current_leader(base: &str) -> anyhow::Result<String> {
+    let (status, cluster) = get_json(base, "/cluster").await?;
+    if status != 200 {
+        bail!("{base}/cluster answered {status}: {cluster}");
+    }
+    cluster["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["leader"] == true))
+        .and_then(|m| m["name"].as_str())
+        .map(str::to_string)
+        .context("the cluster has no leader now: nothing to switch over from (use failover)")
+}
+
 /// The API URL of member `name`, found through any member's `/cluster`.
 pub async fn member_api(base: &str, name: &str) -> anyhow::Result<String> {
     let (_, cluster) = get_json(base, "/cluster").await?;

@@ -568,7 +568,31 @@ async fn dispatch(command: Command) -> ExitCode {
                     return ExitCode::from(1);
                 }
             }
-            let body = serde_json::json!({ "leader": leader, "candidate": to, "scheduled_at": at });
+            // The API needs the current leader named: take it from the
+            // cluster as read now, so a plain `pgha switchover` still works.
+            let leader = match leader {
+                Some(l) => l,
+                None => {
+                    let base = match target.api() {
+                        Ok(b) => b,
+                        Err(code) => return code,
+                    };
+                    match pgha::ctl::current_leader(&base).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            eprintln!("error: {e:#}");
+                            return ExitCode::from(1);
+                        }
+                    }
+                }
+            };
+            let mut body = serde_json::json!({ "leader": leader });
+            if let Some(to) = to {
+                body["candidate"] = to.into();
+            }
+            if let Some(at) = at {
+                body["scheduled_at"] = at.into();
+            }
             operator(
                 &target,
                 None,

@@ -5,7 +5,7 @@
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::ha::DynamicConfig;
+use crate::ha::{DynamicConfig, PgRole};
 
 /// What an operator asks this node's agent to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,8 +13,12 @@ pub enum Request {
     /// Re-render the Postgres configuration and reload it.
     Reload,
     /// Restart the local Postgres in its current role (with `pending_only`,
-    /// only if a changed setting waits for a restart).
-    Restart { pending_only: bool },
+    /// only if a changed setting waits for a restart; with `role`, only if
+    /// Postgres runs in that role).
+    Restart {
+        pending_only: bool,
+        role: Option<PgRole>,
+    },
     /// Throw the local replica's data away and clone the leader again.
     Reinitialize,
     /// Merge this JSON object into the dynamic config (`null` resets a key).
@@ -22,14 +26,19 @@ pub enum Request {
     /// Replace the dynamic config.
     PutConfig(Value),
     /// Planned change of leader, now or at `at_ms` (ms since the Unix epoch).
+    /// `leader` must be the leader now (412 otherwise).
     Switchover {
-        leader: Option<String>,
+        leader: String,
         candidate: Option<String>,
         at_ms: Option<u64>,
     },
     /// Make `candidate` the leader: when a primary is healthy this is a
-    /// switchover unless `force`.
-    Failover { candidate: String, force: bool },
+    /// switchover unless `force`; a `leader` given must be the leader now.
+    Failover {
+        leader: Option<String>,
+        candidate: String,
+        force: bool,
+    },
     /// Cancel a pending (scheduled) switchover.
     CancelSwitchover,
 }

@@ -59,6 +59,167 @@ fn http(
     (status, body)
 }
 
+/// Sends `request` as it is and returns the status and whether the answer
+/// closes the connection.
+fn raw_request(addr: SocketAddr, request: &str) -> (u16, bool) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).expect("send");
+    let mut answer = Vec::new();
+    // The server closes after a framing error or our `Connection: close`;
+    // a timeout here means it kept the connection open.
+    let _ = s.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line for {request:?}: {text:?}"));
+    (status, text.contains("\r\nconnection: close\r\n"))
+}
+
+/// What an operator request could have changed.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    leader: Option<String>,
+    history: usize,
+    postmaster_started: Vec<(String, String)>,
+    config: serde_json::Value,
+}
+
+fn observe(cluster: &mut Cluster, primary: &str) -> Observed {
+    let view = cluster.view().expect("cluster view");
+    let node = cluster.node(primary);
+    Observed {
+        leader: view.leader.clone(),
+        history: node
+            .get_json("/history")
+            .and_then(|h| h.as_array().map(Vec::len))
+            .expect("history"),
+        postmaster_started: cluster
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.query("select pg_postmaster_start_time()")))
+            .collect(),
+        config: node.get_json("/config").expect("config"),
+    }
+}
+
+/// Issue 18: every malformed or ambiguous operator request is refused with
+/// its status, and nothing happens; then one valid request acts, to show
+/// the observation would have seen it.
+fn malformed_requests_change_nothing(cluster: &mut Cluster, primary: &str, guarded: &str) {
+    let replica = replica_names(cluster, primary)
+        .into_iter()
+        .find(|r| r != guarded)
+        .expect("an open replica");
+    let api = cluster.node(primary).api_addr();
+    let (p, r, g) = (primary, replica.as_str(), guarded);
+    let with_length = |method: &str, path: &str, body: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let chunked = |path: &str, body: &str| {
+        let chunk = if body.is_empty() {
+            String::new()
+        } else {
+            format!("{:x}\r\n{body}\r\n", body.len())
+        };
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}0\r\n\r\n"
+        )
+    };
+    let valid = format!(r#"{{"leader":"{p}","candidate":"{r}"}}"#);
+    let post = |path: &str, body: &str| with_length("POST", path, body);
+    // (what, request, status, the server must close the connection: a
+    // framing error)
+    let table: Vec<(&str, String, u16, bool)> = vec![
+        ("switchover, no body", "POST /switchover HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".into(), 411, false),
+        ("switchover, empty body", post("/switchover", ""), 400, false),
+        ("switchover, empty chunked body", chunked("/switchover", ""), 400, true),
+        ("switchover, {}", post("/switchover", "{}"), 400, false),
+        ("switchover, null", post("/switchover", "null"), 400, false),
+        ("switchover, not JSON", post("/switchover", "{leader"), 400, false),
+        ("switchover, candidate only", post("/switchover", &format!(r#"{{"candidate":"{r}"}}"#)), 400, false),
+        ("switchover, a replica as leader", post("/switchover", &format!(r#"{{"leader":"{r}","candidate":"{g}"}}"#)), 412, false),
+        ("switchover, an unknown leader", post("/switchover", r#"{"leader":"nobody"}"#), 412, false),
+        ("switchover, leader a number", post("/switchover", r#"{"leader":1}"#), 400, false),
+        ("switchover, leader empty", post("/switchover", r#"{"leader":""}"#), 400, false),
+        ("switchover, candidate = leader", post("/switchover", &format!(r#"{{"leader":"{p}","candidate":"{p}"}}"#)), 400, false),
+        ("switchover, misspelt candidate", post("/switchover", &format!(r#"{{"leader":"{p}","cnadidate":"{r}"}}"#)), 400, false),
+        ("switchover, unknown candidate", post("/switchover", &format!(r#"{{"leader":"{p}","candidate":"ghost"}}"#)), 412, false),
+        ("switchover, scheduled_at not a time", post("/switchover", &format!(r#"{{"leader":"{p}","scheduled_at":"tomorrow"}}"#)), 400, false),
+        ("switchover, scheduled_at in the past", post("/switchover", &format!(r#"{{"leader":"{p}","scheduled_at":"2001-01-01T00:00:00Z"}}"#)), 422, false),
+        ("switchover, valid body chunked", chunked("/switchover", &valid), 400, true),
+        ("switchover, Transfer-Encoding and Content-Length",
+            format!("POST /switchover HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: {}\r\n\r\n{:x}\r\n{valid}\r\n0\r\n\r\n", valid.len(), valid.len()), 400, true),
+        ("switchover, Content-Length and Transfer-Encoding",
+            format!("POST /switchover HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{valid}\r\n0\r\n\r\n", valid.len(), valid.len()), 400, true),
+        ("switchover, conflicting Content-Length",
+            format!("POST /switchover HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nContent-Length: 2\r\n\r\n{valid}", valid.len()), 400, true),
+        ("switchover, Content-Length list",
+            format!("POST /switchover HTTP/1.1\r\nHost: t\r\nContent-Length: {0}, {0}\r\n\r\n{valid}", valid.len()), 400, true),
+        ("switchover, Content-Length not a number",
+            format!("POST /switchover HTTP/1.1\r\nHost: t\r\nContent-Length: x{}\r\n\r\n{valid}", valid.len()), 400, true),
+        ("failover, no body", "POST /failover HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".into(), 411, false),
+        ("failover, {}", post("/failover", "{}"), 400, false),
+        ("failover, force a string", post("/failover", &format!(r#"{{"candidate":"{r}","force":"yes"}}"#)), 400, false),
+        ("failover, unknown candidate", post("/failover", r#"{"candidate":"ghost"}"#), 412, false),
+        ("failover, a replica as leader", post("/failover", &format!(r#"{{"leader":"{g}","candidate":"{r}"}}"#)), 412, false),
+        ("failover, scheduled", post("/failover", &format!(r#"{{"candidate":"{r}","scheduled_at":"2030-01-01T00:00:00Z"}}"#)), 400, false),
+        ("restart, unknown role", post("/restart", r#"{"role":"no-such-role"}"#), 400, false),
+        ("restart, role a number", post("/restart", r#"{"role":1}"#), 400, false),
+        ("restart, the other role", post("/restart", r#"{"role":"replica"}"#), 503, false),
+        ("restart, restart_pending a string", post("/restart", r#"{"restart_pending":"true"}"#), 400, false),
+        ("restart, unsupported condition", post("/restart", r#"{"postgres_version":"99"}"#), 400, false),
+        ("restart, schedule", post("/restart", r#"{"schedule":"2030-01-01T00:00:00Z"}"#), 422, false),
+        ("restart, an array", post("/restart", "[]"), 400, false),
+        ("restart, chunked {}", chunked("/restart", "{}"), 400, true),
+        ("reinitialize, unknown field", post("/reinitialize", r#"{"from_leader":true}"#), 400, false),
+        ("reload, unknown field", post("/reload", r#"{"now":true}"#), 400, false),
+        ("pause, an array", post("/pause", "[]"), 400, false),
+        ("resume, unknown field", post("/resume", r#"{"paused":false}"#), 400, false),
+        ("PATCH /config, no body", "PATCH /config HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".into(), 411, false),
+        ("PATCH /config, empty body", with_length("PATCH", "/config", ""), 400, false),
+        ("PATCH /config, unknown setting", with_length("PATCH", "/config", r#"{"bogus":1}"#), 400, false),
+        ("PATCH /config, wrong type", with_length("PATCH", "/config", r#"{"paused":"yes"}"#), 400, false),
+        ("PUT /config, unknown setting", with_length("PUT", "/config", r#"{"nope":true}"#), 400, false),
+        ("DELETE /switchover with a body", with_length("DELETE", "/switchover", r#"{"leader":"x"}"#), 400, true),
+        ("GET /cluster with a body", with_length("GET", "/cluster", "hello"), 400, true),
+    ];
+    assert!(table.len() >= 30);
+    let before = observe(cluster, primary);
+    for (what, request, status, closes) in &table {
+        let (got, closed) = raw_request(api, request);
+        assert_eq!(got, *status, "{what}: {request:?}");
+        assert!(closed || !closes, "{what}: Connection: close expected");
+        assert_eq!(
+            observe(cluster, primary),
+            before,
+            "{what} changed something"
+        );
+    }
+    // Nothing pending either: no switchover key was written.
+    let cluster_doc = cluster.node(primary).get_json("/cluster").expect("cluster");
+    assert!(
+        cluster_doc["scheduled_switchover"].is_null(),
+        "{cluster_doc}"
+    );
+
+    // A valid request acts, and the observation sees it.
+    let (got, _) = raw_request(api, &post("/restart", r#"{"role":"primary"}"#));
+    assert_eq!(got, 200, "a valid restart");
+    cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
+    let after = observe(cluster, primary);
+    assert_eq!(after.leader, before.leader);
+    assert_ne!(
+        after.postmaster_started, before.postmaster_started,
+        "the restart was not observed"
+    );
+}
+
 /// Restarts `name` with an API token in its config (other nodes keep none).
 fn require_token(cluster: &mut Cluster, name: &str) {
     let node = cluster.node_mut(name);
@@ -116,6 +277,7 @@ fn operator_endpoints_need_credentials_and_pause_stops_automatic_actions() {
     require_token(&mut cluster, &guarded);
     cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
     let api = cluster.node(&guarded).api_addr();
+    malformed_requests_change_nothing(&mut cluster, &primary, &guarded);
 
     assert_eq!(
         http(api, "POST", "/pause", "", None).0,
@@ -147,7 +309,7 @@ fn operator_endpoints_need_credentials_and_pause_stops_automatic_actions() {
     assert_eq!(http(open, "POST", "/reload", "", None).0, 200);
     assert_eq!(
         http(open, "PATCH", "/config", r#"{"bogus": 1}"#, None).0,
-        422,
+        400,
         "unknown setting"
     );
     assert_eq!(
@@ -270,7 +432,7 @@ fn of_two_concurrent_switchover_requests_exactly_one_runs() {
         .map(|r| {
             (
                 cluster.node(r).api_addr(),
-                format!(r#"{{"candidate":"{r}"}}"#),
+                format!(r#"{{"leader":"{old}","candidate":"{r}"}}"#),
             )
         })
         .collect();

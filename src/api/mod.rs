@@ -392,7 +392,7 @@ async fn operator_request(
     method: &hyper::Method,
     path: &str,
     authorization: Option<&str>,
-    body: &[u8],
+    body: operator::Body<'_>,
 ) -> Response<Full<Bytes>> {
     let message =
         |status: StatusCode, m: &str| json_response(status, &serde_json::json!({ "message": m }));
@@ -527,6 +527,46 @@ fn respond_and_close(status: StatusCode, message: &str) -> Response<Full<Bytes>>
     resp
 }
 
+/// Refuses what RFC 9112 §6.3 calls a framing error, and what a proxy in
+/// front could frame differently from us. hyper already answers 400 to
+/// conflicting `Content-Length` values and to a `Transfer-Encoding` other
+/// than chunked; a `Content-Length` next to `Transfer-Encoding` it drops
+/// from the headers, so no request may carry `Transfer-Encoding` at all:
+/// every endpoint takes small bodies and every client of ours sends a
+/// length (Patroni, on Python's `http.server`, reads no chunked body either).
+fn framing(method: &hyper::Method, headers: &hyper::HeaderMap) -> Result<(), &'static str> {
+    if headers.contains_key(hyper::header::TRANSFER_ENCODING) {
+        return Err("Transfer-Encoding is not accepted: send the body with a Content-Length");
+    }
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    let length = match (lengths.next(), lengths.next()) {
+        (None, _) => None,
+        (Some(v), None) => {
+            let text = v.to_str().map_err(|_| "Content-Length is not a number")?;
+            if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+                return Err("Content-Length must be one decimal number");
+            }
+            Some(
+                text.parse::<u64>()
+                    .map_err(|_| "Content-Length is too large")?,
+            )
+        }
+        (Some(_), Some(_)) => return Err("more than one Content-Length"),
+    };
+    let bodiless = matches!(
+        *method,
+        hyper::Method::GET
+            | hyper::Method::HEAD
+            | hyper::Method::OPTIONS
+            | hyper::Method::DELETE
+            | hyper::Method::TRACE
+    );
+    if bodiless && length.is_some_and(|n| n > 0) {
+        return Err("this method takes no request body");
+    }
+    Ok(())
+}
+
 async fn handle(
     shared: &Shared,
     peer: SocketAddr,
@@ -535,6 +575,10 @@ async fn handle(
 ) -> Response<Full<Bytes>> {
     let limits = shared.limits;
     let (parts, body) = req.into_parts();
+    if let Err(why) = framing(&parts.method, &parts.headers) {
+        warn!(%peer, method = %parts.method, path = parts.uri.path(), why, "request refused: framing");
+        return respond_and_close(StatusCode::BAD_REQUEST, why);
+    }
     let too_large = || format!("request body over {} bytes", limits.max_body_bytes);
     let declared = parts
         .headers
@@ -582,7 +626,7 @@ async fn handle(
             &parts.method,
             parts.uri.path(),
             authorization,
-            &body_bytes,
+            declared.map(|_| &body_bytes[..]),
         )
         .await;
     }

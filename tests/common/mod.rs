@@ -828,8 +828,8 @@ pub fn system_identifier(data_dir: &Path) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Creates `data_dir` owned by `postgres` and runs initdb into it as that user.
-pub fn initdb_as_postgres(data_dir: &Path) {
+/// Creates `data_dir` (mode 0700) owned by the OS user `postgres`.
+fn postgres_owned_dir(data_dir: &Path) {
     let user = User::from_name("postgres")
         .expect("getpwnam")
         .expect("OS user postgres");
@@ -837,6 +837,11 @@ pub fn initdb_as_postgres(data_dir: &Path) {
     fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).expect("chmod data dir");
     std::os::unix::fs::chown(data_dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
         .expect("chown data dir");
+}
+
+/// Creates `data_dir` owned by `postgres` and runs initdb into it as that user.
+pub fn initdb_as_postgres(data_dir: &Path) {
+    postgres_owned_dir(data_dir);
     let out = Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .arg(Path::new(PG_BIN).join("initdb"))
@@ -864,16 +869,10 @@ pub fn initdb_as_postgres(data_dir: &Path) {
 /// leaves is no better). Started as a standby while no primary runs, it
 /// waits for that WAL for good.
 pub fn replace_with_copy_lacking_wal(data_dir: &Path, port: u16) {
-    let user = User::from_name("postgres")
-        .expect("getpwnam")
-        .expect("OS user postgres");
     if data_dir.exists() {
         fs::remove_dir_all(data_dir).expect("remove the old data dir");
     }
-    fs::create_dir_all(data_dir).expect("create data dir");
-    fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).expect("chmod data dir");
-    std::os::unix::fs::chown(data_dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
-        .expect("chown data dir");
+    postgres_owned_dir(data_dir);
     let out = Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .arg(Path::new(PG_BIN).join("pg_basebackup"))

@@ -168,6 +168,8 @@ pub enum AgentError {
 
 struct RunningJob {
     kind: Job,
+    /// A `Start` of Postgres as a standby.
+    standby: bool,
     handle: JoinHandle<Result<(), String>>,
 }
 
@@ -1090,6 +1092,7 @@ impl Agent {
             dcs,
             leader_lease: self.leader_lease(),
             job: self.job.as_ref().map(|j| j.kind),
+            starting_standby: self.job.as_ref().is_some_and(|j| j.standby),
             pg_down_since: self.pg_down_since,
             orphan_slots,
             last_role,
@@ -1187,7 +1190,11 @@ impl Agent {
             let _ = done.send(()).await;
             r
         });
-        self.job = Some(RunningJob { kind, handle });
+        self.job = Some(RunningJob {
+            kind,
+            standby: false,
+            handle,
+        });
     }
 
     async fn execute(&mut self, step: Step, obs: &Observation) -> Result<(), AgentError> {
@@ -1337,12 +1344,18 @@ impl Agent {
                         .map_err(|e| e.to_string())?;
                     pg.start(start_timeout).await.map_err(|e| e.to_string())
                 });
+                if let Some(job) = self.job.as_mut() {
+                    job.standby = true;
+                }
             }
             Action::Follow { upstream } => {
                 let Some(up) = self.upstream(&upstream) else {
                     return Ok(());
                 };
+                // A standby still starting takes no connection: signal it.
+                let starting = self.job.as_ref().is_some_and(|j| j.standby);
                 let result = match self.pg.write_config(true, Some(&up)) {
+                    Ok(()) if starting => self.pg.signal_reload(),
                     Ok(()) => self.pg.reload().await,
                     Err(e) => Err(e),
                 };

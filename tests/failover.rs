@@ -793,14 +793,9 @@ fn replicas_keep_running_while_a_second_failover_waits_for_the_lease() {
 /// whose rewind was cut short (its marker beside the data directory) does
 /// not start at all, so nobody waits for it, and it rewinds once there is
 /// a leader.
-// Ignored until the second half of issue 26 lands: phase 1 passes (the
-// wait for the member without a position is logged and given up after
-// primary_start_timeout, a primary is elected), but the copy then stays
-// `starting` although a primary runs: its Start job (started with no
-// upstream) waits up to 300 s for consistency and nothing repoints it at
-// the new leader meanwhile. Run with `cargo test --test failover -- --ignored`.
+/// A standby whose start still waits for that WAL is pointed at the new
+/// leader as soon as it runs (SIGHUP, `primary_conninfo`), and streams.
 #[test]
-#[ignore = "issue 26: a standby started without an upstream is not repointed while its start job waits"]
 fn a_whole_cluster_restart_elects_a_primary_despite_a_member_that_cannot_start() {
     let _serial = serial();
     let start_timeout = Duration::from_secs(10);
@@ -860,8 +855,18 @@ fn a_whole_cluster_restart_elects_a_primary_despite_a_member_that_cannot_start()
         first >= start_timeout,
         "a primary after {first:?}: the wait for {stuck} was not applied"
     );
-    // With a primary, the copy gets its WAL and streams.
+    // With a primary, the copy is pointed at it while its start still
+    // waits, gets its WAL and streams.
     cluster.wait_healthy(REJOIN_TIMEOUT);
+    let rejoined = started.elapsed();
+    assert!(
+        cluster
+            .node(&stuck)
+            .current_run_log()
+            .contains(&format!("stream from {new_leader}")),
+        "the starting standby was not pointed at {new_leader}:\n{}",
+        common::tail(&cluster.node(&stuck).log, 40)
+    );
 
     // 2. A rewind cut short: its marker is left beside the data directory.
     // Another stop and start: the marked member is not started, reports
@@ -924,10 +929,11 @@ fn a_whole_cluster_restart_elects_a_primary_despite_a_member_that_cannot_start()
         "100"
     );
     eprintln!(
-        "SUMMARY whole-cluster restart: primary {} ms after the start with a member that cannot become consistent (primary_start_timeout {} s, ttl {} s); {} ms with a member whose rewind was cut short",
+        "SUMMARY whole-cluster restart: primary {} ms after the start with a member that cannot become consistent (primary_start_timeout {} s, ttl {} s), all streaming after {} ms; {} ms with a member whose rewind was cut short",
         ms(first),
         start_timeout.as_secs(),
         TIMING.ttl_s,
+        ms(rejoined),
         ms(second)
     );
 }

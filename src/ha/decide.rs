@@ -84,6 +84,9 @@ pub fn decide(obs: &Observation, settings: &Settings, now: Tick) -> Vec<Step> {
         ));
     }
     if obs.job.is_some() {
+        if let Some(step) = repoint_starting_standby(obs, dcs) {
+            steps.push(step);
+        }
         return steps;
     }
 
@@ -190,6 +193,35 @@ fn running_leader<'a>(dcs: &'a DcsView, me: &str) -> Option<&'a str> {
     let member = dcs.member(&key.name)?;
     (key.name != me && member.role == MemberRole::Primary && member.state == "running")
         .then_some(key.name.as_str())
+}
+
+/// A standby whose start is still waiting (for WAL it needs to become
+/// consistent) while another member leads with its Postgres running: point
+/// it at that leader now. The start would otherwise wait for WAL from an
+/// upstream it does not have (it started while no leader ran) or that no
+/// longer leads, until the start timeout; Postgres rereads
+/// `primary_conninfo` on a reload, also before it accepts connections.
+fn repoint_starting_standby(obs: &Observation, dcs: &DcsView) -> Option<Step> {
+    if obs.job != Some(Job::Start) || !obs.starting_standby || obs.shutting_down {
+        return None;
+    }
+    let leader = running_leader(dcs, &obs.node)?;
+    if obs.local.following.as_deref() == Some(leader) {
+        return None;
+    }
+    Some(Step::new(
+        Action::Follow {
+            upstream: leader.to_string(),
+        },
+        match &obs.local.following {
+            Some(old) => {
+                format!("standby still starting: {leader} leads now, not {old}: stream from it")
+            }
+            None => format!(
+                "standby still starting without an upstream: stream from {leader}, which leads"
+            ),
+        },
+    ))
 }
 
 /// The timeline a promotion of ours takes: above every timeline the

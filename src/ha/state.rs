@@ -557,6 +557,11 @@ pub struct Observation {
     pub leader_lease: Option<HeldLease>,
     /// A background job still running.
     pub job: Option<Job>,
+    /// The running `Start` job starts Postgres as a standby. Its postmaster
+    /// may run for long before it accepts connections (a standby that must
+    /// replay WAL to become consistent), and only its upstream can send it
+    /// that WAL.
+    pub starting_standby: bool,
     /// The local Postgres was last seen running at this instant (for crash timeouts).
     pub pg_down_since: Option<Tick>,
     pub orphan_slots: Vec<OrphanSlot>,

@@ -106,6 +106,7 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
             renewed_at: Tick(0),
         }),
         job: None,
+        starting_standby: false,
         pg_down_since: None,
         orphan_slots: Vec::new(),
         last_role: None,
@@ -1412,6 +1413,59 @@ fn running_job_only_renews() {
     o.job = Some(Job::Start);
     assert_eq!(actions(&o, 0), vec![Action::RenewLeader { lease_id: 42 }]);
     o.dcs = Some(view(Some("n2"), healthy_three("n2")));
+    assert!(actions(&o, 0).is_empty());
+}
+
+#[test]
+fn a_standby_still_starting_is_pointed_at_the_leader_that_runs() {
+    // It started while no leader ran (no upstream): n2 leads now.
+    let mut o = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(view(Some("n2"), healthy_three("n2"))),
+    );
+    o.job = Some(Job::Start);
+    o.starting_standby = true;
+    let steps = decide(&o, &settings(), Tick(0));
+    assert_eq!(
+        steps.iter().map(|s| &s.action).collect::<Vec<_>>(),
+        vec![&Action::Follow {
+            upstream: "n2".into()
+        }]
+    );
+    assert!(
+        steps[0].reason.contains("without an upstream"),
+        "{}",
+        steps[0].reason
+    );
+    // Already pointed at it: the start goes on.
+    o.local.following = Some("n2".into());
+    assert!(actions(&o, 0).is_empty());
+    // It follows a member that no longer leads.
+    o.local.following = Some("n3".into());
+    let steps = decide(&o, &settings(), Tick(0));
+    assert_eq!(
+        steps.iter().map(|s| &s.action).collect::<Vec<_>>(),
+        vec![&Action::Follow {
+            upstream: "n2".into()
+        }]
+    );
+    assert!(steps[0].reason.contains("not n3"), "{}", steps[0].reason);
+    // The leader's Postgres is not up yet: nothing to stream from.
+    let mut members = healthy_three("n2");
+    members[1].state = "starting".into();
+    assert_eq!(members[1].name, "n2");
+    o.dcs = Some(view(Some("n2"), members));
+    assert!(actions(&o, 0).is_empty());
+    // A start of a primary, a stop or shutting down: left alone.
+    o.dcs = Some(view(Some("n2"), healthy_three("n2")));
+    o.starting_standby = false;
+    assert!(actions(&o, 0).is_empty());
+    o.starting_standby = true;
+    o.shutting_down = true;
+    assert!(actions(&o, 0).is_empty());
+    o.shutting_down = false;
+    o.job = Some(Job::Stop);
     assert!(actions(&o, 0).is_empty());
 }
 

@@ -349,6 +349,17 @@ impl LocalPg {
         live_postmaster(&self.cfg.data_dir)
     }
 
+    /// Makes a running postmaster reread its configuration (SIGHUP, what
+    /// `pg_reload_conf()` sends), also while it does not accept connections
+    /// yet, as a standby that is still becoming consistent.
+    pub fn signal_reload(&self) -> Result<()> {
+        let pid = self
+            .postmaster_pid()
+            .ok_or_else(|| PgError::Other("no postmaster runs: nothing to reload".into()))?;
+        kill(Pid::from_raw(pid), Signal::SIGHUP)
+            .map_err(|e| PgError::Other(format!("SIGHUP to postmaster {pid}: {e}")))
+    }
+
     /// Whether our child postmaster exited (reaping it if so).
     pub async fn child_exited(&self) -> Option<String> {
         let mut guard = self.child.lock().await;

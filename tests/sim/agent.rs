@@ -32,6 +32,8 @@ pub struct RunningJob {
     pub kind: Job,
     pub id: u64,
     pub work: Work,
+    /// Simulated time the job began.
+    pub started: u64,
     pub result: Option<Result<(), String>>,
 }
 
@@ -249,7 +251,10 @@ impl World {
             Phase::Loading { local } => {
                 let obs = self.observe(i, local, res);
                 let now = self.local_now(i);
-                let steps = ha::decide(&obs, &self.settings, now);
+                let mut steps = ha::decide(&obs, &self.settings, now);
+                if self.cfg.knobs.no_start_repoint && obs.job.is_some() {
+                    steps.retain(|s| !matches!(s.action, Action::Follow { .. }));
+                }
                 self.stats.decides += 1;
                 if self.cfg.knobs.trace && self.cfg.knobs.trace_decisions {
                     let (name, st) = (obs.node.clone(), steps.len());
@@ -410,6 +415,10 @@ impl World {
             dcs,
             leader_lease: a.leader_lease,
             job: job_kind,
+            starting_standby: a
+                .job
+                .as_ref()
+                .is_some_and(|j| matches!(j.work, Work::Start { primary: false })),
             pg_down_since: a.pg_down_since,
             orphan_slots,
             last_role,
@@ -519,10 +528,12 @@ impl World {
             Work::Clone { .. } => self.rng.range(1_000, 5_000),
         };
         let epoch = self.nodes[i].agent.epoch;
+        let started = self.now;
         self.nodes[i].agent.job = Some(RunningJob {
             kind,
             id,
             work,
+            started,
             result: None,
         });
         self.push(
@@ -612,7 +623,10 @@ impl World {
                     .last_view
                     .as_ref()
                     .is_some_and(|v| v.member(upstream).is_some());
-                if known && self.nodes[i].pg.running {
+                let starting = self.nodes[i].agent.job.as_ref().is_some_and(|j| {
+                    matches!(j.work, Work::Start { primary: false }) && j.result.is_none()
+                });
+                if known && (self.nodes[i].pg.running || starting) {
                     self.nodes[i].pg.upstream = Some(upstream.clone());
                     self.nodes[i].pg.streaming_from = None;
                     self.nodes[i].agent.following = Some(upstream.clone());
@@ -982,8 +996,15 @@ impl World {
             .dir
             .as_ref()
             .is_some_and(|d| d.inconsistent);
-        let primary_runs = (0..self.nodes.len()).any(|j| j != i && self.writable(j));
-        if matches!(job.work, Work::Start { primary: false }) && inconsistent && !primary_runs {
+        // Its WAL comes only from the primary that primary_conninfo names.
+        let upstream = self.nodes[i].pg.upstream.clone();
+        let fed = (0..self.nodes.len()).any(|j| {
+            j != i
+                && Some(&self.nodes[j].name) == upstream.as_ref()
+                && self.writable(j)
+                && self.peers_connected(i, j)
+        });
+        if matches!(job.work, Work::Start { primary: false }) && inconsistent && !fed {
             // A half-rewound standby waits for WAL only a primary sends:
             // still `starting`, no position.
             let epoch = self.nodes[i].agent.epoch;

@@ -59,6 +59,7 @@ fn parse_args() -> Args {
             "--live-api" => args.knobs.live_api = true,
             "--unbounded-start-wait" => args.knobs.unbounded_start_wait = true,
             "--ignore-rewind-marker" => args.knobs.ignore_rewind_marker = true,
+            "--no-start-repoint" => args.knobs.no_start_repoint = true,
             "--only-cluster-restart" => args.knobs.only_fault = Some(FaultKind::ClusterRestart),
             "--trace-decisions" => args.knobs.trace_decisions = true,
             "--sync" => {
@@ -136,6 +137,9 @@ fn knob_flags(k: &Knobs) -> String {
     }
     if k.ignore_rewind_marker {
         s += " --ignore-rewind-marker";
+    }
+    if k.no_start_repoint {
+        s += " --no-start-repoint";
     }
     if k.only_fault == Some(FaultKind::ClusterRestart) {
         s += " --only-cluster-restart";
@@ -342,8 +346,20 @@ fn main() {
             unbounded_start_wait: false,
             ..stuck
         };
+        // The member left `starting` must not wait for good either: its
+        // start waits for WAL from an upstream it was never given...
+        let unfed = Knobs {
+            no_start_repoint: true,
+            ..bounded
+        };
+        ok &= must_find(
+            "a starting standby not pointed at the new leader",
+            &unfed,
+            "stuck standby start",
+        );
+        // ...and with the bound and the repoint, both hold.
         ok &= must_pass(
-            "a starting member is waited for at most primary_start_timeout",
+            "a starting member is waited for at most primary_start_timeout, then pointed at the leader",
             &bounded,
         );
     }

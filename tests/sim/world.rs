@@ -41,6 +41,9 @@ pub struct Knobs {
     /// Planted bug: the agent does not read its rewind marker, so a
     /// half-rewound directory is started (and stays `starting`).
     pub ignore_rewind_marker: bool,
+    /// Planted bug: a standby whose start still waits is not pointed at a
+    /// leader that came up meanwhile (`Follow` steps during a job dropped).
+    pub no_start_repoint: bool,
     /// Every fault of the schedule is of this kind.
     pub only_fault: Option<FaultKind>,
     pub trace: bool,
@@ -189,7 +192,7 @@ impl Schedule {
         faults.sort_by_key(|f| f.at);
         let heal_at = faults.iter().map(|f| f.at + f.duration).max().unwrap_or(0);
         let liveness_bound_ms = 20_000;
-        let end = heal_at + ttl_ms + liveness_bound_ms + 1;
+        let end = heal_at + ttl_ms + liveness_bound_ms + SETTLE_MS + 1;
         Schedule {
             seed,
             cfg: SimConfig {
@@ -210,6 +213,10 @@ impl Schedule {
         }
     }
 }
+
+/// After the liveness check, how long a standby's start may still wait
+/// while a primary runs (a start takes at most 3 s here).
+pub const SETTLE_MS: u64 = 10_000;
 
 /// What an etcd request asks.
 #[derive(Debug, Clone)]
@@ -313,6 +320,8 @@ pub enum Ev {
         node: usize,
     },
     Liveness,
+    /// No member's standby start waits for good while a primary runs.
+    Settled,
 }
 
 struct Item {
@@ -537,6 +546,7 @@ impl World {
         }
         let live = w.sched.heal_at + w.cfg.ttl_ms + w.cfg.liveness_bound_ms;
         w.push_at(live, Ev::Liveness);
+        w.push_at(live + SETTLE_MS, Ev::Settled);
         w
     }
 
@@ -930,6 +940,28 @@ impl World {
                 };
                 self.log(|| format!("n{}: agent starts", node + 1));
                 self.schedule_wake(node, 0);
+            }
+            Ev::Settled => {
+                let primary = (0..self.nodes.len()).find(|&i| self.writable(i));
+                for i in 0..self.nodes.len() {
+                    let n = &self.nodes[i];
+                    let waiting = n.agent.job.as_ref().filter(|j| {
+                        matches!(j.work, crate::agent::Work::Start { primary: false })
+                            && j.result.is_none()
+                    });
+                    if let (Some(p), Some(job)) = (primary, waiting) {
+                        if n.agent_up && n.host_up && self.now - job.started >= SETTLE_MS {
+                            let (name, pname, ms) = (
+                                n.name.clone(),
+                                self.nodes[p].name.clone(),
+                                self.now - job.started,
+                            );
+                            self.fail(format!(
+                                "stuck standby start: {name} has been starting as a standby for {ms} ms while {pname} is a writable primary"
+                            ));
+                        }
+                    }
+                }
             }
             Ev::Liveness => {
                 let live = (0..self.nodes.len()).filter(|&i| self.writable(i)).count();

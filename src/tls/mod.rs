@@ -6,7 +6,6 @@
 //! `pki` is the certificate logic without I/O, `settings` the `[tls]` config
 //! section, `https` the rustls configurations of the API server and client.
 
-pub mod cli;
 pub mod https;
 pub mod pki;
 pub mod settings;

@@ -17,4 +17,5 @@ pub mod net;
 pub mod operator;
 pub mod postgres;
 pub mod reaper;
+pub mod secret;
 pub mod tls;

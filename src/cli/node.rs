@@ -91,7 +91,11 @@ async fn run_node(cfg: Config) -> ExitCode {
     });
     // Certificates before Postgres starts; a CA that went bad since the
     // config was read stops the start here, never a plaintext fallback.
-    let tls = match crate::tls::NodeTls::prepare(&cfg) {
+    let tls = match crate::tls::NodeTls::prepare(
+        &cfg.tls,
+        &cfg.postgresql.os_user,
+        &cfg.postgresql.data_dir,
+    ) {
         Ok(tls) => tls,
         Err(e) => {
             tracing::error!(node = %cfg.name, error = %e, "cannot set up TLS");

@@ -5,7 +5,8 @@
 //!
 //! Each section owns its file struct, defaults, environment keys and
 //! validation (`etcd`, `postgres`, `api`, `timing`, `cluster`, `tags`, `log`;
-//! `[tls]` is owned by `crate::tls::settings`, glued in by `tls`). `loader`
+//! `[tls]` is owned by `crate::tls::settings`, glued in by `tls`: config
+//! depends on tls, never the other way). `loader`
 //! only assembles them; `env` applies the `PGHA_*` overrides; `context`
 //! turns problems into [`ConfigError`]s that read "FILE: KEY: ...".
 
@@ -28,11 +29,11 @@ mod testing;
 #[cfg(test)]
 mod tests;
 
-use std::fmt;
 use std::path::PathBuf;
 
 use crate::net::IpFamily;
 
+pub use crate::secret::Secret;
 pub use api::ApiConfig;
 pub use cluster::ClusterDefaults;
 pub use env::{EnvSource, ProcessEnv};
@@ -43,25 +44,6 @@ pub use postgres::{Credentials, PostgresConfig};
 pub use tags::Tags;
 pub use timing::Timing;
 pub use values::parse_bytes;
-
-/// A password or other secret: never printed by `Debug` or `Display`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
 
 /// The validated runtime configuration of one agent.
 #[derive(Debug, Clone)]

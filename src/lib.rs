@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod dcs;
@@ -16,4 +17,5 @@ pub mod net;
 pub mod operator;
 pub mod postgres;
 pub mod reaper;
+pub mod secret;
 pub mod tls;

@@ -6,7 +6,6 @@
 //! `pki` is the certificate logic without I/O, `settings` the `[tls]` config
 //! section, `https` the rustls configurations of the API server and client.
 
-pub mod cli;
 pub mod https;
 pub mod pki;
 pub mod settings;
@@ -20,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{Config, Secret};
+use crate::secret::Secret;
 pub use https::postgres_client;
 use pki::{CertInfo, Issued, Issuer, SubjectName};
 pub use settings::{CaSource, FileTls, TlsConfig};
@@ -128,13 +127,17 @@ pub struct NodeTls {
 
 impl NodeTls {
     /// Loads or creates the CA, issues this node's certificates and writes
-    /// them. `None` when TLS is disabled.
-    pub fn prepare(config: &Config) -> Result<Option<Arc<NodeTls>>, TlsError> {
-        let cfg = &config.tls;
+    /// them. `None` when TLS is disabled. `os_user` owns the files when the
+    /// agent runs as root; `data_dir` is the Postgres data directory.
+    pub fn prepare(
+        cfg: &TlsConfig,
+        os_user: &str,
+        data_dir: &Path,
+    ) -> Result<Option<Arc<NodeTls>>, TlsError> {
         if !cfg.enabled {
             return Ok(None);
         }
-        let owner = postgres_owner(&config.postgresql.os_user)?;
+        let owner = postgres_owner(os_user)?;
         create_private_dir(&cfg.dir, owner)?;
         let now = SystemTime::now();
         let issuer = match &cfg.ca {
@@ -157,7 +160,7 @@ impl NodeTls {
         record_expiry("ca", issuer.not_after);
         let node = NodeTls {
             cfg: cfg.clone(),
-            data_dir: config.postgresql.data_dir.clone(),
+            data_dir: data_dir.to_owned(),
             owner,
             issuer,
             api: None,
@@ -497,25 +500,29 @@ pub fn node_files(cfg: &TlsConfig) -> Vec<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
 
     #[test]
     fn prepare_writes_the_node_s_files_with_interface_addresses_for_a_wildcard() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
-        let text = format!(
-            "scope = \"demo\"\nname = \"n1\"\n[etcd]\nendpoints = [\"127.0.0.1:2379\"]\n\
-             [postgresql]\ndata_dir = \"{}\"\nbin_dir = '{}'\nadvertise_host = \"n1.internal\"\n\
-             [postgresql.replication]\npassword = \"x\"\n\
-             [api]\nadvertise_url = \"http://n1.internal:8008\"\n",
-            data_dir.display(),
-            std::env::temp_dir().display()
-        );
-        let config = Config::parse(&text, &dir.path().join("pgha.toml"), &BTreeMap::new()).unwrap();
-        assert!(config.tls.listens_on_any, "listen_addresses defaults to *");
-        let node = NodeTls::prepare(&config)
+        // What the loader passes for a config with only the required keys
+        // (config/tls.rs checks that `listen_addresses` defaults to `*`).
+        let api_listen = ["[::]:8008".parse().unwrap()];
+        let facts = settings::NodeFacts {
+            name: "n1",
+            data_dir: &data_dir,
+            advertise_host: "n1.internal",
+            pg_listen: "*",
+            api_listen: &api_listen,
+            api_advertise_url: "http://n1.internal:8008",
+            replication_user: "replicator",
+        };
+        let cfg = FileTls::default()
+            .validate(&facts, &|p| dir.path().join(p), SystemTime::now())
+            .unwrap();
+        assert!(cfg.listens_on_any, "listen_addresses defaults to *");
+        let node = NodeTls::prepare(&cfg, "postgres", &data_dir)
             .unwrap()
             .expect("TLS on by default");
         let tls_dir = dir.path().join("data.tls");
@@ -551,7 +558,9 @@ mod tests {
         assert_eq!(server.issuer, ca.subject);
 
         // A second start keeps the node's own CA and issues a new certificate.
-        let again = NodeTls::prepare(&config).unwrap().unwrap();
+        let again = NodeTls::prepare(&cfg, "postgres", &data_dir)
+            .unwrap()
+            .unwrap();
         assert_eq!(again.ca_pem(), node.ca_pem());
         let renewed =
             CertInfo::from_pem(&std::fs::read_to_string(tls_dir.join(SERVER_CERT)).unwrap())

@@ -12,7 +12,7 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Why a certificate or key is unusable. The message never contains key material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! `pgha certs ...`: create a cluster CA, issue an operator's client
 //! certificate, describe certificates. Returns the text to print; the
-//! binary prints it and chooses the exit code.
+//! dispatcher (`cli::Cli::dispatch`) prints it and chooses the exit code.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,7 +55,7 @@ pub fn run(action: CertsAction) -> Result<String, String> {
             name,
         } => {
             let (cert, key) =
-                super::create_ca_files(&out, &name, validity).map_err(|e| e.to_string())?;
+                crate::tls::create_ca_files(&out, &name, validity).map_err(|e| e.to_string())?;
             Ok(format!(
                 "created {} and {} (keep the key secret)\n",
                 cert.display(),
@@ -69,8 +69,9 @@ pub fn run(action: CertsAction) -> Result<String, String> {
             out,
             validity,
         } => {
-            let (cert, key) = super::create_client_files(&ca_cert, &ca_key, &name, &out, validity)
-                .map_err(|e| e.to_string())?;
+            let (cert, key) =
+                crate::tls::create_client_files(&ca_cert, &ca_key, &name, &out, validity)
+                    .map_err(|e| e.to_string())?;
             Ok(format!(
                 "created {} and {}\n",
                 cert.display(),
@@ -80,12 +81,12 @@ pub fn run(action: CertsAction) -> Result<String, String> {
         CertsAction::Show { config, mut files } => {
             if let Some(path) = config {
                 let cfg = crate::config::Config::load(&path).map_err(|e| e.to_string())?;
-                files.extend(super::node_files(&cfg.tls));
+                files.extend(crate::tls::node_files(&cfg.tls));
             }
             if files.is_empty() {
                 return Err("no certificate to show: give files or --config FILE".into());
             }
-            super::describe_files(&files).map_err(|e| e.to_string())
+            crate::tls::describe_files(&files).map_err(|e| e.to_string())
         }
     }
 }

@@ -165,6 +165,20 @@ pub fn all() -> Vec<Scenario> {
             allowed_promotions: 10,
             inject: ten_primary_kills,
         },
+        Scenario {
+            number: 18,
+            name: "stop-all-during-rewind",
+            summary: "docker kill of the primary; when it starts again, its pg_rewind is frozen (SIGSTOP) and every node is killed and started at once: the half-rewound member never starts as it is, a primary is elected without waiting for it, and it rewinds",
+            allowed_promotions: 2,
+            inject: stop_all_during_rewind,
+        },
+        Scenario {
+            number: 19,
+            name: "stop-all-during-clone",
+            summary: "a replica's data directory removed; its pg_basebackup is frozen (SIGSTOP) and every node is killed and started at once: the partial copy is removed and cloned again, never started",
+            allowed_promotions: 1,
+            inject: stop_all_during_clone,
+        },
     ]
 }
 
@@ -1283,5 +1297,232 @@ fn netem_delay_loss(cluster: &Cluster) -> Result<Injected> {
             "{p}'s leader revision changed under netem: {term_before:?} -> {term_after:?}"
         ));
     }
+    Ok(inj)
+}
+
+/// Host PIDs of the processes named `comm` inside `node`'s container (its
+/// PID 1 and every descendant), read from the host's /proc.
+fn container_processes(init: u32, comm: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let stat = |pid: u32| -> Option<(String, u32)> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // pid (comm) state ppid ...: comm may hold spaces, ends at the last ')'.
+        let open = text.find('(')?;
+        let close = text.rfind(')')?;
+        let name = text[open + 1..close].to_string();
+        let ppid = text[close + 2..].split_whitespace().nth(1)?.parse().ok()?;
+        Some((name, ppid))
+    };
+    let mut found = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if stat(pid).is_none_or(|(name, _)| name != comm) {
+            continue;
+        }
+        let mut at = pid;
+        for _ in 0..64 {
+            if at == init {
+                found.push(pid);
+                break;
+            }
+            match stat(at) {
+                Some((_, ppid)) if ppid > 1 => at = ppid,
+                _ => break,
+            }
+        }
+    }
+    found
+}
+
+/// Waits for a process named `comm` in `node`'s container and freezes it
+/// with SIGSTOP, so the job it does is caught part way. Returns its host PID.
+fn freeze_in(cluster: &Cluster, node: &str, comm: &str, timeout: Duration) -> Result<u32> {
+    let init: u32 = cluster
+        .docker_on(&["inspect", "-f", "{{.State.Pid}}"], node)?
+        .parse()
+        .context("container PID")?;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(pid) = container_processes(init, comm).first() {
+            run_ok(std::process::Command::new("kill").args(["-STOP", &pid.to_string()]))?;
+            return Ok(*pid);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    bail!("no {comm} ran in {node} within {timeout:?}")
+}
+
+/// The job marker the agent writes beside the data directory.
+const JOB_MARKER: &str = "/var/lib/pgha/data.pgha-job";
+
+fn marker_of(cluster: &Cluster, node: &str) -> Option<String> {
+    run_ok(&mut crate::cluster::docker(&[
+        "exec",
+        cluster.container(node),
+        "cat",
+        JOB_MARKER,
+    ]))
+    .ok()
+}
+
+/// `docker kill` of every node at once (threads), then `docker start` of all.
+fn kill_and_start_all(cluster: &Cluster) -> Result<()> {
+    std::thread::scope(|s| {
+        let kills: Vec<_> = NODES
+            .iter()
+            .map(|n| s.spawn(move || cluster.docker_on(&["kill"], n)))
+            .collect();
+        kills
+            .into_iter()
+            .try_for_each(|k| k.join().expect("kill thread").map(|_| ()))
+    })?;
+    std::thread::scope(|s| {
+        let starts: Vec<_> = NODES
+            .iter()
+            .map(|n| s.spawn(move || cluster.docker_on(&["start"], n)))
+            .collect();
+        starts
+            .into_iter()
+            .try_for_each(|k| k.join().expect("start thread").map(|_| ()))
+    })
+}
+
+/// The compose log of one node (the agent logs to stdout).
+fn node_log(cluster: &Cluster, node: &str, tail: usize) -> String {
+    let out = crate::cluster::run(&mut cluster.compose(&[
+        "logs",
+        "--no-color",
+        "--tail",
+        &tail.to_string(),
+        node,
+    ]));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stop_all_during_rewind(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    cluster.docker_on(&["kill"], &p)?;
+    let np = new_primary(cluster, &p, Duration::from_secs(60))?;
+    let mut inj = Injected::healed();
+    inj.notes.push(format!("{p} killed, {np} promoted"));
+    // The old primary rewinds before it follows: catch pg_rewind running.
+    cluster.docker_on(&["start"], &p)?;
+    let frozen = freeze_in(cluster, &p, "pg_rewind", Duration::from_secs(60))?;
+    match marker_of(cluster, &p) {
+        Some(m) if m.starts_with("rewind") => inj.notes.push(format!(
+            "{p}'s pg_rewind (host PID {frozen}) frozen, marker {m:?}"
+        )),
+        other => inj.violations.push(format!(
+            "{p}'s pg_rewind runs without a rewind marker: {other:?}"
+        )),
+    }
+    kill_and_start_all(cluster)?;
+    inj.notes.push("every node killed and started".into());
+    // Never started as it is: it reports rewind_pending until it rewinds.
+    let mut started_unrewound = false;
+    let rejoined = wait_for(
+        &format!("{p} streaming after its rewind"),
+        Duration::from_secs(120),
+        || {
+            if let Some(m) = cluster.get_json(&p, "/patroni") {
+                let runs = m["state"] == "running" || m["state"] == "streaming";
+                started_unrewound |= runs && marker_of(cluster, &p).is_some();
+            }
+            cluster
+                .answers_200(&p, "/replica?replication_state=streaming")
+                .then_some(())
+        },
+    );
+    if let Err(e) = rejoined {
+        inj.violations.push(format!("{e:#}"));
+    }
+    if started_unrewound {
+        inj.violations.push(format!(
+            "{p} ran Postgres while its rewind marker was there"
+        ));
+    }
+    if let Some(m) = marker_of(cluster, &p) {
+        inj.violations
+            .push(format!("{p}'s marker outlived its rewind: {m:?}"));
+    }
+    let log = node_log(cluster, &p, 2000);
+    if !log.contains("the last pg_rewind did not finish") {
+        inj.violations.push(format!(
+            "{p} did not report the unfinished rewind in its log"
+        ));
+    }
+    inj.healed_at = Instant::now();
+    Ok(inj)
+}
+
+fn stop_all_during_clone(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    let r = NODES
+        .iter()
+        .copied()
+        .find(|n| *n != p)
+        .context("a replica")?;
+    cluster.docker_on(&["stop", "-t", "30"], r)?;
+    let image = cluster.docker_on(&["inspect", "-f", "{{.Config.Image}}"], r)?;
+    run_ok(&mut crate::cluster::docker(&[
+        "run",
+        "--rm",
+        "--user",
+        "root",
+        "--entrypoint",
+        "rm",
+        "-v",
+        &format!("{}_{r}:/var/lib/pgha", cluster.name),
+        &image,
+        "-rf",
+        "/var/lib/pgha/data",
+    ]))?;
+    cluster.docker_on(&["start"], r)?;
+    let frozen = freeze_in(cluster, r, "pg_basebackup", Duration::from_secs(60))?;
+    let mut inj = Injected::healed();
+    match marker_of(cluster, r) {
+        Some(m) if m.starts_with("clone") => inj.notes.push(format!(
+            "{r}'s pg_basebackup (host PID {frozen}) frozen, marker {m:?}"
+        )),
+        other => inj.violations.push(format!(
+            "{r}'s pg_basebackup runs without a clone marker: {other:?}"
+        )),
+    }
+    kill_and_start_all(cluster)?;
+    inj.notes.push("every node killed and started".into());
+    let mut was_up = false;
+    let cloned = wait_for(
+        &format!("{r} streaming after a new clone"),
+        Duration::from_secs(120),
+        || {
+            // Until the marker is gone, its directory is the partial copy.
+            if marker_of(cluster, r).is_some_and(|m| m.starts_with("clone")) {
+                was_up |= cluster.answers_200(r, "/primary") || cluster.answers_200(r, "/replica");
+            }
+            cluster
+                .answers_200(r, "/replica?replication_state=streaming")
+                .then_some(())
+        },
+    );
+    if let Err(e) = cloned {
+        inj.violations.push(format!("{e:#}"));
+    }
+    if was_up {
+        inj.violations
+            .push(format!("{r} ran Postgres on its partial copy"));
+    }
+    if !node_log(cluster, r, 2000).contains("an interrupted clone left a partial copy") {
+        inj.violations
+            .push(format!("{r}'s log says nothing of the unfinished clone"));
+    }
+    inj.healed_at = Instant::now();
     Ok(inj)
 }

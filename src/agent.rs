@@ -14,9 +14,9 @@ use tracing::{debug, error, info, warn};
 use crate::config::Config;
 use crate::dcs::{Etcd, HistoryEntry};
 use crate::ha::{
-    self, Action, DataDir, DcsView, DynamicConfig, Handover, HeldLease, Job, LocalPostgres, Lsn,
-    MemberRole, MemberStatus, MemberWaits, Observation, OrphanSlot, PeerPosition, PgRole, Settings,
-    Step, SwitchoverKey, SyncApplied, Tick,
+    self, Action, DataDir, DcsView, DynamicConfig, Handover, HeldLease, Job, JobError,
+    LocalPostgres, Lsn, MemberRole, MemberStatus, MemberWaits, Observation, OrphanSlot,
+    PeerPosition, PgRole, Settings, Step, SwitchoverKey, SyncApplied, Tick,
 };
 use crate::lease::{Lease, LeaseKeeper};
 
@@ -24,7 +24,7 @@ use crate::lease::{Lease, LeaseKeeper};
 /// position is taken as the mark every later commit waited behind.
 const SYNC_SETTLE_MS: u64 = 1000;
 use crate::operator::{self, Call, Reply, Request};
-use crate::postgres::{LocalPg, Unfinished, Upstream};
+use crate::postgres::{LocalPg, PgError, Unfinished, Upstream};
 
 /// What the API serves: the last observation and decision, never a live query.
 #[derive(Debug, Clone)]
@@ -170,7 +170,7 @@ struct RunningJob {
     kind: Job,
     /// A `Start` of Postgres as a standby.
     standby: bool,
-    handle: JoinHandle<Result<(), String>>,
+    handle: JoinHandle<Result<(), JobError>>,
 }
 
 pub struct Agent {
@@ -919,6 +919,10 @@ impl Agent {
                 }
                 self.last_error = None;
             }
+            Ok(Err(e @ JobError::Retry(_))) => {
+                warn!(node = %self.cfg.name, job = ?job.kind, error = %e, "job not done");
+                self.last_error = Some(format!("{:?}: {e}", job.kind));
+            }
             Ok(Err(e)) => {
                 error!(node = %self.cfg.name, job = ?job.kind, error = %e, "job failed");
                 if job.kind == Job::Rewind {
@@ -1180,13 +1184,14 @@ impl Agent {
         })
     }
 
-    fn spawn_job<F>(&mut self, kind: Job, fut: F)
+    fn spawn_job<F, E>(&mut self, kind: Job, fut: F)
     where
-        F: std::future::Future<Output = Result<(), String>> + Send + 'static,
+        F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<JobError>,
     {
         let done = self.job_done.clone();
         let handle = tokio::spawn(async move {
-            let r = fut.await;
+            let r = fut.await.map_err(Into::into);
             let _ = done.send(()).await;
             r
         });
@@ -1294,7 +1299,10 @@ impl Agent {
                 };
                 let pg = self.pg.clone();
                 self.spawn_job(Job::Rewind, async move {
-                    pg.rewind(&up).await.map_err(|e| e.to_string())
+                    pg.rewind(&up).await.map_err(|e| match e {
+                        PgError::SourceUnusable(_) => JobError::Retry(e.to_string()),
+                        e => JobError::Failed(e.to_string()),
+                    })
                 });
             }
             Action::MoveAside => {

@@ -472,6 +472,31 @@ pub struct HeldLease {
     pub renewed_at: Tick,
 }
 
+/// Why a background job did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// It changed nothing and can be tried again as it is: its source was
+    /// not reachable (a rewind source whose Postgres is not up yet).
+    Retry(String),
+    /// It ran and failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::Retry(e) => write!(f, "{e} (nothing changed: tried again)"),
+            JobError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<String> for JobError {
+    fn from(e: String) -> JobError {
+        JobError::Failed(e)
+    }
+}
+
 /// A long-running job the executor runs in the background.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Job {

@@ -32,6 +32,9 @@ pub enum PgError {
     },
     #[error("postgres: {0}")]
     Sql(#[from] tokio_postgres::Error),
+    /// A clone or rewind source could not be used; nothing was changed.
+    #[error("the source is not usable yet: {0}")]
+    SourceUnusable(String),
     #[error("{0}")]
     Other(String),
 }
@@ -528,7 +531,10 @@ impl LocalPg {
     pub async fn rewind(&self, from: &Upstream) -> Result<()> {
         // pg_rewind reads the source's timeline from its control file, which a
         // freshly promoted primary updates only with its first checkpoint.
-        let hostaddr = self.checkpoint_source(from).await?;
+        let hostaddr = self
+            .checkpoint_source(from)
+            .await
+            .map_err(|e| PgError::SourceUnusable(e.to_string()))?;
         let mut cmd = self.command("pg_rewind");
         let mut source = format!(
             "{} user={} dbname=postgres",

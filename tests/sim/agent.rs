@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use pgha::config::Tags;
 use pgha::ha::{
-    self, Action, DataDir as DirKind, DcsView, Handover, HeldLease, Job, LocalPostgres, MemberRole,
-    MemberStatus, MemberWaits, Observation, OrphanSlot, PeerPosition, PgRole, Replication, Step,
-    SyncApplied, SyncKey, Tick, TimelineKey,
+    self, Action, DataDir as DirKind, DcsView, Handover, HeldLease, Job, JobError, LocalPostgres,
+    MemberRole, MemberStatus, MemberWaits, Observation, OrphanSlot, PeerPosition, PgRole,
+    Replication, Step, SyncApplied, SyncKey, Tick, TimelineKey,
 };
 
 use crate::etcd::{self, Value};
@@ -34,7 +34,7 @@ pub struct RunningJob {
     pub work: Work,
     /// Simulated time the job began.
     pub started: u64,
-    pub result: Option<Result<(), String>>,
+    pub result: Option<Result<(), JobError>>,
 }
 
 #[derive(Debug)]
@@ -189,7 +189,9 @@ impl World {
                 }
             }
             Err(e) => {
-                if job.kind == Job::Rewind {
+                let retry =
+                    matches!(e, JobError::Retry(_)) && !self.cfg.knobs.unreachable_rewind_fails;
+                if job.kind == Job::Rewind && !retry {
                     a.rewind_failed = true;
                 }
                 let name = self.nodes[i].name.clone();
@@ -1029,18 +1031,20 @@ impl World {
         self.push(0, Ev::Watch { node: i, epoch });
     }
 
-    pub fn finish_work(&mut self, i: usize, work: &Work) -> Result<(), String> {
+    pub fn finish_work(&mut self, i: usize, work: &Work) -> Result<(), JobError> {
         match work {
             Work::Start { primary } => {
                 let pg = &mut self.nodes[i].pg;
                 if std::mem::take(&mut pg.start_killed) {
-                    return Err("postmaster stopped by the fence guard while starting".into());
+                    return Err(JobError::Failed(
+                        "postmaster stopped by the fence guard while starting".into(),
+                    ));
                 }
                 let Some(dir) = pg.dir.as_mut() else {
-                    return Err("no data directory".into());
+                    return Err(JobError::Failed("no data directory".into()));
                 };
                 if pg.running {
-                    return Err("already running".into());
+                    return Err(JobError::Failed("already running".into()));
                 }
                 dir.standby = !primary;
                 dir.shut_down = false;
@@ -1099,14 +1103,15 @@ impl World {
             }
             Work::Rewind { from } | Work::Clone { from } => {
                 let Some(j) = self.index_of(from) else {
-                    return Err(format!("{from} unknown"));
+                    return Err(JobError::Failed(format!("{from} unknown")));
                 };
                 let reachable = self.host_running(j)
                     && self.peers_connected(i, j)
                     && self.nodes[j].pg.running
                     && !self.nodes[j].pg.stopping;
                 if !reachable || self.nodes[i].pg.running {
-                    return Err(format!("{from} not reachable"));
+                    // As the agent's: nothing changed, tried again.
+                    return Err(JobError::Retry(format!("{from} not reachable")));
                 }
                 let mut src = self.nodes[j].pg.dir.clone().expect("running");
                 let name = self.nodes[i].name.clone();

@@ -60,6 +60,7 @@ fn parse_args() -> Args {
             "--unbounded-start-wait" => args.knobs.unbounded_start_wait = true,
             "--ignore-rewind-marker" => args.knobs.ignore_rewind_marker = true,
             "--no-start-repoint" => args.knobs.no_start_repoint = true,
+            "--unreachable-rewind-fails" => args.knobs.unreachable_rewind_fails = true,
             "--only-cluster-restart" => args.knobs.only_fault = Some(FaultKind::ClusterRestart),
             "--trace-decisions" => args.knobs.trace_decisions = true,
             "--sync" => {
@@ -140,6 +141,9 @@ fn knob_flags(k: &Knobs) -> String {
     }
     if k.no_start_repoint {
         s += " --no-start-repoint";
+    }
+    if k.unreachable_rewind_fails {
+        s += " --unreachable-rewind-fails";
     }
     if k.only_fault == Some(FaultKind::ClusterRestart) {
         s += " --only-cluster-restart";
@@ -356,6 +360,18 @@ fn main() {
             "a starting standby not pointed at the new leader",
             &unfed,
             "stuck standby start",
+        );
+        // A rewind tried while its source's Postgres is not up yet (stale
+        // member keys after a restart) changed nothing; counted as a failed
+        // pg_rewind it leaves the member down for good.
+        let down = Knobs {
+            unreachable_rewind_fails: true,
+            ..Knobs::default()
+        };
+        ok &= must_find(
+            "a rewind whose source is not up counts as failed",
+            &down,
+            "member left down",
         );
         // ...and with the bound and the repoint, both hold.
         ok &= must_pass(

@@ -44,6 +44,9 @@ pub struct Knobs {
     /// Planted bug: a standby whose start still waits is not pointed at a
     /// leader that came up meanwhile (`Follow` steps during a job dropped).
     pub no_start_repoint: bool,
+    /// Planted bug: a rewind whose source is not reachable counts as a
+    /// failed pg_rewind (the member then stays down for good).
+    pub unreachable_rewind_fails: bool,
     /// Every fault of the schedule is of this kind.
     pub only_fault: Option<FaultKind>,
     pub trace: bool,
@@ -944,6 +947,19 @@ impl World {
             Ev::Settled => {
                 let primary = (0..self.nodes.len()).find(|&i| self.writable(i));
                 for i in 0..self.nodes.len() {
+                    let n = &self.nodes[i];
+                    // Every member whose host and agent run follows again.
+                    let left_down = primary.is_some()
+                        && n.agent_up
+                        && n.host_up
+                        && !n.pg.running
+                        && n.agent.job.is_none();
+                    if left_down {
+                        let (name, failed) = (n.name.clone(), n.agent.rewind_failed);
+                        self.fail(format!(
+                            "member left down: {name} runs no Postgres and no job {SETTLE_MS} ms after the liveness check (rewind_failed {failed})"
+                        ));
+                    }
                     let n = &self.nodes[i];
                     let waiting = n.agent.job.as_ref().filter(|j| {
                         matches!(j.work, crate::agent::Work::Start { primary: false })

@@ -2,7 +2,6 @@
 //! execute, then publish this member's status and the API snapshot, and wait
 //! for an etcd watch event, a finished job, the next tick or shutdown.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,14 +14,10 @@ use crate::config::Config;
 use crate::dcs::{Etcd, HistoryEntry};
 use crate::ha::{
     self, Action, DataDir, DcsView, DynamicConfig, Handover, HeldLease, Job, JobError,
-    LocalPostgres, Lsn, MemberRole, MemberStatus, MemberWaits, Observation, OrphanSlot,
-    PeerPosition, PgRole, Settings, Step, SwitchoverKey, SyncApplied, Tick,
+    LocalPostgres, Lsn, MemberRole, MemberStatus, Memory, Observation, PeerPosition, PgRole,
+    Settings, Step, SwitchoverKey, SyncApplied, Tick,
 };
 use crate::lease::{Lease, LeaseKeeper};
-
-/// How long after a reload of `synchronous_standby_names` the primary's WAL
-/// position is taken as the mark every later commit waited behind.
-const SYNC_SETTLE_MS: u64 = 1000;
 use crate::operator::{self, Call, Reply, Request};
 use crate::postgres::{LocalPg, PgError, Unfinished, Upstream};
 
@@ -184,34 +179,17 @@ pub struct Agent {
     member_lease: Option<i64>,
     job: Option<RunningJob>,
     data_dir: Option<DataDir>,
-    pg_down_since: Option<Tick>,
-    following: Option<String>,
-    orphan_since: BTreeMap<String, Tick>,
-    last_view: Option<DcsView>,
+    /// What the HA core remembers between passes (`ha::Memory`).
+    memory: Memory,
     history: Vec<HistoryEntry>,
     last_error: Option<String>,
     last_local: LocalPostgres,
-    etcd_failures: u32,
-    stalled_since: Option<Tick>,
-    needs_rewind: bool,
-    rewind_failed: bool,
-    /// The rewind marker beside the data directory (no job running).
-    rewind_pending: bool,
-    member_waits: MemberWaits,
-    last_known_leader: Option<String>,
-    handover: Option<Handover>,
     shutting_down: bool,
-    replica_timeline: Option<u32>,
-    sync_applied: Option<SyncApplied>,
     failsafe: Arc<crate::failsafe::Promise>,
     /// A step the rest of this pass depends on failed: skip the rest.
     pass_blocked: bool,
     dcs_last_seen: Option<Instant>,
     promotions: u64,
-    /// Timeline the last ReserveTimeline recorded, for the Promote after it.
-    reserved_timeline: Option<u32>,
-    /// Leader leases whose revocation we sent, newest last.
-    abandoned_leases: Vec<i64>,
     loop_durations: LoopHistogram,
     snapshot: watch::Sender<Arc<Snapshot>>,
     job_done: mpsc::Sender<()>,
@@ -289,30 +267,15 @@ impl Agent {
                 member_lease: None,
                 job: None,
                 data_dir: None,
-                pg_down_since: None,
-                following: None,
-                orphan_since: BTreeMap::new(),
-                last_view: None,
+                memory: Memory::default(),
                 history: Vec::new(),
                 last_error: None,
                 last_local: LocalPostgres::default(),
-                etcd_failures: 0,
-                stalled_since: None,
-                needs_rewind: false,
-                rewind_failed: false,
-                rewind_pending: false,
-                member_waits: MemberWaits::default(),
-                last_known_leader: None,
-                handover: None,
                 shutting_down: false,
-                replica_timeline: None,
-                sync_applied: None,
                 failsafe: Arc::default(),
                 pass_blocked: false,
                 dcs_last_seen: None,
                 promotions: 0,
-                reserved_timeline: None,
-                abandoned_leases: Vec::new(),
                 loop_durations: LoopHistogram::default(),
                 snapshot: tx,
                 job_done,
@@ -365,7 +328,11 @@ impl Agent {
     /// runs out as usual.
     async fn failsafe_round(&self) -> Option<Instant> {
         self.lease.held()?;
-        let view = self.last_view.as_ref().filter(|v| v.config.failsafe_mode)?;
+        let view = self
+            .memory
+            .last_view
+            .as_ref()
+            .filter(|v| v.config.failsafe_mode)?;
         let others: Vec<(String, String)> = view
             .members
             .iter()
@@ -440,7 +407,11 @@ impl Agent {
                     Reply::message(503, "postgres is not running")
                 } else {
                     let standby = self.last_local.role == Some(PgRole::Replica);
-                    let up = self.following.as_deref().and_then(|f| self.upstream(f));
+                    let up = self
+                        .memory
+                        .following
+                        .as_deref()
+                        .and_then(|f| self.upstream(f));
                     match self.pg.write_config(standby, up.as_ref()) {
                         Ok(()) => match self.pg.reload().await {
                             Ok(()) => Reply::message(200, "postgres configuration reloaded"),
@@ -492,6 +463,7 @@ impl Agent {
             Request::Reinitialize => {
                 if leads
                     || self
+                        .memory
                         .last_view
                         .as_ref()
                         .and_then(|v| v.leader.as_ref())
@@ -545,6 +517,7 @@ impl Agent {
                 force,
             } => {
                 let current = self
+                    .memory
                     .last_view
                     .as_ref()
                     .and_then(|v| v.leader.as_ref())
@@ -583,7 +556,7 @@ impl Agent {
         at_ms: Option<u64>,
         force: bool,
     ) -> Result<SwitchoverKey, Reply> {
-        let Some(view) = &self.last_view else {
+        let Some(view) = &self.memory.last_view else {
             return Err(Reply::message(503, "etcd has not been read yet"));
         };
         // Judge members by what was last published, but this node by its
@@ -821,6 +794,7 @@ impl Agent {
     fn graceful_stop_done(&self) -> bool {
         self.job.is_none()
             && self
+                .memory
                 .last_view
                 .as_ref()
                 .is_none_or(|v| v.switchover.is_none())
@@ -833,17 +807,18 @@ impl Agent {
         // During a switchover every member polls fast: the leader waits for
         // its target's position, and the target's published status must be fresh.
         if self
+            .memory
             .last_view
             .as_ref()
             .is_some_and(|v| v.switchover.is_some())
-            || self.handover.is_some()
+            || self.memory.handover.is_some()
         {
             return base.min(Duration::from_millis(100));
         }
-        if self.etcd_failures == 0 || self.lease.held().is_some() {
+        if self.memory.etcd_failures == 0 || self.lease.held().is_some() {
             return base;
         }
-        let factor = 1u32 << self.etcd_failures.saturating_sub(1).min(4);
+        let factor = 1u32 << self.memory.etcd_failures.saturating_sub(1).min(4);
         (base * factor).min(Duration::from_secs(8).max(base))
     }
 
@@ -881,7 +856,11 @@ impl Agent {
             return;
         }
         let standby = obs.local.role == Some(PgRole::Replica);
-        let upstream = self.following.clone().and_then(|u| self.upstream(&u));
+        let upstream = self
+            .memory
+            .following
+            .clone()
+            .and_then(|u| self.upstream(&u));
         let result = match self.pg.write_config(standby, upstream.as_ref()) {
             Ok(()) => self.pg.reload().await,
             Err(e) => Err(e),
@@ -905,45 +884,35 @@ impl Agent {
         }
         let job = self.job.take().expect("checked");
         match job.handle.await {
-            Ok(Ok(())) => {
-                info!(node = %self.cfg.name, job = ?job.kind, "job finished");
-                if job.kind == Job::Rewind {
-                    self.needs_rewind = false;
-                    self.rewind_failed = false;
-                    self.rewind_pending = false;
+            Ok(result) => {
+                match &result {
+                    Ok(()) => {
+                        info!(node = %self.cfg.name, job = ?job.kind, "job finished");
+                        self.last_error = None;
+                    }
+                    Err(e @ JobError::Retry(_)) => {
+                        warn!(node = %self.cfg.name, job = ?job.kind, error = %e, "job not done");
+                        self.last_error = Some(format!("{:?}: {e}", job.kind));
+                    }
+                    Err(e) => {
+                        error!(node = %self.cfg.name, job = ?job.kind, error = %e, "job failed");
+                        self.last_error = Some(format!("{:?}: {e}", job.kind));
+                    }
                 }
-                if job.kind == Job::Start {
-                    // Running again (as replica of the new leader, or as
-                    // primary after an aborted handover): the handover is over.
-                    self.handover = None;
-                }
-                self.last_error = None;
-            }
-            Ok(Err(e @ JobError::Retry(_))) => {
-                warn!(node = %self.cfg.name, job = ?job.kind, error = %e, "job not done");
-                self.last_error = Some(format!("{:?}: {e}", job.kind));
-            }
-            Ok(Err(e)) => {
-                error!(node = %self.cfg.name, job = ?job.kind, error = %e, "job failed");
-                if job.kind == Job::Rewind {
-                    self.rewind_failed = true;
-                }
-                self.last_error = Some(format!("{:?}: {e}", job.kind));
+                self.memory
+                    .job_finished(job.kind, result.as_ref().map(|_| ()));
             }
             Err(e) => error!(node = %self.cfg.name, job = ?job.kind, error = %e, "job panicked"),
         }
         // Whatever the job did to the data directory, look again.
         self.data_dir = None;
-        if matches!(job.kind, Job::Rewind | Job::Clone) {
-            self.replica_timeline = None;
-        }
     }
 
     async fn observe(&mut self) -> Observation {
         let now = self.now();
         if let Some(status) = self.pg.child_exited().await {
             warn!(node = %self.cfg.name, %status, "postgres exited");
-            self.following = None;
+            self.memory.postgres_exited();
         }
         let local = if self
             .job
@@ -954,21 +923,8 @@ impl Agent {
         } else {
             self.pg.probe().await
         };
-        if let Some(applied) = self.sync_applied.as_mut() {
-            // A second after the reload every backend and WAL sender has
-            // re-read the setting: commits from here on waited for the set.
-            if applied.mark.is_none()
-                && local.role == Some(PgRole::Primary)
-                && now.since(applied.at) >= SYNC_SETTLE_MS
-            {
-                applied.mark = local.wal_position;
-            }
-        }
-        if local.running {
-            self.pg_down_since = None;
-        } else {
-            self.pg_down_since.get_or_insert(now);
-        }
+        let mut local = local;
+        self.memory.local_seen(&mut local, now);
         if self.job.is_none() && !local.running {
             self.check_job_marker().await;
         }
@@ -990,24 +946,23 @@ impl Agent {
         // confirmations before it tries etcd again (which may take the
         // whole retry timeout), so the fence guard learns of them in time.
         let leading_primary = local.running && local.role == Some(PgRole::Primary);
-        let ask_failsafe = leading_primary && self.etcd_failures > 0;
+        let ask_failsafe = leading_primary && self.memory.etcd_failures > 0;
         if ask_failsafe {
             let confirmed = self.failsafe_round().await;
             self.failsafe_confirmed(confirmed);
         }
         let dcs = match self.etcd.load().await {
             Ok((view, history)) => {
-                if self.etcd_failures > 0 {
-                    info!(node = %self.cfg.name, after_failures = self.etcd_failures, "etcd reachable again");
+                if self.memory.etcd_failures > 0 {
+                    info!(node = %self.cfg.name, after_failures = self.memory.etcd_failures, "etcd reachable again");
                 }
-                self.etcd_failures = 0;
                 self.dcs_last_seen = Some(Instant::now());
                 self.history = history;
                 Some(view)
             }
             Err(e) => {
-                self.etcd_failures += 1;
-                warn!(node = %self.cfg.name, attempt = self.etcd_failures, error = %e, "etcd unreachable");
+                let attempt = self.memory.etcd_failures + 1;
+                warn!(node = %self.cfg.name, attempt, error = %e, "etcd unreachable");
                 if leading_primary && !ask_failsafe {
                     let confirmed = self.failsafe_round().await;
                     self.failsafe_confirmed(confirmed);
@@ -1017,77 +972,22 @@ impl Agent {
         };
         // The lease we renew must be the one the key is bound to.
         if let (Some(view), Some(lease)) = (&dcs, self.lease.held()) {
-            let still_ours = view
-                .leader
-                .as_ref()
-                .is_some_and(|k| k.name == self.cfg.name && k.lease_id == lease.lease_id);
-            if !still_ours {
+            if !ha::lease_still_ours(view, &self.cfg.name, lease.lease_id) {
                 info!(node = %self.cfg.name, "leader key no longer ours");
                 self.lease.release();
             }
         }
-        let mut orphan_slots = Vec::new();
-        if let (Some(view), Some(PgRole::Primary)) = (&dcs, local.role) {
-            let wanted: Vec<String> = view
-                .members
-                .iter()
-                .map(|m| ha::slot_name(&m.name))
-                .collect();
-            self.orphan_since
-                .retain(|s, _| local.slots.contains(s) && !wanted.contains(s));
-            for slot in local.slots.iter().filter(|s| !wanted.contains(s)) {
-                let since = *self.orphan_since.entry(slot.clone()).or_insert(now);
-                orphan_slots.push(OrphanSlot {
-                    name: slot.clone(),
-                    missing_since: since,
-                });
-            }
-        }
-        let leaderless_replica = local.running
-            && local.role == Some(PgRole::Replica)
-            && dcs
-                .as_ref()
-                .is_some_and(|d| d.leader.is_none() && d.initialize.is_some());
-        // A leader that stopped to hand over asks its target how much WAL it has.
-        let handing_over = self.handover.is_some() && !local.running;
-        let (peers, live_primary) = match (&dcs, leaderless_replica || handing_over) {
-            (Some(view), true) => {
+        let orphan_slots = self
+            .memory
+            .dcs_seen(dcs.as_ref(), &self.cfg.name, &local, now);
+        let (peers, live_primary) = match &dcs {
+            Some(view) if self.memory.wants_peers(&local, Some(view)) => {
                 let (peers, primary) = self.ask_peers(view).await;
                 (Some(peers), primary)
             }
             _ => (None, None),
         };
-        if let Some(leader) = dcs
-            .as_ref()
-            .and_then(|d| d.leader.as_ref())
-            .filter(|l| l.name != self.cfg.name)
-        {
-            self.last_known_leader = Some(leader.name.clone());
-        }
-        let mut local = local;
-        local.following = self.following.clone();
-        // A standby's timeline comes from its WAL receiver while it streams,
-        // else from its last restartpoint, which lags: keep the highest seen.
-        if local.role == Some(PgRole::Replica) {
-            local.timeline = local.timeline.max(self.replica_timeline);
-            self.replica_timeline = local.timeline;
-        } else if local.running {
-            self.replica_timeline = None;
-        }
-        let stalled = local.running
-            && local.role == Some(PgRole::Replica)
-            && local.following.is_some()
-            && local.streaming_from.is_none();
-        self.stalled_since = if stalled {
-            Some(self.stalled_since.unwrap_or(now))
-        } else {
-            None
-        };
         self.last_local = local.clone();
-        if let Some(v) = &dcs {
-            self.member_waits.observe(v, now);
-            self.last_view = Some(v.clone());
-        }
         Observation {
             node: self.cfg.name.clone(),
             tags: self.cfg.tags.clone(),
@@ -1097,21 +997,21 @@ impl Agent {
             leader_lease: self.leader_lease(),
             job: self.job.as_ref().map(|j| j.kind),
             starting_standby: self.job.as_ref().is_some_and(|j| j.standby),
-            pg_down_since: self.pg_down_since,
+            pg_down_since: self.memory.pg_down_since,
             orphan_slots,
             last_role,
-            replica_stalled_since: self.stalled_since,
-            needs_rewind: self.needs_rewind,
-            rewind_failed: self.rewind_failed,
-            rewind_pending: self.rewind_pending,
-            member_waits: self.member_waits.clone(),
+            replica_stalled_since: self.memory.stalled_since(),
+            needs_rewind: self.memory.needs_rewind,
+            rewind_failed: self.memory.rewind_failed,
+            rewind_pending: self.memory.rewind_pending,
+            member_waits: self.memory.member_waits().clone(),
             peers,
             region: self.cfg.region.clone(),
             wall_ms: epoch_ms(),
-            handover: self.handover.clone(),
+            handover: self.memory.handover.clone(),
             checkpoint_lsn,
             shutting_down: self.shutting_down,
-            sync_applied: self.sync_applied.clone(),
+            sync_applied: self.memory.sync_applied.clone(),
             failsafe_promise_until: self.failsafe.until().map(|u| self.tick_of(u)),
             live_primary,
             may_bootstrap: self
@@ -1176,7 +1076,7 @@ impl Agent {
     }
 
     fn upstream(&self, name: &str) -> Option<Upstream> {
-        let m = self.last_view.as_ref()?.member(name)?;
+        let m = self.memory.last_view.as_ref()?.member(name)?;
         Some(Upstream {
             name: m.name.clone(),
             host: m.pg_host.clone(),
@@ -1320,9 +1220,9 @@ impl Agent {
                         if let Err(e) = self.pg.job_marker().finish() {
                             warn!(node = %node, error = %e, "could not remove the rewind marker");
                         }
-                        self.rewind_pending = false;
-                        self.rewind_failed = false;
-                        self.needs_rewind = false;
+                        self.memory.rewind_pending = false;
+                        self.memory.rewind_failed = false;
+                        self.memory.needs_rewind = false;
                         self.data_dir = None;
                     }
                     Err(e) => {
@@ -1345,7 +1245,7 @@ impl Agent {
             }
             Action::StartReplica { upstream } => {
                 let up = upstream.as_deref().and_then(|u| self.upstream(u));
-                self.following = up.as_ref().map(|u| u.name.clone());
+                self.memory.following = up.as_ref().map(|u| u.name.clone());
                 let pg = self.pg.clone();
                 self.spawn_job(Job::Start, async move {
                     pg.write_config(true, up.as_ref())
@@ -1368,14 +1268,16 @@ impl Agent {
                     Err(e) => Err(e),
                 };
                 match result {
-                    Ok(()) => self.following = Some(upstream),
+                    Ok(()) => self.memory.following = Some(upstream),
                     Err(e) => warn!(node = %node, error = %e, "could not repoint replication"),
                 }
             }
             Action::AcquireLeader => self.acquire_leader().await,
             // Logged above with its reason; nothing to do.
             Action::Wait => {}
-            Action::RenewLeader { lease_id } if self.abandoned_leases.contains(&lease_id) => {
+            Action::RenewLeader { lease_id }
+                if self.memory.abandoned_leases.contains(&lease_id) =>
+            {
                 warn!(node = %node, term, lease_id, "the leader key is ours under a lease we revoked: not adopting it, it goes with the lease");
                 self.lease.release();
                 self.pass_blocked = true;
@@ -1445,7 +1347,7 @@ impl Agent {
                 match reserved {
                     Ok(()) => {
                         info!(node = %node, term, timeline, "timeline reserved for the promotion");
-                        self.reserved_timeline = Some(timeline);
+                        self.memory.reserved_timeline = Some(timeline);
                     }
                     Err(e) => {
                         warn!(node = %node, term, timeline, error = %e, "could not reserve a timeline: not promoting");
@@ -1454,8 +1356,9 @@ impl Agent {
                 }
             }
             Action::Promote { timeline } => {
-                let old_leader = self.last_known_leader.clone();
+                let old_leader = self.memory.last_known_leader.clone();
                 let target = self
+                    .memory
                     .reserved_timeline
                     .take()
                     .filter(|r| *r >= timeline)
@@ -1473,7 +1376,7 @@ impl Agent {
                 }
                 match self.pg.promote().await {
                     Ok(()) => {
-                        self.following = None;
+                        self.memory.following = None;
                         self.promotions += 1;
                         let local = self.pg.probe().await;
                         let switchover = obs.dcs.as_ref().and_then(|d| d.switchover.as_ref());
@@ -1512,8 +1415,8 @@ impl Agent {
             }
             Action::Stop { then_rewind } => {
                 let pg = self.pg.clone();
-                self.following = None;
-                self.needs_rewind |= then_rewind;
+                self.memory.following = None;
+                self.memory.needs_rewind |= then_rewind;
                 self.spawn_job(Job::Stop, async move {
                     pg.stop(Duration::from_secs(30))
                         .await
@@ -1526,13 +1429,13 @@ impl Agent {
                     .as_ref()
                     .and_then(|d| d.switchover.as_ref())
                     .is_some_and(|s| s.force);
-                self.handover = Some(Handover {
+                self.memory.handover = Some(Handover {
                     since: self.now(),
                     to: to.clone(),
                     force,
                 });
                 let pg = self.pg.clone();
-                self.following = None;
+                self.memory.following = None;
                 self.spawn_job(Job::Stop, async move {
                     // A checkpoint first keeps the shutdown checkpoint, during
                     // which no write is possible, short.
@@ -1547,7 +1450,7 @@ impl Agent {
             Action::SetSyncStandbys { set } => match self.pg.set_sync_standbys(&set).await {
                 Ok(()) => {
                     info!(node = %node, term, standbys = %set, reason = %step.reason, "synchronous standbys set");
-                    self.sync_applied = Some(SyncApplied {
+                    self.memory.sync_applied = Some(SyncApplied {
                         set,
                         at: self.now(),
                         mark: None,
@@ -1641,17 +1544,18 @@ impl Agent {
     /// adopted, or it would vanish under a promoted primary.
     async fn abandon_lease(&mut self, lease_id: i64) {
         const REMEMBERED: usize = 16;
-        if self.abandoned_leases.len() >= REMEMBERED {
-            self.abandoned_leases.remove(0);
+        if self.memory.abandoned_leases.len() >= REMEMBERED {
+            self.memory.abandoned_leases.remove(0);
         }
-        self.abandoned_leases.push(lease_id);
+        self.memory.abandoned_leases.push(lease_id);
         let _ = self.etcd.revoke_lease(lease_id).await;
     }
 
     async fn release_leader(&mut self) {
         let node = self.cfg.name.clone();
         let lease_id = self.lease.held().map(|l| l.lease_id).or_else(|| {
-            self.last_view
+            self.memory
+                .last_view
                 .as_ref()?
                 .leader
                 .as_ref()
@@ -1670,46 +1574,11 @@ impl Agent {
     }
 
     fn member_status(&self, obs: &Observation) -> MemberStatus {
-        let local = &obs.local;
-        let role = match (local.role, obs.last_role, obs.data_dir) {
-            (Some(PgRole::Primary), ..) => MemberRole::Primary,
-            (Some(PgRole::Replica), ..) => MemberRole::Replica,
-            (None, Some(PgRole::Primary), _) => MemberRole::Primary,
-            (None, _, DataDir::Initialized { .. }) => MemberRole::Replica,
-            _ => MemberRole::Uninitialized,
-        };
-        let state = match self.job.as_ref().map(|j| j.kind) {
-            Some(Job::InitDb) => "initializing",
-            Some(Job::Clone) => "cloning",
-            Some(Job::Rewind) => "rewinding",
-            Some(Job::Start) => "starting",
-            Some(Job::Stop) => "stopping",
-            None if !local.running && obs.rewind_pending => "rewind_pending",
-            None if local.running
-                && local.role == Some(PgRole::Replica)
-                && local.streaming_from.is_some() =>
-            {
-                "streaming"
-            }
-            None if local.running => "running",
-            None => "stopped",
-        };
-        MemberStatus {
-            role,
-            state: state.into(),
-            timeline: local.timeline,
-            wal_position: local.wal_position,
-            receive_lsn: local.receive_lsn,
-            replay_lsn: local.replay_lsn,
-            basebackup: if state == "cloning" {
-                *self.pg.clone_progress.lock().expect("not poisoned")
-            } else {
-                None
-            },
-            pending_restart: local.pending_restart,
-            replay_paused: local.replay_paused,
+        let identity = MemberStatus {
+            basebackup: *self.pg.clone_progress.lock().expect("not poisoned"),
             ..identity(&self.cfg)
-        }
+        };
+        ha::member_status(obs, self.job.as_ref().map(|j| j.kind), identity)
     }
 
     /// Publishes this member's status in etcd and the snapshot for the API.
@@ -1738,7 +1607,7 @@ impl Agent {
                 warn!(node = %self.cfg.name, error = %e, "could not publish member status");
             }
         }
-        let view = obs.dcs.as_ref().or(self.last_view.as_ref());
+        let view = obs.dcs.as_ref().or(self.memory.last_view.as_ref());
         let mut members: Vec<MemberStatus> = view.map(|v| v.members.clone()).unwrap_or_default();
         match members.iter_mut().find(|m| m.name == me.name) {
             Some(m) => *m = me.clone(),
@@ -1810,9 +1679,9 @@ impl Agent {
                 Some(Unfinished::Rewind)
             }
         };
-        let was_pending = self.rewind_pending;
-        self.rewind_pending = found == Some(Unfinished::Rewind);
-        if self.rewind_pending && !was_pending {
+        let was_pending = self.memory.rewind_pending;
+        self.memory.rewind_pending = found == Some(Unfinished::Rewind);
+        if self.memory.rewind_pending && !was_pending {
             warn!(node = %node, marker = %marker.path().display(), "the last pg_rewind did not finish: Postgres stays down until a rewind against the leader succeeds (published as rewind_pending)");
         }
         if found == Some(Unfinished::Clone) {

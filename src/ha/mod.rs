@@ -4,11 +4,13 @@
 pub mod action;
 pub mod decide;
 pub mod handover;
+pub mod memory;
 pub mod state;
 pub mod sync;
 
 pub use action::{Action, Step};
 pub use decide::{decide, slot_name, Settings};
+pub use memory::{leaderless_replica, lease_still_ours, member_status, Memory};
 pub use state::*;
 
 #[cfg(test)]

@@ -8,16 +8,13 @@ use std::collections::BTreeMap;
 use pgha::config::Tags;
 use pgha::ha::{
     self, Action, DataDir as DirKind, DcsView, Handover, HeldLease, Job, JobError, LocalPostgres,
-    MemberRole, MemberStatus, MemberWaits, Observation, OrphanSlot, PeerPosition, PgRole,
-    Replication, Step, SyncApplied, SyncKey, Tick, TimelineKey,
+    MemberRole, MemberStatus, Memory, Observation, PeerPosition, PgRole, Replication, Step,
+    SyncApplied, SyncKey, Tick, TimelineKey,
 };
 
 use crate::etcd::{self, Value};
 use crate::postgres::lsn;
 use crate::world::{Ev, Op, Res, World, EPOCH_MS, SYSTEM_IDENTIFIER};
-
-/// As `SYNC_SETTLE_MS` in the agent.
-const SYNC_SETTLE_MS: u64 = 1_000;
 
 #[derive(Debug, Clone)]
 pub enum Work {
@@ -66,27 +63,11 @@ pub struct Agent {
     pub leader_lease: Option<HeldLease>,
     pub member_lease: Option<i64>,
     pub job: Option<RunningJob>,
-    pub pg_down_since: Option<Tick>,
-    pub following: Option<String>,
-    pub orphan_since: BTreeMap<String, Tick>,
-    pub last_view: Option<DcsView>,
-    pub etcd_failures: u32,
-    pub stalled_since: Option<Tick>,
-    pub needs_rewind: bool,
-    pub rewind_failed: bool,
-    /// As the agent's: the rewind marker, read while Postgres is down.
-    pub rewind_pending: bool,
-    pub member_waits: MemberWaits,
-    pub handover: Option<Handover>,
-    pub replica_timeline: Option<u32>,
-    pub sync_applied: Option<SyncApplied>,
-    /// As the agent's: the last ReserveTimeline's number.
-    pub reserved_timeline: Option<u32>,
+    /// The same HA memory the agent keeps (`ha::Memory`).
+    pub memory: Memory,
     /// Local time the current (or last) pass began: its own duration
     /// counts toward loop_wait, as in the agent.
     pub pass_started: Tick,
-    /// As the agent's: leader leases whose revocation was sent.
-    pub abandoned_leases: Vec<i64>,
     /// The lease keeper's (`src/lease.rs`): renewals go out until then
     /// (local clock), with their lease and send time by request.
     pub renew_until: Option<Tick>,
@@ -152,7 +133,7 @@ impl World {
         self.reap_job(i);
         if self.nodes[i].pg.exited {
             self.nodes[i].pg.exited = false;
-            self.nodes[i].agent.following = None;
+            self.nodes[i].agent.memory.postgres_exited();
         }
         let busy_dir = self.nodes[i]
             .agent
@@ -178,29 +159,19 @@ impl World {
             return;
         }
         let job = a.job.take().expect("checked");
-        match job.result.expect("checked") {
-            Ok(()) => {
-                if job.kind == Job::Rewind {
-                    a.needs_rewind = false;
-                    a.rewind_failed = false;
-                }
-                if job.kind == Job::Start {
-                    a.handover = None;
-                }
-            }
-            Err(e) => {
-                let retry =
-                    matches!(e, JobError::Retry(_)) && !self.cfg.knobs.unreachable_rewind_fails;
-                if job.kind == Job::Rewind && !retry {
-                    a.rewind_failed = true;
-                }
-                let name = self.nodes[i].name.clone();
-                self.log(|| format!("{name}: job {:?} failed: {e}", job.kind));
+        let mut result = job.result.expect("checked");
+        if let Err(e) = &result {
+            let name = self.nodes[i].name.clone();
+            self.log(|| format!("{name}: job {:?} failed: {e}", job.kind));
+            if self.cfg.knobs.unreachable_rewind_fails {
+                // Planted bug: a rewind that changed nothing counts as failed.
+                result = Err(JobError::Failed(e.to_string()));
             }
         }
-        if matches!(job.kind, Job::Rewind | Job::Clone) {
-            self.nodes[i].agent.replica_timeline = None;
-        }
+        self.nodes[i]
+            .agent
+            .memory
+            .job_finished(job.kind, result.as_ref().map(|_| ()));
     }
 
     /// What the agent's SQL probe returns.
@@ -315,82 +286,20 @@ impl World {
         };
         let mut local = local;
         let a = &mut self.nodes[i].agent;
-        if let Some(applied) = a.sync_applied.as_mut() {
-            if applied.mark.is_none()
-                && local.role == Some(PgRole::Primary)
-                && now.since(applied.at) >= SYNC_SETTLE_MS
-            {
-                applied.mark = local.wal_position;
-            }
-        }
-        if local.running {
-            a.pg_down_since = None;
-        } else {
-            a.pg_down_since.get_or_insert(now);
-        }
-        if dcs.is_some() {
-            a.etcd_failures = 0;
-        } else {
-            a.etcd_failures += 1;
-        }
+        a.memory.local_seen(&mut local, now);
         if let (Some(view), Some(lease)) = (&dcs, a.leader_lease) {
-            let still_ours = view
-                .leader
-                .as_ref()
-                .is_some_and(|k| k.name == name && k.lease_id == lease.lease_id);
-            if !still_ours {
+            if !ha::lease_still_ours(view, &name, lease.lease_id) {
                 a.leader_lease = None;
             }
         }
-        let mut orphan_slots = Vec::new();
-        if let (Some(view), Some(PgRole::Primary)) = (&dcs, local.role) {
-            let wanted: Vec<String> = view
-                .members
-                .iter()
-                .map(|m| ha::slot_name(&m.name))
-                .collect();
-            a.orphan_since
-                .retain(|s, _| local.slots.contains(s) && !wanted.contains(s));
-            for slot in local.slots.iter().filter(|s| !wanted.contains(s)) {
-                let since = *a.orphan_since.entry(slot.clone()).or_insert(now);
-                orphan_slots.push(OrphanSlot {
-                    name: slot.clone(),
-                    missing_since: since,
-                });
-            }
-        }
-        let leaderless_replica = local.running
-            && local.role == Some(PgRole::Replica)
-            && dcs
-                .as_ref()
-                .is_some_and(|d| d.leader.is_none() && d.initialize.is_some());
-        let handing_over = a.handover.is_some() && !local.running;
-        local.following = a.following.clone();
-        if local.role == Some(PgRole::Replica) {
-            local.timeline = local.timeline.max(a.replica_timeline);
-            a.replica_timeline = local.timeline;
-        } else if local.running {
-            a.replica_timeline = None;
-        }
-        let stalled = local.running
-            && local.role == Some(PgRole::Replica)
-            && local.following.is_some()
-            && local.streaming_from.is_none();
-        a.stalled_since = if stalled {
-            Some(a.stalled_since.unwrap_or(now))
-        } else {
-            None
-        };
+        let orphan_slots = a.memory.dcs_seen(dcs.as_ref(), &name, &local, now);
+        let leaderless_replica = ha::leaderless_replica(&local, dcs.as_ref());
+        let wants_peers = a.memory.wants_peers(&local, dcs.as_ref());
         if job_kind.is_none() && !local.running {
             let marker = self.nodes[i].pg.rewind_marker && !self.cfg.knobs.ignore_rewind_marker;
-            self.nodes[i].agent.rewind_pending = marker;
+            self.nodes[i].agent.memory.rewind_pending = marker;
         }
-        let a = &mut self.nodes[i].agent;
-        if let Some(v) = &dcs {
-            a.member_waits.observe(v, now);
-            a.last_view = Some(v.clone());
-        }
-        let (mut peers, live_primary) = match (&dcs, leaderless_replica || handing_over) {
+        let (mut peers, live_primary) = match (&dcs, wants_peers) {
             (Some(view), true) => {
                 let (p, primary) = self.ask_peers(i, view);
                 (Some(p), primary)
@@ -421,20 +330,20 @@ impl World {
                 .job
                 .as_ref()
                 .is_some_and(|j| matches!(j.work, Work::Start { primary: false })),
-            pg_down_since: a.pg_down_since,
+            pg_down_since: a.memory.pg_down_since,
             orphan_slots,
             last_role,
-            replica_stalled_since: a.stalled_since,
-            needs_rewind: a.needs_rewind,
-            rewind_failed: a.rewind_failed,
-            rewind_pending: a.rewind_pending,
-            member_waits: a.member_waits.clone(),
+            replica_stalled_since: a.memory.stalled_since(),
+            needs_rewind: a.memory.needs_rewind,
+            rewind_failed: a.memory.rewind_failed,
+            rewind_pending: a.memory.rewind_pending,
+            member_waits: a.memory.member_waits().clone(),
             peers,
             wall_ms: EPOCH_MS + self.now,
-            handover: a.handover.clone(),
+            handover: a.memory.handover.clone(),
             checkpoint_lsn,
             shutting_down: false,
-            sync_applied: a.sync_applied.clone(),
+            sync_applied: a.memory.sync_applied.clone(),
             failsafe_promise_until: None,
             live_primary,
         }
@@ -587,10 +496,10 @@ impl World {
             Action::MoveAside => {
                 self.nodes[i].pg.dir = None;
                 self.nodes[i].pg.rewind_marker = false;
-                self.nodes[i].agent.rewind_pending = false;
+                self.nodes[i].agent.memory.rewind_pending = false;
                 let a = &mut self.nodes[i].agent;
-                a.rewind_failed = false;
-                a.needs_rewind = false;
+                a.memory.rewind_failed = false;
+                a.memory.needs_rewind = false;
                 Flow::Next
             }
             // As the agent's executor: a lease that ran out since the
@@ -610,11 +519,12 @@ impl World {
                 let known = upstream.clone().filter(|u| {
                     self.nodes[i]
                         .agent
+                        .memory
                         .last_view
                         .as_ref()
                         .is_some_and(|v| v.member(u).is_some())
                 });
-                self.nodes[i].agent.following = known.clone();
+                self.nodes[i].agent.memory.following = known.clone();
                 self.nodes[i].pg.upstream = known;
                 self.spawn_job(i, Job::Start, Work::Start { primary: false });
                 Flow::Next
@@ -622,6 +532,7 @@ impl World {
             Action::Follow { upstream } => {
                 let known = self.nodes[i]
                     .agent
+                    .memory
                     .last_view
                     .as_ref()
                     .is_some_and(|v| v.member(upstream).is_some());
@@ -631,7 +542,7 @@ impl World {
                 if known && (self.nodes[i].pg.running || starting) {
                     self.nodes[i].pg.upstream = Some(upstream.clone());
                     self.nodes[i].pg.streaming_from = None;
-                    self.nodes[i].agent.following = Some(upstream.clone());
+                    self.nodes[i].agent.memory.following = Some(upstream.clone());
                 }
                 Flow::Next
             }
@@ -669,7 +580,12 @@ impl World {
             },
             Action::RenewLeader { lease_id } => match reply {
                 // As the agent: a key under a lease we revoked is not adopted.
-                None if self.nodes[i].agent.abandoned_leases.contains(lease_id) => {
+                None if self.nodes[i]
+                    .agent
+                    .memory
+                    .abandoned_leases
+                    .contains(lease_id) =>
+                {
                     self.nodes[i].agent.leader_lease = None;
                     self.pass_blocked = true;
                     Flow::Next
@@ -695,7 +611,8 @@ impl World {
                 None => {
                     let a = &self.nodes[i].agent;
                     let lease = a.leader_lease.map(|l| l.lease_id).or_else(|| {
-                        a.last_view
+                        a.memory
+                            .last_view
                             .as_ref()?
                             .leader
                             .as_ref()
@@ -759,7 +676,7 @@ impl World {
                             .as_ref()
                             .map_or(0, |d| d.newest_timeline);
                         let t = (*timeline).max(newest + 1);
-                        self.nodes[i].agent.reserved_timeline = Some(t);
+                        self.nodes[i].agent.memory.reserved_timeline = Some(t);
                         let value = Value::Timeline(TimelineKey {
                             timeline: t,
                             by: name.clone(),
@@ -781,7 +698,7 @@ impl World {
                 },
                 Some(Some(Res::Bool(true))) => Flow::Next,
                 Some(_) => {
-                    self.nodes[i].agent.reserved_timeline = None;
+                    self.nodes[i].agent.memory.reserved_timeline = None;
                     self.pass_blocked = true;
                     Flow::Next
                 }
@@ -789,6 +706,7 @@ impl World {
             Action::Promote { timeline } => {
                 let target = self.nodes[i]
                     .agent
+                    .memory
                     .reserved_timeline
                     .take()
                     .filter(|r| r >= timeline)
@@ -804,8 +722,8 @@ impl World {
                 Flow::Next
             }
             Action::Stop { then_rewind } => {
-                self.nodes[i].agent.following = None;
-                self.nodes[i].agent.needs_rewind |= *then_rewind;
+                self.nodes[i].agent.memory.following = None;
+                self.nodes[i].agent.memory.needs_rewind |= *then_rewind;
                 self.begin_stop(i);
                 self.spawn_job(
                     i,
@@ -824,12 +742,12 @@ impl World {
                     .and_then(|d| d.switchover.as_ref())
                     .is_some_and(|s| s.force);
                 let a = &mut self.nodes[i].agent;
-                a.handover = Some(Handover {
+                a.memory.handover = Some(Handover {
                     since: now,
                     to: to.clone(),
                     force,
                 });
-                a.following = None;
+                a.memory.following = None;
                 self.begin_stop(i);
                 self.spawn_job(
                     i,
@@ -853,7 +771,7 @@ impl World {
                             set: set.clone(),
                         },
                     );
-                    self.nodes[i].agent.sync_applied = Some(SyncApplied {
+                    self.nodes[i].agent.memory.sync_applied = Some(SyncApplied {
                         set: set.clone(),
                         at: now,
                         mark: None,
@@ -972,7 +890,7 @@ impl World {
         pg.upstream = None;
         pg.streaming_from = None;
         pg.effective_sync = dir.sync_conf.clone();
-        self.nodes[i].agent.following = None;
+        self.nodes[i].agent.memory.following = None;
         self.stats.promotions += 1;
         self.log(|| format!("{name}: PROMOTED to timeline {tl}"));
         if tl <= self.max_promoted_timeline {
@@ -1137,40 +1055,17 @@ impl World {
         }
     }
 
-    /// The member status the agent publishes (as `Agent::member_status`).
+    /// The member status the agent publishes (`ha::member_status`, with
+    /// the simulated node's identity).
     fn member_status(&self, i: usize, obs: &Observation) -> MemberStatus {
-        let local = &obs.local;
-        let role = match (local.role, obs.last_role, obs.data_dir) {
-            (Some(PgRole::Primary), ..) => MemberRole::Primary,
-            (Some(PgRole::Replica), ..) => MemberRole::Replica,
-            (None, Some(PgRole::Primary), _) => MemberRole::Primary,
-            (None, _, DirKind::Initialized { .. }) => MemberRole::Replica,
-            _ => MemberRole::Uninitialized,
-        };
-        let state = match self.nodes[i].agent.job.as_ref().map(|j| j.kind) {
-            Some(Job::InitDb) => "initializing",
-            Some(Job::Clone) => "cloning",
-            Some(Job::Rewind) => "rewinding",
-            Some(Job::Start) => "starting",
-            Some(Job::Stop) => "stopping",
-            None if !local.running && obs.rewind_pending => "rewind_pending",
-            None if local.running
-                && local.role == Some(PgRole::Replica)
-                && local.streaming_from.is_some() =>
-            {
-                "streaming"
-            }
-            None if local.running => "running",
-            None => "stopped",
-        };
-        MemberStatus {
+        let identity = MemberStatus {
             name: obs.node.clone(),
-            role,
-            state: state.into(),
-            timeline: local.timeline,
-            wal_position: local.wal_position,
-            receive_lsn: local.receive_lsn,
-            replay_lsn: local.replay_lsn,
+            role: MemberRole::Uninitialized,
+            state: String::new(),
+            timeline: None,
+            wal_position: None,
+            receive_lsn: None,
+            replay_lsn: None,
             pg_host: obs.node.clone(),
             pg_port: 5432,
             api_url: format!("http://{}:8008", obs.node),
@@ -1185,7 +1080,9 @@ impl World {
             replay_paused: false,
             updated_at_ms: EPOCH_MS + self.now,
             version: "sim".into(),
-        }
+        };
+        let job = self.nodes[i].agent.job.as_ref().map(|j| j.kind);
+        ha::member_status(obs, job, identity)
     }
 
     /// End of a pass: member key, leader status, API snapshot, next wake.
@@ -1238,10 +1135,10 @@ impl World {
 
     fn abandon_lease(&mut self, i: usize, lease: i64) {
         let a = &mut self.nodes[i].agent;
-        if a.abandoned_leases.len() >= 16 {
-            a.abandoned_leases.remove(0);
+        if a.memory.abandoned_leases.len() >= 16 {
+            a.memory.abandoned_leases.remove(0);
         }
-        a.abandoned_leases.push(lease);
+        a.memory.abandoned_leases.push(lease);
         self.send(i, Op::Revoke { lease }, false);
     }
 
@@ -1360,14 +1257,18 @@ impl World {
         }
         let a = &self.nodes[i].agent;
         let base = self.cfg.loop_wait_ms;
-        let wait = if a.last_view.as_ref().is_some_and(|v| v.switchover.is_some())
-            || a.handover.is_some()
+        let wait = if a
+            .memory
+            .last_view
+            .as_ref()
+            .is_some_and(|v| v.switchover.is_some())
+            || a.memory.handover.is_some()
         {
             base.min(100)
-        } else if a.etcd_failures == 0 || a.leader_lease.is_some() {
+        } else if a.memory.etcd_failures == 0 || a.leader_lease.is_some() {
             base
         } else {
-            let factor = 1u64 << a.etcd_failures.saturating_sub(1).min(4);
+            let factor = 1u64 << a.memory.etcd_failures.saturating_sub(1).min(4);
             (base * factor).min(8_000.max(base))
         };
         let spent = self.local_now(i).since(a.pass_started);

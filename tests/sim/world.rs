@@ -488,7 +488,7 @@ impl World {
                 });
             }
             if !primary {
-                agent.following = Some("n1".into());
+                agent.memory.following = Some("n1".into());
             }
             nodes.push(Node {
                 name,
@@ -955,7 +955,7 @@ impl World {
                         && !n.pg.running
                         && n.agent.job.is_none();
                     if left_down {
-                        let (name, failed) = (n.name.clone(), n.agent.rewind_failed);
+                        let (name, failed) = (n.name.clone(), n.agent.memory.rewind_failed);
                         self.fail(format!(
                             "member left down: {name} runs no Postgres and no job {SETTLE_MS} ms after the liveness check (rewind_failed {failed})"
                         ));

@@ -827,16 +827,10 @@ fn lagging_replica_primary_dies(cluster: &Cluster) -> Result<Injected> {
     Ok(inj)
 }
 
-fn replica_datadir_wiped(cluster: &Cluster) -> Result<Injected> {
-    let p = primary_now(cluster)?;
-    let r = NODES
-        .iter()
-        .copied()
-        .find(|n| *n != p)
-        .context("a replica")?;
-    cluster.docker_on(&["stop", "-t", "30"], r)?;
-    // The node's own volume, emptied with the node's own image.
-    let image = cluster.docker_on(&["inspect", "-f", "{{.Config.Image}}"], r)?;
+/// Removes a stopped node's data directory: its own volume, emptied with
+/// the node's own image.
+fn wipe_data_dir(cluster: &Cluster, node: &str) -> Result<()> {
+    let image = cluster.docker_on(&["inspect", "-f", "{{.Config.Image}}"], node)?;
     run_ok(&mut crate::cluster::docker(&[
         "run",
         "--rm",
@@ -845,11 +839,23 @@ fn replica_datadir_wiped(cluster: &Cluster) -> Result<Injected> {
         "--entrypoint",
         "rm",
         "-v",
-        &format!("{}_{r}:/var/lib/pgha", cluster.name),
+        &format!("{}_{node}:/var/lib/pgha", cluster.name),
         &image,
         "-rf",
         "/var/lib/pgha/data",
     ]))?;
+    Ok(())
+}
+
+fn replica_datadir_wiped(cluster: &Cluster) -> Result<Injected> {
+    let p = primary_now(cluster)?;
+    let r = NODES
+        .iter()
+        .copied()
+        .find(|n| *n != p)
+        .context("a replica")?;
+    cluster.docker_on(&["stop", "-t", "30"], r)?;
+    wipe_data_dir(cluster, r)?;
     cluster.docker_on(&["start"], r)?;
     let mut inj = Injected::healed();
     let mut was_primary = false;
@@ -1407,59 +1413,29 @@ fn node_log(cluster: &Cluster, node: &str, tail: usize) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A rewind or a clone caught part way by a whole-cluster stop.
+struct CutShort {
+    /// The process frozen, and the word of the marker it runs under.
+    program: &'static str,
+    marker: &'static str,
+    /// What the agent logs when it finds the marker after the restart.
+    logged: &'static str,
+}
+
 fn stop_all_during_rewind(cluster: &Cluster) -> Result<Injected> {
     let p = primary_now(cluster)?;
     cluster.docker_on(&["kill"], &p)?;
     let np = new_primary(cluster, &p, Duration::from_secs(60))?;
-    let mut inj = Injected::healed();
-    inj.notes.push(format!("{p} killed, {np} promoted"));
+    let note = format!("{p} killed, {np} promoted");
     // The old primary rewinds before it follows: catch pg_rewind running.
     cluster.docker_on(&["start"], &p)?;
-    let frozen = freeze_in(cluster, &p, "pg_rewind", Duration::from_secs(60))?;
-    match marker_of(cluster, &p) {
-        Some(m) if m.starts_with("rewind") => inj.notes.push(format!(
-            "{p}'s pg_rewind (host PID {frozen}) frozen, marker {m:?}"
-        )),
-        other => inj.violations.push(format!(
-            "{p}'s pg_rewind runs without a rewind marker: {other:?}"
-        )),
-    }
-    kill_and_start_all(cluster)?;
-    inj.notes.push("every node killed and started".into());
-    // Never started as it is: it reports rewind_pending until it rewinds.
-    let mut started_unrewound = false;
-    let rejoined = wait_for(
-        &format!("{p} streaming after its rewind"),
-        Duration::from_secs(120),
-        || {
-            if let Some(m) = cluster.get_json(&p, "/patroni") {
-                let runs = m["state"] == "running" || m["state"] == "streaming";
-                started_unrewound |= runs && marker_of(cluster, &p).is_some();
-            }
-            cluster
-                .answers_200(&p, "/replica?replication_state=streaming")
-                .then_some(())
-        },
-    );
-    if let Err(e) = rejoined {
-        inj.violations.push(format!("{e:#}"));
-    }
-    if started_unrewound {
-        inj.violations.push(format!(
-            "{p} ran Postgres while its rewind marker was there"
-        ));
-    }
-    if let Some(m) = marker_of(cluster, &p) {
-        inj.violations
-            .push(format!("{p}'s marker outlived its rewind: {m:?}"));
-    }
-    let log = node_log(cluster, &p, 2000);
-    if !log.contains("the last pg_rewind did not finish") {
-        inj.violations.push(format!(
-            "{p} did not report the unfinished rewind in its log"
-        ));
-    }
-    inj.healed_at = Instant::now();
+    let job = CutShort {
+        program: "pg_rewind",
+        marker: "rewind",
+        logged: "the last pg_rewind did not finish",
+    };
+    let mut inj = stop_all_during(cluster, &p, &job)?;
+    inj.notes.insert(0, note);
     Ok(inj)
 }
 
@@ -1471,57 +1447,65 @@ fn stop_all_during_clone(cluster: &Cluster) -> Result<Injected> {
         .find(|n| *n != p)
         .context("a replica")?;
     cluster.docker_on(&["stop", "-t", "30"], r)?;
-    let image = cluster.docker_on(&["inspect", "-f", "{{.Config.Image}}"], r)?;
-    run_ok(&mut crate::cluster::docker(&[
-        "run",
-        "--rm",
-        "--user",
-        "root",
-        "--entrypoint",
-        "rm",
-        "-v",
-        &format!("{}_{r}:/var/lib/pgha", cluster.name),
-        &image,
-        "-rf",
-        "/var/lib/pgha/data",
-    ]))?;
+    wipe_data_dir(cluster, r)?;
     cluster.docker_on(&["start"], r)?;
-    let frozen = freeze_in(cluster, r, "pg_basebackup", Duration::from_secs(60))?;
+    let job = CutShort {
+        program: "pg_basebackup",
+        marker: "clone",
+        logged: "an interrupted clone left a partial copy",
+    };
+    stop_all_during(cluster, r, &job)
+}
+
+/// Freezes `job` on `node`, kills and starts every node, and checks that
+/// `node` never runs Postgres on the directory its marker names and
+/// streams again, the marker gone.
+fn stop_all_during(cluster: &Cluster, node: &str, job: &CutShort) -> Result<Injected> {
     let mut inj = Injected::healed();
-    match marker_of(cluster, r) {
-        Some(m) if m.starts_with("clone") => inj.notes.push(format!(
-            "{r}'s pg_basebackup (host PID {frozen}) frozen, marker {m:?}"
+    let frozen = freeze_in(cluster, node, job.program, Duration::from_secs(60))?;
+    match marker_of(cluster, node) {
+        Some(m) if m.starts_with(job.marker) => inj.notes.push(format!(
+            "{node}'s {} (host PID {frozen}) frozen, marker {m:?}",
+            job.program
         )),
         other => inj.violations.push(format!(
-            "{r}'s pg_basebackup runs without a clone marker: {other:?}"
+            "{node}'s {} runs without a {} marker: {other:?}",
+            job.program, job.marker
         )),
     }
     kill_and_start_all(cluster)?;
     inj.notes.push("every node killed and started".into());
-    let mut was_up = false;
-    let cloned = wait_for(
-        &format!("{r} streaming after a new clone"),
+    let mut ran_marked = false;
+    let rejoined = wait_for(
+        &format!("{node} streaming again"),
         Duration::from_secs(120),
         || {
-            // Until the marker is gone, its directory is the partial copy.
-            if marker_of(cluster, r).is_some_and(|m| m.starts_with("clone")) {
-                was_up |= cluster.answers_200(r, "/primary") || cluster.answers_200(r, "/replica");
-            }
+            // The state first: a marker seen after it was there before.
+            let runs = cluster
+                .get_json(node, "/patroni")
+                .is_some_and(|m| m["state"] == "running" || m["state"] == "streaming");
+            ran_marked |= runs && marker_of(cluster, node).is_some();
             cluster
-                .answers_200(r, "/replica?replication_state=streaming")
+                .answers_200(node, "/replica?replication_state=streaming")
                 .then_some(())
         },
     );
-    if let Err(e) = cloned {
+    if let Err(e) = rejoined {
         inj.violations.push(format!("{e:#}"));
     }
-    if was_up {
-        inj.violations
-            .push(format!("{r} ran Postgres on its partial copy"));
+    if ran_marked {
+        inj.violations.push(format!(
+            "{node} ran Postgres while its {} marker was there",
+            job.marker
+        ));
     }
-    if !node_log(cluster, r, 2000).contains("an interrupted clone left a partial copy") {
+    if let Some(m) = marker_of(cluster, node) {
         inj.violations
-            .push(format!("{r}'s log says nothing of the unfinished clone"));
+            .push(format!("{node}'s marker outlived its job: {m:?}"));
+    }
+    if !node_log(cluster, node, 2000).contains(job.logged) {
+        inj.violations
+            .push(format!("{node}'s log does not say {:?}", job.logged));
     }
     inj.healed_at = Instant::now();
     Ok(inj)

@@ -168,16 +168,23 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             number: 18,
             name: "stop-all-during-rewind",
-            summary: "docker kill of the primary; when it starts again, its pg_rewind is frozen (SIGSTOP) and every node is killed and started at once: the half-rewound member never starts as it is, a primary is elected without waiting for it, and it rewinds",
+            summary: "docker kill of the primary; when it starts again, its pg_rewind is frozen (SIGSTOP) and every node gets SIGINT at once (a platform restart), the rewind let go on: its agent waits for it within shutdown_timeout and says how it ended; all started again, the member never runs a half-rewound directory and streams",
             allowed_promotions: 2,
             inject: stop_all_during_rewind,
         },
         Scenario {
             number: 19,
             name: "stop-all-during-clone",
-            summary: "a replica's data directory removed; its pg_basebackup is frozen (SIGSTOP) and every node is killed and started at once: the partial copy is removed and cloned again, never started",
+            summary: "a replica's data directory removed; its pg_basebackup is frozen (SIGSTOP), every node gets SIGINT at once and the copy is let go on: its agent waits for it within shutdown_timeout; all started again, a partial copy is removed and cloned again, never started",
             allowed_promotions: 1,
             inject: stop_all_during_clone,
+        },
+        Scenario {
+            number: 20,
+            name: "kill-all-during-rewind",
+            summary: "as 18, but every node is killed (SIGKILL, a platform crash) while the pg_rewind is frozen: the member finds its marker, reports rewind_pending and rewinds once the new leader's Postgres runs",
+            allowed_promotions: 2,
+            inject: kill_all_during_rewind,
         },
     ]
 }
@@ -1379,6 +1386,48 @@ fn marker_of(cluster: &Cluster, node: &str) -> Option<String> {
     .ok()
 }
 
+impl CutShort {
+    /// The job's name in the agent's log (`job=Rewind`).
+    fn marker_job(&self) -> &'static str {
+        if self.marker == "rewind" {
+            "Rewind"
+        } else {
+            "Clone"
+        }
+    }
+}
+
+/// `docker stop` (SIGINT) of every node at once, the frozen job `frozen`
+/// let go on (SIGCONT) once the agents have the signal, then `docker start`.
+fn stop_and_start_all(cluster: &Cluster, frozen: u32) -> Result<()> {
+    std::thread::scope(|s| {
+        let stops: Vec<_> = NODES
+            .iter()
+            .map(|n| s.spawn(move || cluster.docker_on(&["stop", "-t", "60"], n)))
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let resumed =
+            run_ok(std::process::Command::new("kill").args(["-CONT", &frozen.to_string()]));
+        stops
+            .into_iter()
+            .try_for_each(|k| k.join().expect("stop thread").map(|_| ()))?;
+        resumed.map(|_| ())
+    })?;
+    start_all(cluster)
+}
+
+fn start_all(cluster: &Cluster) -> Result<()> {
+    std::thread::scope(|s| {
+        let starts: Vec<_> = NODES
+            .iter()
+            .map(|n| s.spawn(move || cluster.docker_on(&["start"], n)))
+            .collect();
+        starts
+            .into_iter()
+            .try_for_each(|k| k.join().expect("start thread").map(|_| ()))
+    })
+}
+
 /// `docker kill` of every node at once (threads), then `docker start` of all.
 fn kill_and_start_all(cluster: &Cluster) -> Result<()> {
     std::thread::scope(|s| {
@@ -1390,15 +1439,7 @@ fn kill_and_start_all(cluster: &Cluster) -> Result<()> {
             .into_iter()
             .try_for_each(|k| k.join().expect("kill thread").map(|_| ()))
     })?;
-    std::thread::scope(|s| {
-        let starts: Vec<_> = NODES
-            .iter()
-            .map(|n| s.spawn(move || cluster.docker_on(&["start"], n)))
-            .collect();
-        starts
-            .into_iter()
-            .try_for_each(|k| k.join().expect("start thread").map(|_| ()))
-    })
+    start_all(cluster)
 }
 
 /// The compose log of one node (the agent logs to stdout).
@@ -1420,9 +1461,20 @@ struct CutShort {
     marker: &'static str,
     /// What the agent logs when it finds the marker after the restart.
     logged: &'static str,
+    /// SIGINT to every node with the job let go on (the agent waits for it
+    /// within shutdown_timeout); else SIGKILL with the job frozen.
+    sigint: bool,
 }
 
 fn stop_all_during_rewind(cluster: &Cluster) -> Result<Injected> {
+    all_during_rewind(cluster, true)
+}
+
+fn kill_all_during_rewind(cluster: &Cluster) -> Result<Injected> {
+    all_during_rewind(cluster, false)
+}
+
+fn all_during_rewind(cluster: &Cluster, sigint: bool) -> Result<Injected> {
     let p = primary_now(cluster)?;
     cluster.docker_on(&["kill"], &p)?;
     let np = new_primary(cluster, &p, Duration::from_secs(60))?;
@@ -1433,6 +1485,7 @@ fn stop_all_during_rewind(cluster: &Cluster) -> Result<Injected> {
         program: "pg_rewind",
         marker: "rewind",
         logged: "the last pg_rewind did not finish",
+        sigint,
     };
     let mut inj = stop_all_during(cluster, &p, &job)?;
     inj.notes.insert(0, note);
@@ -1453,6 +1506,7 @@ fn stop_all_during_clone(cluster: &Cluster) -> Result<Injected> {
         program: "pg_basebackup",
         marker: "clone",
         logged: "an interrupted clone left a partial copy",
+        sigint: true,
     };
     stop_all_during(cluster, r, &job)
 }
@@ -1473,8 +1527,17 @@ fn stop_all_during(cluster: &Cluster, node: &str, job: &CutShort) -> Result<Inje
             job.program, job.marker
         )),
     }
-    kill_and_start_all(cluster)?;
-    inj.notes.push("every node killed and started".into());
+    if job.sigint {
+        let stopping = Instant::now();
+        stop_and_start_all(cluster, frozen)?;
+        inj.notes.push(format!(
+            "every node stopped by SIGINT ({:.1} s, the job let go on) and started",
+            stopping.elapsed().as_secs_f64()
+        ));
+    } else {
+        kill_and_start_all(cluster)?;
+        inj.notes.push("every node killed and started".into());
+    }
     let mut ran_marked = false;
     let rejoined = wait_for(
         &format!("{node} streaming again"),
@@ -1503,7 +1566,23 @@ fn stop_all_during(cluster: &Cluster, node: &str, job: &CutShort) -> Result<Inje
         inj.violations
             .push(format!("{node}'s marker outlived its job: {m:?}"));
     }
-    if !node_log(cluster, node, 2000).contains(job.logged) {
+    let log = node_log(cluster, node, 4000);
+    if job.sigint {
+        // Finished, failed (its source stopped too) or cancelled: said.
+        let said = log
+            .lines()
+            .find(|l| l.contains("stopping: the job") && l.contains(job.marker_job()));
+        match said {
+            Some(line) => inj.notes.push(format!(
+                "{node}: {}",
+                line.split("stopping: ").nth(1).unwrap_or(line).trim()
+            )),
+            None => inj.violations.push(format!(
+                "{node}'s log does not say how its {} ended on SIGINT",
+                job.program
+            )),
+        }
+    } else if !log.contains(job.logged) {
         inj.violations
             .push(format!("{node}'s log does not say {:?}", job.logged));
     }

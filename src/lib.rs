@@ -17,5 +17,6 @@ pub mod net;
 pub mod operator;
 pub mod postgres;
 pub mod reaper;
+pub mod router;
 pub mod secret;
 pub mod tls;

@@ -176,6 +176,48 @@ fn invalid_files_exit_2_naming_the_key() {
 }
 
 #[test]
+fn bad_router_values_exit_2_naming_the_key_and_what_was_expected() {
+    let cases: &[(&str, Edit)] = &[
+        (
+            "router.hold_timeout: expected a duration like \"10s\", got \"ten\"",
+            |t| format!("{t}\n[router]\nhold_timeout = \"ten\"\n"),
+        ),
+        ("router.listen: expected an address like", |t| {
+            format!("{t}\n[router]\nlisten = \"localhost:5432\"\n")
+        }),
+        ("router.enabled: expected a boolean", |t| {
+            format!("{t}\n[router]\nenabled = \"yes please\"\n")
+        }),
+        ("router.keepalive: expected whole seconds", |t| {
+            format!("{t}\n[router]\nkeepalive = \"1500ms\"\n")
+        }),
+        // On, the default listener would take Postgres' port.
+        (
+            "router.listen: \"[::]:5432\" takes port 5432 from Postgres",
+            |t| format!("{t}\n[router]\nenabled = true\n"),
+        ),
+    ];
+    for (expected, edit) in cases {
+        let config = ConfigFile::with(edit);
+        let output = check_config(&config.path, &[]);
+        assert_rejected(&output, &config.path, &[expected]);
+    }
+    let config = ConfigFile::valid();
+    let output = check_config(&config.path, &[("PGHA_ROUTER_CONNECT_TIMEOUT", "0s")]);
+    assert_rejected(
+        &output,
+        &config.path,
+        &["PGHA_ROUTER_CONNECT_TIMEOUT (router.connect_timeout): expected a duration of more than 0s"],
+    );
+    // A valid router section passes.
+    let config = ConfigFile::with(|t| {
+        format!("{t}\n[router]\nenabled = true\nlisten = \"127.0.0.1:6432\"\nreplica_listen = \"127.0.0.1:6434\"\n")
+    });
+    let output = check_config(&config.path, &[]);
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+}
+
+#[test]
 fn bad_environment_exits_2_naming_the_variable() {
     let config = ConfigFile::valid();
     let output = check_config(&config.path, &[("PGHA_TIMING_TTLL", "10s")]);

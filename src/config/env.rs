@@ -70,6 +70,7 @@ const SECTION_KEYS: &[&[(&str, EnvKind)]] = &[
     super::cluster::KEYS,
     super::tags::KEYS,
     super::log::KEYS,
+    super::router::KEYS,
     super::tls::KEYS,
 ];
 

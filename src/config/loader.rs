@@ -14,6 +14,7 @@ use super::env::{apply_env, EnvKind, ProcessEnv};
 use super::etcd::FileEtcd;
 use super::log::FileLog;
 use super::postgres::FilePostgres;
+use super::router::FileRouter;
 use super::tags::FileTags;
 use super::timing::FileTiming;
 use super::{Config, ConfigError, EnvSource};
@@ -45,6 +46,8 @@ struct FileConfig {
     tags: FileTags,
     #[serde(default)]
     log: FileLog,
+    #[serde(default)]
+    router: FileRouter,
     #[serde(default)]
     tls: crate::tls::FileTls,
 }
@@ -123,12 +126,16 @@ impl FileConfig {
                 )
             })?,
         };
+        let etcd = self.etcd.validate(cx, &scope)?;
+        let postgresql = self.postgresql.validate(cx, ip_family)?;
+        let api = self.api.validate(cx, ip_family)?;
         let mut config = Config {
             source: cx.source.to_owned(),
             ip_family,
-            etcd: self.etcd.validate(cx, &scope)?,
-            postgresql: self.postgresql.validate(cx, ip_family)?,
-            api: self.api.validate(cx, ip_family)?,
+            router: self.router.validate(cx, ip_family, &postgresql, &api)?,
+            etcd,
+            postgresql,
+            api,
             timing: self.timing.validate(cx)?,
             cluster: self.cluster.validate(cx)?,
             tags: self.tags.validate(),

@@ -4,7 +4,8 @@
 //! the key and what was expected.
 //!
 //! Each section owns its file struct, defaults, environment keys and
-//! validation (`etcd`, `postgres`, `api`, `timing`, `cluster`, `tags`, `log`;
+//! validation (`etcd`, `postgres`, `api`, `timing`, `cluster`, `tags`, `log`,
+//! `router`;
 //! `[tls]` is owned by `crate::tls::settings`, glued in by `tls`: config
 //! depends on tls, never the other way). `loader`
 //! only assembles them; `env` applies the `PGHA_*` overrides; `context`
@@ -19,6 +20,7 @@ mod etcd;
 mod loader;
 mod log;
 mod postgres;
+mod router;
 mod tags;
 mod timing;
 mod tls;
@@ -41,6 +43,7 @@ pub use error::ConfigError;
 pub use etcd::EtcdConfig;
 pub use log::{LogConfig, LogFormat};
 pub use postgres::{Credentials, PostgresConfig};
+pub use router::RouterConfig;
 pub use tags::Tags;
 pub use timing::Timing;
 pub use values::parse_bytes;
@@ -67,6 +70,8 @@ pub struct Config {
     pub cluster: ClusterDefaults,
     pub tags: Tags,
     pub log: LogConfig,
+    /// The TCP router to the primary (and replicas); off by default.
+    pub router: RouterConfig,
     /// Certificates for Postgres, replication and the API.
     pub tls: crate::tls::TlsConfig,
 }

@@ -195,6 +195,10 @@ pub struct Agent {
     job_done: mpsc::Sender<()>,
     job_done_rx: mpsc::Receiver<()>,
     calls_tx: mpsc::Sender<Call>,
+    /// Where this node's router sends new connections (`ha::route`).
+    routes: watch::Sender<crate::router::Route>,
+    /// When the etcd read behind the last observation was sent.
+    read_sent: Tick,
     calls_rx: mpsc::Receiver<Call>,
 }
 
@@ -257,6 +261,7 @@ impl Agent {
         .map_err(|e| AgentError::Setup(format!("cannot start the fence guard: {e}")))?;
         let (job_done, job_done_rx) = mpsc::channel(4);
         let (calls_tx, calls_rx) = mpsc::channel(16);
+        let (routes, _) = watch::channel(crate::router::Route::none());
         Ok((
             Agent {
                 settings,
@@ -282,6 +287,8 @@ impl Agent {
                 job_done_rx,
                 calls_tx,
                 calls_rx,
+                routes,
+                read_sent: Tick(0),
                 cfg,
             },
             rx,
@@ -316,6 +323,10 @@ impl Agent {
         let now = self.now();
         self.leader_lease()
             .is_some_and(|l| now < self.settings.fencing_deadline(l.renewed_at))
+    }
+
+    fn instant_of(&self, t: Tick) -> std::time::Instant {
+        self.started + Duration::from_millis(t.0)
     }
 
     fn tick_of(&self, at: Instant) -> Tick {
@@ -383,6 +394,32 @@ impl Agent {
     /// Where the API sends operator requests.
     pub fn operator_handle(&self) -> mpsc::Sender<Call> {
         self.calls_tx.clone()
+    }
+
+    /// The route this node's router follows, updated every pass.
+    pub fn routes(&self) -> watch::Receiver<crate::router::Route> {
+        self.routes.subscribe()
+    }
+
+    /// Publishes where new connections go, from this pass's observation.
+    fn publish_route(&self, obs: &Observation) {
+        let choice = ha::route(obs, self.read_sent, self.settings.fence_window_ms());
+        let backend = |name: &String| {
+            self.upstream(name)
+                .map(|u| crate::router::Backend::new(u.name, u.host, u.port))
+        };
+        let route = crate::router::Route {
+            primary: choice.primary.as_ref().and_then(backend),
+            replicas: choice.replicas.iter().filter_map(backend).collect(),
+            valid_until: choice.valid_until.map(|t| self.instant_of(t)),
+        };
+        self.routes.send_if_modified(|current| {
+            let changed = *current != route;
+            if changed {
+                *current = route;
+            }
+            changed
+        });
     }
 
     /// Answers one operator request. Long work runs as a job that sends the
@@ -826,6 +863,7 @@ impl Agent {
     async fn pass(&mut self) -> Result<(), AgentError> {
         self.reap_job().await;
         let obs = self.observe().await;
+        self.publish_route(&obs);
         let now = self.now();
         let steps = ha::decide(&obs, &self.settings, now);
         self.pass_blocked = false;
@@ -951,6 +989,7 @@ impl Agent {
             let confirmed = self.failsafe_round().await;
             self.failsafe_confirmed(confirmed);
         }
+        self.read_sent = self.now();
         let dcs = match self.etcd.load().await {
             Ok((view, history)) => {
                 if self.memory.etcd_failures > 0 {

@@ -127,6 +127,22 @@ async fn run_node(cfg: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The router: one address for the application, fenced with the route.
+    let router_stop = CancellationToken::new();
+    let router = if cfg.router.enabled {
+        match crate::router::Router::start(&cfg.router, agent.routes(), router_stop.clone()) {
+            Ok(r) => {
+                tracing::info!(node = %cfg.name, rw = %r.rw_addr, ro = ?r.ro_addr, "router listening");
+                Some(r)
+            }
+            Err(e) => {
+                tracing::error!(node = %cfg.name, error = %e, "cannot start the router");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
     let stale_after = cfg.timing.ttl;
     let api_shutdown = CancellationToken::new();
     let operator = crate::api::Operator {
@@ -153,6 +169,10 @@ async fn run_node(cfg: Config) -> ExitCode {
         }
     };
     api_shutdown.cancel();
+    router_stop.cancel();
+    if let Some(r) = &router {
+        r.stopped().await;
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1909,3 +1909,78 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The router's route
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_route_names_the_running_leader_and_streaming_replicas_within_lag() {
+    let o = obs(
+        "n2",
+        running(PgRole::Replica, 1, 1000),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
+    let r = route(&o, Tick(500), 2_000);
+    assert_eq!(r.primary.as_deref(), Some("n1"));
+    assert_eq!(r.replicas, vec!["n2".to_string(), "n3".to_string()]);
+    assert_eq!(
+        r.valid_until,
+        Some(Tick(2_500)),
+        "a fence window from the read"
+    );
+
+    // A replica too far behind, or tagged noloadbalance, takes no reads.
+    let mut members = healthy_three("n1");
+    members[1].receive_lsn = Some(Lsn(0));
+    members[1].replay_lsn = Some(Lsn(0));
+    members[1].wal_position = Some(Lsn(0));
+    let mut v = view(Some("n1"), members.clone());
+    v.config.maximum_lag_on_failover = 500;
+    let mut o2 = o.clone();
+    o2.dcs = Some(v);
+    assert_eq!(route(&o2, Tick(0), 2_000).replicas, vec!["n3".to_string()]);
+    members[1] = healthy_three("n1")[1].clone();
+    members[2].noloadbalance = true;
+    o2.dcs = Some(view(Some("n1"), members));
+    assert_eq!(route(&o2, Tick(0), 2_000).replicas, vec!["n2".to_string()]);
+}
+
+#[test]
+fn no_route_without_a_view_a_leader_or_a_running_primary() {
+    let mut o = obs("n2", running(PgRole::Replica, 1, 1000), None);
+    assert_eq!(route(&o, Tick(0), 2_000), RouteChoice::default());
+    o.dcs = Some(view(None, healthy_three("n1")));
+    assert_eq!(route(&o, Tick(0), 2_000).primary, None);
+    // The leader's Postgres is not up (yet): hold new connections.
+    let mut members = healthy_three("n1");
+    members[0].state = "starting".into();
+    o.dcs = Some(view(Some("n1"), members));
+    assert_eq!(route(&o, Tick(0), 2_000).primary, None);
+}
+
+#[test]
+fn the_leaders_own_route_lasts_until_its_fencing_deadline_and_follows_its_probe() {
+    // Our lease was renewed at 0: the fence guard stops us at the window.
+    let mut o = obs(
+        "n1",
+        running(PgRole::Primary, 1, 1000),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
+    let r = route(&o, Tick(700), 2_000);
+    assert_eq!(r.primary.as_deref(), Some("n1"));
+    assert_eq!(r.valid_until, Some(Tick(2_000)));
+    // Promoted this pass, the member key not yet republished: the probe counts.
+    let mut members = healthy_three("n1");
+    members[0].role = MemberRole::Replica;
+    members[0].state = "streaming".into();
+    o.dcs = Some(view(Some("n1"), members));
+    assert_eq!(route(&o, Tick(700), 2_000).primary.as_deref(), Some("n1"));
+    // Our Postgres is still a replica: nothing takes writes yet.
+    o.local = running(PgRole::Replica, 1, 1000);
+    assert_eq!(route(&o, Tick(700), 2_000).primary, None);
+    // A key under a lease we do not hold: no validity of ours.
+    o.local = running(PgRole::Primary, 1, 1000);
+    o.leader_lease = None;
+    assert_eq!(route(&o, Tick(700), 2_000).valid_until, None);
+}

@@ -154,3 +154,76 @@ fn one_host_and_port_reach_the_primary_through_any_node_and_follow_a_failover() 
         after_kill.len()
     );
 }
+
+#[test]
+fn a_primary_cut_off_from_etcd_closes_its_routers_clients_and_the_others_move() {
+    let _serial = serial();
+    let (mut opts, routers) = with_routers(3);
+    opts.etcd_proxy = true;
+    let mut cluster = Cluster::start(3, opts);
+    let view = cluster.wait_healthy(Duration::from_secs(60));
+    let primary = view.primaries()[0].name.clone();
+    let primary_port = cluster.node(&primary).pg_port;
+    let replica = view.streaming_replicas()[0].name.clone();
+    create_writes_table(cluster.node(&primary));
+    // One client through the primary's own router, one through a replica's.
+    let own = Writer::direct(
+        "own-router",
+        routers.rw(&primary),
+        Duration::from_millis(20),
+    );
+    let other = Writer::direct(
+        "other-router",
+        routers.rw(&replica),
+        Duration::from_millis(20),
+    );
+    own.wait_for_ack_on(primary_port, Instant::now(), Duration::from_secs(10));
+    other.wait_for_ack_on(primary_port, Instant::now(), Duration::from_secs(10));
+    let cut = Instant::now();
+    cluster.node(&primary).etcd_proxy().cut();
+    let view = cluster.wait_for("a primary elsewhere", Duration::from_secs(30), |v| {
+        v.primaries().iter().any(|m| m.name != primary)
+    });
+    let new_primary = view
+        .primaries()
+        .iter()
+        .find(|m| m.name != primary)
+        .expect("checked")
+        .name
+        .clone();
+    let new_port = cluster.node(&new_primary).pg_port;
+    let moved = other.wait_for_ack_on(new_port, cut, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    let (own, other) = (own.stop(), other.stop());
+    cluster.node(&primary).etcd_proxy().heal();
+    let ttl = Duration::from_secs(Timing::FAST.ttl_s);
+    let last_old = own
+        .acked()
+        .chain(other.acked())
+        .filter(|(_, a)| a.port == primary_port)
+        .map(|(_, a)| a.at)
+        .max()
+        .expect("acknowledged before the cut");
+    assert!(
+        last_old < cut + ttl,
+        "the old primary acknowledged through a router {} ms after it was cut off (ttl {} s)",
+        (last_old - cut).as_millis(),
+        ttl.as_secs()
+    );
+    let first_new = other
+        .acked()
+        .filter(|(_, a)| a.port == new_port)
+        .map(|(_, a)| a.at)
+        .min()
+        .expect("moved");
+    assert!(
+        last_old < first_new,
+        "writes through the routers reached both primaries' terms interleaved"
+    );
+    eprintln!(
+        "SUMMARY router fencing: {primary} cut off from etcd: last write through a router acknowledged by it {} ms after the cut (ttl {} s); {replica}'s router reached {new_primary} {} ms after the cut",
+        (last_old - cut).as_millis(),
+        ttl.as_secs(),
+        (moved.at - cut).as_millis()
+    );
+}

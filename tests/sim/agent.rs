@@ -65,6 +65,8 @@ pub struct Agent {
     pub job: Option<RunningJob>,
     /// The same HA memory the agent keeps (`ha::Memory`).
     pub memory: Memory,
+    /// What this node's router follows (`ha::route`, as the agent publishes).
+    pub route: ha::RouteChoice,
     /// Local time the current (or last) pass began: its own duration
     /// counts toward loop_wait, as in the agent.
     pub pass_started: Tick,
@@ -223,6 +225,15 @@ impl World {
             Phase::Idle => {}
             Phase::Loading { local } => {
                 let obs = self.observe(i, local, res);
+                let route = ha::route(
+                    &obs,
+                    self.nodes[i].agent.pass_started,
+                    self.settings.fence_window_ms(),
+                );
+                let a = &mut self.nodes[i].agent;
+                if !(self.cfg.knobs.frozen_route && a.route.primary.is_some()) {
+                    a.route = route;
+                }
                 let now = self.local_now(i);
                 let mut steps = ha::decide(&obs, &self.settings, now);
                 if self.cfg.knobs.no_start_repoint && obs.job.is_some() {

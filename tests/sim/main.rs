@@ -61,6 +61,7 @@ fn parse_args() -> Args {
             "--ignore-rewind-marker" => args.knobs.ignore_rewind_marker = true,
             "--no-start-repoint" => args.knobs.no_start_repoint = true,
             "--unreachable-rewind-fails" => args.knobs.unreachable_rewind_fails = true,
+            "--frozen-route" => args.knobs.frozen_route = true,
             "--only-cluster-restart" => args.knobs.only_fault = Some(FaultKind::ClusterRestart),
             "--trace-decisions" => args.knobs.trace_decisions = true,
             "--sync" => {
@@ -145,6 +146,9 @@ fn knob_flags(k: &Knobs) -> String {
     if k.unreachable_rewind_fails {
         s += " --unreachable-rewind-fails";
     }
+    if k.frozen_route {
+        s += " --frozen-route";
+    }
     if k.only_fault == Some(FaultKind::ClusterRestart) {
         s += " --only-cluster-restart";
     }
@@ -189,6 +193,7 @@ struct Campaign {
     modes: BTreeMap<String, u64>,
     events: u64,
     worst_recovery: u64,
+    routed_writes: u64,
     elapsed: f64,
 }
 
@@ -201,6 +206,7 @@ fn campaign(from: u64, n: u64, knobs: &Knobs, stop_at_first: bool) -> Campaign {
         modes: BTreeMap::new(),
         events: 0,
         worst_recovery: 0,
+        routed_writes: 0,
         elapsed: 0.0,
     };
     for k in FAULT_KINDS {
@@ -210,6 +216,7 @@ fn campaign(from: u64, n: u64, knobs: &Knobs, stop_at_first: bool) -> Campaign {
         let (w, r) = run_one(seed, knobs);
         c.schedules += 1;
         c.events += w.stats.events;
+        c.routed_writes += w.stats.routed_writes;
         for f in &w.sched.faults {
             *c.faults.entry(format!("{:?}", f.kind)).or_default() += 1;
         }
@@ -239,6 +246,10 @@ fn report(c: &Campaign) {
     println!("sim: fault mix: {}", mix.join(", "));
     let modes: Vec<String> = c.modes.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("sim: synchronous_mode: {}", modes.join(", "));
+    println!(
+        "sim: {} client writes went through the nodes' routers (ha::route), each checked against the leader key",
+        c.routed_writes
+    );
 }
 
 /// A campaign with a deliberately broken cluster must find `want`.
@@ -373,6 +384,13 @@ fn main() {
             &down,
             "member left down",
         );
+        // A router that does not follow the leader leaves clients on a
+        // node that no longer takes writes.
+        let frozen = Knobs {
+            frozen_route: true,
+            ..Knobs::default()
+        };
+        ok &= must_find("a router that keeps its first primary", &frozen, "router");
         // ...and with the bound and the repoint, both hold.
         ok &= must_pass(
             "a starting member is waited for at most primary_start_timeout, then pointed at the leader",

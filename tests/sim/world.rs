@@ -47,6 +47,8 @@ pub struct Knobs {
     /// Planted bug: a rewind whose source is not reachable counts as a
     /// failed pg_rewind (the member then stays down for good).
     pub unreachable_rewind_fails: bool,
+    /// Planted bug: a router keeps the first primary it routed to.
+    pub frozen_route: bool,
     /// Every fault of the schedule is of this kind.
     pub only_fault: Option<FaultKind>,
     pub trace: bool,
@@ -379,6 +381,8 @@ pub struct Stats {
     pub decides: u64,
     pub acked: u64,
     pub promotions: u64,
+    /// Client writes that went through a node's router.
+    pub routed_writes: u64,
     /// Time from the last heal to a writable primary.
     pub recovery_ms: Option<u64>,
 }
@@ -920,6 +924,7 @@ impl World {
                         self.write(i);
                     }
                 }
+                self.check_routes();
                 let d = self.rng.range(20, 200);
                 self.push(d, Ev::Write);
             }
@@ -947,6 +952,19 @@ impl World {
             Ev::Settled => {
                 let primary = (0..self.nodes.len()).find(|&i| self.writable(i));
                 for i in 0..self.nodes.len() {
+                    let n = &self.nodes[i];
+                    // Every live node's router sends new connections there.
+                    if let Some(p) = primary.filter(|_| n.agent_up && n.host_up) {
+                        let pname = &self.nodes[p].name;
+                        let r = &n.agent.route;
+                        let valid = r.valid_until.is_some_and(|t| t > self.local_now(i));
+                        if r.primary.as_ref() != Some(pname) || !valid {
+                            let (name, pname, r) = (n.name.clone(), pname.clone(), r.clone());
+                            self.fail(format!(
+                                "router: {name}'s router does not route to {pname}, the writable primary, {SETTLE_MS} ms after the liveness check: {r:?}"
+                            ));
+                        }
+                    }
                     let n = &self.nodes[i];
                     // Every member whose host and agent run follows again.
                     let left_down = primary.is_some()
@@ -1002,6 +1020,40 @@ impl World {
                         self.cfg.ttl_ms, self.cfg.liveness_bound_ms
                     ));
                 }
+            }
+        }
+    }
+
+    /// Connections through each live node's router go where its route
+    /// says while it is valid: never to a primary whose term is over (the
+    /// leader key held by another member) while it still takes writes.
+    fn check_routes(&mut self) {
+        let leader = self.etcd.leader_name();
+        for k in 0..self.nodes.len() {
+            let n = &self.nodes[k];
+            if !(n.agent_up && n.host_up) {
+                continue;
+            }
+            let valid = n
+                .agent
+                .route
+                .valid_until
+                .is_some_and(|t| t > self.local_now(k));
+            let Some(p) = n.agent.route.primary.clone().filter(|_| valid) else {
+                continue;
+            };
+            let Some(pi) = self.index_of(&p) else {
+                continue;
+            };
+            if !self.writable(pi) {
+                continue;
+            }
+            self.stats.routed_writes += 1;
+            if leader.as_ref().is_some_and(|l| *l != p) {
+                let (name, l) = (n.name.clone(), leader.clone().unwrap_or_default());
+                self.fail(format!(
+                    "router: {name}'s router sends writes to {p}, which still takes them, while {l} holds the leader key"
+                ));
             }
         }
     }

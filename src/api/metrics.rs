@@ -5,7 +5,7 @@
 use std::fmt::{Display, Write};
 use std::time::Duration;
 
-use super::routes::Health;
+use super::health::Health;
 use super::status::{lag_bytes, replay_lag_bytes};
 use crate::agent::{Snapshot, LOOP_BUCKETS};
 use crate::ha::MemberRole;

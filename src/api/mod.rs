@@ -3,8 +3,10 @@
 //! agent loop last published; no request ever waits on Postgres or etcd.
 //!
 //! This file is the server (listening, limits, connections); `routes` decides
-//! the answers, `status` and `metrics` render them.
+//! the answers, `health` holds the role checks, `status` and `metrics`
+//! render them.
 
+pub mod health;
 pub mod metrics;
 pub mod operator;
 pub mod routes;
@@ -34,7 +36,8 @@ use tracing::{debug, info, warn};
 
 use crate::agent::Snapshot;
 use crate::net::IpFamily;
-pub use routes::{route, Health, Reply};
+pub use health::Health;
+pub use routes::{route, Reply};
 pub use status::{lag_bytes, replay_lag_bytes, Rendered};
 
 /// Bounds on what one client can make the server hold.

@@ -4,11 +4,13 @@
 pub mod action;
 pub mod decide;
 pub mod handover;
+pub mod settings;
 pub mod state;
 pub mod sync;
 
 pub use action::{Action, Step};
-pub use decide::{decide, slot_name, Settings};
+pub use decide::{decide, slot_name};
+pub use settings::Settings;
 pub use state::*;
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::dcs::{Etcd, HistoryEntry};
+use crate::dcs::{Etcd, HistoryEntry, LeaderToken};
 use crate::ha::{
     self, Action, DataDir, DcsView, DynamicConfig, Handover, HeldLease, Job, LocalPostgres, Lsn,
     MemberRole, MemberStatus, MemberWaits, Observation, OrphanSlot, PeerPosition, PgRole, Settings,
@@ -1016,7 +1016,7 @@ impl Agent {
             let still_ours = view
                 .leader
                 .as_ref()
-                .is_some_and(|k| k.name == self.cfg.name && k.lease_id == lease.lease_id);
+                .is_some_and(|k| LeaderToken::new(&self.cfg.name, lease.lease_id).held_by(k));
             if !still_ours {
                 info!(node = %self.cfg.name, "leader key no longer ours");
                 self.lease.release();

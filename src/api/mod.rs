@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::agent::Snapshot;
 use crate::net::IpFamily;
@@ -263,12 +263,10 @@ async fn serve_listeners(
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "api listening");
         }
-        tasks.push(tokio::spawn(accept_loop(
-            listener,
-            shared.clone(),
-            permits.clone(),
-            shutdown.clone(),
-        )));
+        tasks.push(tokio::spawn(
+            accept_loop(listener, shared.clone(), permits.clone(), shutdown.clone())
+                .in_current_span(),
+        ));
     }
     for t in tasks {
         let _ = t.await;
@@ -303,7 +301,7 @@ async fn accept_loop(
             Ok(permit) => {
                 let shared = shared.clone();
                 let shutdown = shutdown.clone();
-                tokio::spawn(async move {
+                let connection = async move {
                     match shared.tls.clone() {
                         None => serve_connection(stream, peer, false, shared, shutdown).await,
                         Some(tls) => {
@@ -323,11 +321,12 @@ async fn accept_loop(
                         }
                     }
                     drop(permit);
-                });
+                };
+                tokio::spawn(connection.in_current_span());
             }
             Err(_) => {
                 debug!(%peer, "api connection limit reached: 503");
-                tokio::spawn(refuse(stream));
+                tokio::spawn(refuse(stream).in_current_span());
             }
         }
     }
@@ -496,7 +495,7 @@ fn failsafe_request(shared: &Shared, method: &hyper::Method, body: &[u8]) -> Res
         .confirm(&me, &request, op.failsafe_ttl, std::time::Instant::now())
     {
         Ok(()) => {
-            info!(node = %snapshot.me.name, leader = %request.leader, "failsafe: confirmed the leader while etcd is unreachable");
+            info!(leader = %request.leader, "failsafe: confirmed the leader while etcd is unreachable");
             json_response(
                 StatusCode::OK,
                 &serde_json::json!({ "confirmed": true, "node": snapshot.me.name }),

@@ -18,4 +18,5 @@ pub mod operator;
 pub mod postgres;
 pub mod reaper;
 pub mod secret;
+pub mod snapshot;
 pub mod tls;

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use super::status::running;
-use crate::agent::Snapshot;
 use crate::ha::MemberRole;
+use crate::snapshot::Snapshot;
 
 /// The role checks of one snapshot at one age, shared by the health
 /// endpoints and the metrics.

@@ -34,8 +34,9 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::agent::Snapshot;
 use crate::net::IpFamily;
+use crate::snapshot::Snapshot;
+use crate::tls::CertExpiries;
 pub use health::Health;
 pub use routes::{route, Reply};
 pub use status::{lag_bytes, replay_lag_bytes, Rendered};
@@ -79,6 +80,17 @@ pub struct Operator {
     pub failsafe_ttl: Duration,
 }
 
+/// What the API uses of this node's TLS. The default: plain HTTP, no
+/// certificates to report.
+#[derive(Default)]
+pub struct TlsSetup {
+    /// Serve HTTPS with this; plain HTTP when `None`.
+    pub https: Option<crate::tls::https::ApiTls>,
+    /// The expiry of each certificate the node uses (`/metrics`), kept
+    /// current by the TLS rotation; `None` without TLS.
+    pub certificates: Option<watch::Receiver<CertExpiries>>,
+}
+
 /// How long an operator request may wait for the agent's answer.
 const OPERATOR_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -92,6 +104,7 @@ struct Shared {
     limits: Limits,
     /// HTTPS: every connection starts with a TLS handshake.
     tls: Option<crate::tls::https::ApiTls>,
+    certificates: Option<watch::Receiver<CertExpiries>>,
 }
 
 impl Shared {
@@ -146,20 +159,20 @@ pub async fn serve_with_operator(
         snapshots,
         stale_after,
         operator,
-        None,
+        TlsSetup::default(),
         shutdown,
     )
     .await
 }
 
-/// As [`serve_with_operator`], over HTTPS when `tls` is given.
+/// As [`serve_with_operator`], over HTTPS when `tls.https` is given.
 pub async fn serve_with_tls(
     listen: Vec<SocketAddr>,
     family: IpFamily,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     stale_after: Duration,
     operator: Option<Operator>,
-    tls: Option<crate::tls::https::ApiTls>,
+    tls: TlsSetup,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listeners = bind_all_in(&listen, family)?;
@@ -233,7 +246,7 @@ pub async fn serve_on(
         stale_after,
         limits,
         None,
-        None,
+        TlsSetup::default(),
         shutdown,
     )
     .await
@@ -245,7 +258,7 @@ async fn serve_listeners(
     stale_after: Duration,
     limits: Limits,
     operator: Option<Operator>,
-    tls: Option<crate::tls::https::ApiTls>,
+    tls: TlsSetup,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let first = Arc::new(Rendered::new(snapshots.borrow().clone()));
@@ -255,7 +268,8 @@ async fn serve_listeners(
         rendered: Mutex::new(first),
         stale_after,
         limits,
-        tls,
+        tls: tls.https,
+        certificates: tls.certificates,
     });
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut tasks = Vec::new();
@@ -635,10 +649,16 @@ async fn handle(
     let rendered = shared.current();
     let age = rendered.snapshot.taken_at.elapsed();
     let query = parts.uri.query().unwrap_or("");
+    let certificates = shared
+        .certificates
+        .as_ref()
+        .map(|c| c.borrow().clone())
+        .unwrap_or_default();
     respond(route(
         &rendered,
         age,
         shared.stale_after,
+        &certificates,
         &parts.method,
         parts.uri.path(),
         query,

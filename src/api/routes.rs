@@ -2,7 +2,7 @@
 //! the check holds, 503 when not), status documents and metrics, all
 //! answered from a rendered snapshot. Pure: no I/O, the age is an argument.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
@@ -11,8 +11,8 @@ use serde_json::json;
 use super::health::Health;
 use super::metrics;
 use super::status::{lag_bytes, replay_lag_bytes, Rendered};
-use crate::agent::Snapshot;
 use crate::ha::DynamicConfig;
+use crate::snapshot::Snapshot;
 
 pub const JSON: &str = "application/json";
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -220,10 +220,12 @@ fn replica_filters_hold(s: &Snapshot, f: &Filters) -> bool {
 
 /// Routes one request against a rendered snapshot of age `age`; past
 /// `stale_after` (the agent loop stopped publishing) every health check fails.
+/// `certificates` are the node's certificate expiries, for `/metrics`.
 pub fn route(
     r: &Rendered,
     age: Duration,
     stale_after: Duration,
+    certificates: &[(&str, SystemTime)],
     method: &Method,
     path: &str,
     query: &str,
@@ -297,7 +299,7 @@ pub fn route(
         },
         Endpoint::Metrics => {
             let text = if with_body {
-                Bytes::from(metrics::render(s, age, stale_after))
+                Bytes::from(metrics::render(s, age, stale_after, certificates))
             } else {
                 Bytes::new()
             };

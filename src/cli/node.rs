@@ -176,7 +176,10 @@ async fn wire_node(cfg: Config) -> ExitCode {
             snapshots,
             stale_after,
             Some(operator),
-            api_tls,
+            crate::api::TlsSetup {
+                https: api_tls,
+                certificates: tls.as_ref().map(|t| t.expiries()),
+            },
             api_shutdown.clone(),
         )
         .in_current_span(),

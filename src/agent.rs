@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::Config;
 use crate::dcs::{Etcd, HistoryEntry};
@@ -20,86 +20,7 @@ use crate::ha::{
 use crate::lease::{Lease, LeaseKeeper};
 use crate::operator::{self, Call, Reply, Request};
 use crate::postgres::{LocalPg, PgError, Unfinished, Upstream};
-
-/// What the API serves: the last observation and decision, never a live query.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    pub taken_at: Instant,
-    pub scope: String,
-    pub me: MemberStatus,
-    pub leader: Option<String>,
-    /// Term of the current leader: the revision its key was written at.
-    pub leader_revision: Option<i64>,
-    pub members: Vec<MemberStatus>,
-    pub history: Vec<HistoryEntry>,
-    pub config: Option<DynamicConfig>,
-    pub dcs_reachable: bool,
-    /// When etcd last answered a read.
-    pub dcs_last_seen: Option<Instant>,
-    /// Time left before this node's leader lease may expire, if it leads.
-    pub lease_remaining: Option<Duration>,
-    /// Time left before this node must stop taking writes, if it leads.
-    pub fencing_remaining: Option<Duration>,
-    /// Postgres reports settings changed that need a restart.
-    pub pending_restart: bool,
-    /// Maintenance mode (automatic failover and restarts off).
-    pub paused: bool,
-    /// The `sync` key: the standbys the leader's acknowledged commits are on.
-    pub sync: Option<crate::ha::SyncKey>,
-    /// Primary: the standbys Postgres waits for now.
-    pub sync_standbys: Option<crate::ha::SyncSet>,
-    /// A pending (possibly scheduled) switchover.
-    pub switchover: Option<SwitchoverKey>,
-    /// Promotions this agent performed since it started.
-    pub promotions: u64,
-    /// Durations of the agent loop's passes.
-    pub loop_durations: LoopHistogram,
-    pub last_error: Option<String>,
-}
-
-impl Snapshot {
-    /// This member is in the leader's published synchronous set.
-    pub fn is_sync_standby(&self, name: &str) -> bool {
-        self.leader.as_deref() != Some(name)
-            && self
-                .sync
-                .as_ref()
-                .is_some_and(|k| k.set.quorum > 0 && k.set.contains(name))
-    }
-
-    /// Leader in synchronous_mode `on` whose Postgres waits for no standby.
-    pub fn sync_fallback(&self) -> bool {
-        let mode = self.config.as_ref().map(|c| c.synchronous_mode);
-        mode == Some(crate::ha::SyncMode::On)
-            && self.leader.as_deref() == Some(self.me.name.as_str())
-            && self.sync_standbys.as_ref().is_some_and(|s| s.quorum == 0)
-    }
-}
-
-/// Cumulative histogram of loop pass durations, Prometheus style.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LoopHistogram {
-    /// Counts of passes that took at most `LOOP_BUCKETS[i]` seconds.
-    pub buckets: [u64; LOOP_BUCKETS.len()],
-    pub count: u64,
-    pub sum_seconds: f64,
-}
-
-/// Upper bounds (seconds) of the loop histogram's buckets.
-pub const LOOP_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
-
-impl LoopHistogram {
-    pub fn observe(&mut self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, bound) in LOOP_BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.buckets[i] += 1;
-            }
-        }
-        self.count += 1;
-        self.sum_seconds += secs;
-    }
-}
+use crate::snapshot::{LoopHistogram, Snapshot};
 
 /// Safety margin between the fencing deadline and the lease's expiry.
 pub const FENCING_MARGIN: Duration = Duration::from_secs(2);
@@ -252,7 +173,6 @@ impl Agent {
         });
         let lease = LeaseKeeper::spawn(
             lease_etcd,
-            cfg.name.clone(),
             cfg.postgresql.data_dir.clone(),
             fence_window,
             crate::lease::renew_period(fence_window, cfg.timing.loop_wait),
@@ -375,10 +295,13 @@ impl Agent {
             .filter_map(Result::err)
             .collect();
         if refusals.is_empty() {
-            info!(node = %self.cfg.name, members = others.len(), "failsafe: every member confirmed us while etcd is unreachable");
+            info!(
+                members = others.len(),
+                "failsafe: every member confirmed us while etcd is unreachable"
+            );
             Some(sent_at)
         } else {
-            warn!(node = %self.cfg.name, refusals = ?refusals, "failsafe: not every member confirmed us; the fencing deadline stands");
+            warn!(refusals = ?refusals, "failsafe: not every member confirmed us; the fencing deadline stands");
             None
         }
     }
@@ -426,7 +349,7 @@ impl Agent {
     /// reply when it is done, so the loop keeps renewing meanwhile.
     async fn handle(&mut self, call: Call) {
         let node = self.cfg.name.clone();
-        info!(node = %node, request = ?call.request, "operator request");
+        info!(request = ?call.request, "operator request");
         // A job that already answered its own request may not be reaped
         // yet: give it a moment, so the next request does not see it busy.
         for _ in 0..20 {
@@ -513,7 +436,7 @@ impl Agent {
                 } else {
                     let pg = self.pg.clone();
                     let reply_to = call.reply;
-                    warn!(node = %node, "reinitialize requested: the data directory will be removed and cloned again");
+                    warn!("reinitialize requested: the data directory will be removed and cloned again");
                     self.spawn_job(Job::Stop, async move {
                         let result = async {
                             pg.stop(Duration::from_secs(60))
@@ -693,7 +616,7 @@ impl Agent {
                 return;
             }
         }
-        info!(node = %self.cfg.name, from = %sw.from, to = ?sw.to, force = sw.force, "switchover requested");
+        info!(from = %sw.from, to = ?sw.to, force = sw.force, "switchover requested");
         if sw.at_ms.is_some_and(|at| at > epoch_ms()) {
             let _ = reply.send(Reply::message(
                 202,
@@ -703,7 +626,7 @@ impl Agent {
         }
         let etcd = self.etcd.clone();
         let wait = self.cfg.timing.shutdown_timeout;
-        tokio::spawn(async move {
+        let wait_for_switchover = async move {
             let deadline = Instant::now() + wait;
             let answer = loop {
                 if let Ok((view, _)) = etcd.load().await {
@@ -730,7 +653,8 @@ impl Agent {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
             let _ = reply.send(answer);
-        });
+        };
+        tokio::spawn(wait_for_switchover.in_current_span());
     }
 
     async fn change_config(
@@ -739,7 +663,7 @@ impl Agent {
     ) -> Reply {
         match self.etcd.update_config(change).await {
             Ok(Ok(config)) => {
-                info!(node = %self.cfg.name, ?config, "dynamic config changed");
+                info!(?config, "dynamic config changed");
                 Reply::ok(serde_json::to_value(config).expect("serializes"))
             }
             Ok(Err(refused)) => Reply::message(422, refused),
@@ -750,9 +674,11 @@ impl Agent {
     /// Runs until `shutdown` is cancelled (then stops Postgres and releases
     /// what this node holds) or a refusal ends it.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        info!(node = %self.cfg.name, scope = %self.cfg.scope, "agent starting");
+        info!(scope = %self.cfg.scope, "agent starting");
         let (wake_tx, mut wake_rx) = mpsc::channel(16);
-        let watcher = tokio::spawn(watch_cluster(self.etcd.clone(), wake_tx, shutdown.clone()));
+        let watcher = tokio::spawn(
+            watch_cluster(self.etcd.clone(), wake_tx, shutdown.clone()).in_current_span(),
+        );
         let mut shutdown_deadline: Option<Instant> = None;
         let result = loop {
             let loop_started = Instant::now();
@@ -760,7 +686,10 @@ impl Agent {
                 break Err(e);
             }
             self.loop_durations.observe(loop_started.elapsed());
-            debug!(node = %self.cfg.name, elapsed_ms = loop_started.elapsed().as_millis() as u64, "loop pass");
+            debug!(
+                elapsed_ms = loop_started.elapsed().as_millis() as u64,
+                "loop pass"
+            );
             if let Some(deadline) = shutdown_deadline {
                 if self.graceful_stop_done() || Instant::now() >= deadline {
                     break Ok(());
@@ -815,11 +744,11 @@ impl Agent {
         };
         match self.etcd.request_switchover(&sw).await {
             Ok(created) => {
-                info!(node = %node, created, "stopping: handing leadership over first");
+                info!(created, "stopping: handing leadership over first");
                 true
             }
             Err(e) => {
-                warn!(node = %node, error = %e, "stopping: cannot request a handover");
+                warn!(error = %e, "stopping: cannot request a handover");
                 false
             }
         }
@@ -905,10 +834,10 @@ impl Agent {
         };
         match result {
             Ok(()) => {
-                info!(node = %self.cfg.name, parameters = ?view.config.parameters, "cluster-wide parameters applied by reload")
+                info!(parameters = ?view.config.parameters, "cluster-wide parameters applied by reload")
             }
             Err(e) => {
-                warn!(node = %self.cfg.name, error = %e, "could not apply cluster-wide parameters");
+                warn!(error = %e, "could not apply cluster-wide parameters");
                 // Try again next pass.
                 self.pg.set_dynamic_parameters(&Default::default());
             }
@@ -925,22 +854,22 @@ impl Agent {
             Ok(result) => {
                 match &result {
                     Ok(()) => {
-                        info!(node = %self.cfg.name, job = ?job.kind, "job finished");
+                        info!(job = ?job.kind, "job finished");
                         self.last_error = None;
                     }
                     Err(e @ JobError::Retry(_)) => {
-                        warn!(node = %self.cfg.name, job = ?job.kind, error = %e, "job not done");
+                        warn!(job = ?job.kind, error = %e, "job not done");
                         self.last_error = Some(format!("{:?}: {e}", job.kind));
                     }
                     Err(e) => {
-                        error!(node = %self.cfg.name, job = ?job.kind, error = %e, "job failed");
+                        error!(job = ?job.kind, error = %e, "job failed");
                         self.last_error = Some(format!("{:?}: {e}", job.kind));
                     }
                 }
                 self.memory
                     .job_finished(job.kind, result.as_ref().map(|_| ()));
             }
-            Err(e) => error!(node = %self.cfg.name, job = ?job.kind, error = %e, "job panicked"),
+            Err(e) => error!(job = ?job.kind, error = %e, "job panicked"),
         }
         // Whatever the job did to the data directory, look again.
         self.data_dir = None;
@@ -949,7 +878,7 @@ impl Agent {
     async fn observe(&mut self) -> Observation {
         let now = self.now();
         if let Some(status) = self.pg.child_exited().await {
-            warn!(node = %self.cfg.name, %status, "postgres exited");
+            warn!(%status, "postgres exited");
             self.memory.postgres_exited();
         }
         let local = if self
@@ -969,7 +898,7 @@ impl Agent {
         if self.data_dir.is_none() || !local.running {
             match self.pg.inspect_data_dir().await {
                 Ok(d) => self.data_dir = Some(d),
-                Err(e) => warn!(node = %self.cfg.name, error = %e, "cannot inspect data directory"),
+                Err(e) => warn!(error = %e, "cannot inspect data directory"),
             }
         }
         let data_dir = self.data_dir.unwrap_or(DataDir::Unusable);
@@ -993,7 +922,10 @@ impl Agent {
         let dcs = match self.etcd.load().await {
             Ok((view, history)) => {
                 if self.memory.etcd_failures > 0 {
-                    info!(node = %self.cfg.name, after_failures = self.memory.etcd_failures, "etcd reachable again");
+                    info!(
+                        after_failures = self.memory.etcd_failures,
+                        "etcd reachable again"
+                    );
                 }
                 self.dcs_last_seen = Some(Instant::now());
                 self.history = history;
@@ -1001,7 +933,7 @@ impl Agent {
             }
             Err(e) => {
                 let attempt = self.memory.etcd_failures + 1;
-                warn!(node = %self.cfg.name, attempt, error = %e, "etcd unreachable");
+                warn!(attempt, error = %e, "etcd unreachable");
                 if leading_primary && !ask_failsafe {
                     let confirmed = self.failsafe_round().await;
                     self.failsafe_confirmed(confirmed);
@@ -1012,7 +944,7 @@ impl Agent {
         // The lease we renew must be the one the key is bound to.
         if let (Some(view), Some(lease)) = (&dcs, self.lease.held()) {
             if !ha::lease_still_ours(view, &self.cfg.name, lease.lease_id) {
-                info!(node = %self.cfg.name, "leader key no longer ours");
+                info!("leader key no longer ours");
                 self.lease.release();
             }
         }
@@ -1129,11 +1061,12 @@ impl Agent {
         E: Into<JobError>,
     {
         let done = self.job_done.clone();
-        let handle = tokio::spawn(async move {
+        let job = async move {
             let r = fut.await.map_err(Into::into);
             let _ = done.send(()).await;
             r
-        });
+        };
+        let handle = tokio::spawn(job.in_current_span());
         self.job = Some(RunningJob {
             kind,
             standby: false,
@@ -1150,20 +1083,20 @@ impl Agent {
             .map(|l| l.mod_revision)
             .unwrap_or(0);
         if matches!(step.action, Action::RenewLeader { .. }) {
-            debug!(node = %node, term, action = %step.action, reason = %step.reason, "step");
+            debug!(term, action = %step.action, reason = %step.reason, "step");
         } else {
-            info!(node = %node, term, action = %step.action, reason = %step.reason, "step");
+            info!(term, action = %step.action, reason = %step.reason, "step");
         }
         let start_timeout = Duration::from_secs(300);
         match step.action {
             Action::Refuse { problem } => {
-                error!(node = %node, %problem, "refusing to run");
+                error!(%problem, "refusing to run");
                 return Err(AgentError::Refused(problem));
             }
             Action::ClaimInitialize { system_identifier } => {
                 match self.etcd.claim_initialize(&node, system_identifier).await {
                     Ok(true) => {
-                        info!(node = %node, "won the initialize race");
+                        info!("won the initialize race");
                         let seed = DynamicConfig {
                             failsafe_mode: self.cfg.cluster.failsafe_mode,
                             synchronous_mode: self.cfg.cluster.synchronous_mode,
@@ -1183,11 +1116,11 @@ impl Agent {
                             parameters: Default::default(),
                         };
                         if let Err(e) = self.etcd.seed_config(&seed).await {
-                            warn!(node = %node, error = %e, "could not seed the dynamic config");
+                            warn!(error = %e, "could not seed the dynamic config");
                         }
                     }
-                    Ok(false) => info!(node = %node, "another node initializes the cluster"),
-                    Err(e) => warn!(node = %node, error = %e, "initialize race failed"),
+                    Ok(false) => info!("another node initializes the cluster"),
+                    Err(e) => warn!(error = %e, "initialize race failed"),
                 }
             }
             Action::InitDb => {
@@ -1207,7 +1140,7 @@ impl Agent {
                     .publish_system_identifier(&node, system_identifier)
                     .await
                 {
-                    warn!(node = %node, error = %e, "could not publish the system identifier");
+                    warn!(error = %e, "could not publish the system identifier");
                 }
             }
             Action::Clone { from } => {
@@ -1255,9 +1188,9 @@ impl Agent {
                 ));
                 match std::fs::rename(&dir, &aside) {
                     Ok(()) => {
-                        warn!(node = %node, aside = %aside.display(), "data directory moved aside; it will be recloned");
+                        warn!(aside = %aside.display(), "data directory moved aside; it will be recloned");
                         if let Err(e) = self.pg.job_marker().finish() {
-                            warn!(node = %node, error = %e, "could not remove the rewind marker");
+                            warn!(error = %e, "could not remove the rewind marker");
                         }
                         self.memory.rewind_pending = false;
                         self.memory.rewind_failed = false;
@@ -1265,14 +1198,14 @@ impl Agent {
                         self.data_dir = None;
                     }
                     Err(e) => {
-                        error!(node = %node, error = %e, "could not move the data directory aside")
+                        error!(error = %e, "could not move the data directory aside")
                     }
                 }
             }
             Action::StartPrimary | Action::Promote { .. } if !self.lease_ahead() => {
                 // The decision was made on a lease that ran out since (a
                 // slow pass, a frozen host): the next pass decides again.
-                warn!(node = %node, term, action = %step.action, "leader lease no longer ahead of its fencing deadline: step skipped");
+                warn!(term, action = %step.action, "leader lease no longer ahead of its fencing deadline: step skipped");
                 self.pass_blocked = true;
             }
             Action::StartPrimary => {
@@ -1308,7 +1241,7 @@ impl Agent {
                 };
                 match result {
                     Ok(()) => self.memory.following = Some(upstream),
-                    Err(e) => warn!(node = %node, error = %e, "could not repoint replication"),
+                    Err(e) => warn!(error = %e, "could not repoint replication"),
                 }
             }
             Action::AcquireLeader => self.acquire_leader().await,
@@ -1317,7 +1250,7 @@ impl Agent {
             Action::RenewLeader { lease_id }
                 if self.memory.abandoned_leases.contains(&lease_id) =>
             {
-                warn!(node = %node, term, lease_id, "the leader key is ours under a lease we revoked: not adopting it, it goes with the lease");
+                warn!(term, lease_id, "the leader key is ours under a lease we revoked: not adopting it, it goes with the lease");
                 self.lease.release();
                 self.pass_blocked = true;
             }
@@ -1331,14 +1264,14 @@ impl Agent {
                     let sent_at = Instant::now();
                     match self.etcd.keep_alive(lease_id).await {
                         Ok(true) => {
-                            info!(node = %node, term, lease_id, "adopted our leader key");
+                            info!(term, lease_id, "adopted our leader key");
                             self.lease.hold(lease_id, sent_at, until);
                         }
                         Ok(false) => {
-                            warn!(node = %node, lease_id, "leader lease expired");
+                            warn!(lease_id, "leader lease expired");
                             self.lease.release();
                         }
-                        Err(e) => warn!(node = %node, error = %e, "leader lease renewal failed"),
+                        Err(e) => warn!(error = %e, "leader lease renewal failed"),
                     }
                 }
             }
@@ -1353,20 +1286,20 @@ impl Agent {
                             .await
                         {
                             Ok(true) => {
-                                info!(node = %node, term, to = %to, "leader key handed over");
+                                info!(term, to = %to, "leader key handed over");
                                 self.lease.release();
                                 self.abandon_lease(lease.lease_id).await;
                             }
                             Ok(false) => {
-                                warn!(node = %node, term, to = %to, "handover not recorded: the key or the switchover request changed");
+                                warn!(term, to = %to, "handover not recorded: the key or the switchover request changed");
                             }
                             Err(e) => {
-                                warn!(node = %node, term, to = %to, error = %e, "could not hand the leader key over")
+                                warn!(term, to = %to, error = %e, "could not hand the leader key over")
                             }
                         }
                     }
                     _ => {
-                        warn!(node = %node, term, to = %to, "handover without a leader lease or a pending switchover")
+                        warn!(term, to = %to, "handover without a leader lease or a pending switchover")
                     }
                 }
             }
@@ -1385,11 +1318,11 @@ impl Agent {
                 };
                 match reserved {
                     Ok(()) => {
-                        info!(node = %node, term, timeline, "timeline reserved for the promotion");
+                        info!(term, timeline, "timeline reserved for the promotion");
                         self.memory.reserved_timeline = Some(timeline);
                     }
                     Err(e) => {
-                        warn!(node = %node, term, timeline, error = %e, "could not reserve a timeline: not promoting");
+                        warn!(term, timeline, error = %e, "could not reserve a timeline: not promoting");
                         self.pass_blocked = true;
                     }
                 }
@@ -1406,12 +1339,17 @@ impl Agent {
                 let steered = match self.pg.steer_promotion(current, target) {
                     Ok(files) => files.len(),
                     Err(e) => {
-                        warn!(node = %node, term, error = %e, "could not steer the promotion's timeline: not promoting");
+                        warn!(term, error = %e, "could not steer the promotion's timeline: not promoting");
                         return Ok(());
                     }
                 };
                 if steered > 0 {
-                    info!(node = %node, term, timeline = target, skipped = steered, "promotion steered past timelines taken elsewhere");
+                    info!(
+                        term,
+                        timeline = target,
+                        skipped = steered,
+                        "promotion steered past timelines taken elsewhere"
+                    );
                 }
                 match self.pg.promote().await {
                     Ok(()) => {
@@ -1437,19 +1375,19 @@ impl Agent {
                                 None => step.reason.clone(),
                             },
                         };
-                        info!(node = %node, term, timeline = ?local.timeline, "promoted");
+                        info!(term, timeline = ?local.timeline, "promoted");
                         let pg = self.pg.clone();
-                        let node_name = node.clone();
-                        tokio::spawn(async move {
+                        let checkpoint = async move {
                             if let Err(e) = pg.checkpoint().await {
-                                warn!(node = %node_name, error = %e, "checkpoint after promotion failed");
+                                warn!(error = %e, "checkpoint after promotion failed");
                             }
-                        });
+                        };
+                        tokio::spawn(checkpoint.in_current_span());
                         if let Err(e) = self.etcd.append_history(entry).await {
-                            warn!(node = %node, error = %e, "could not record the promotion in history");
+                            warn!(error = %e, "could not record the promotion in history");
                         }
                     }
-                    Err(e) => warn!(node = %node, error = %e, "promotion failed"),
+                    Err(e) => warn!(error = %e, "promotion failed"),
                 }
             }
             Action::Stop { then_rewind } => {
@@ -1488,7 +1426,7 @@ impl Agent {
             }
             Action::SetSyncStandbys { set } => match self.pg.set_sync_standbys(&set).await {
                 Ok(()) => {
-                    info!(node = %node, term, standbys = %set, reason = %step.reason, "synchronous standbys set");
+                    info!(term, standbys = %set, reason = %step.reason, "synchronous standbys set");
                     self.memory.sync_applied = Some(SyncApplied {
                         set,
                         at: self.now(),
@@ -1496,7 +1434,7 @@ impl Agent {
                     });
                 }
                 Err(e) => {
-                    warn!(node = %node, term, error = %e, "could not set synchronous standbys");
+                    warn!(term, error = %e, "could not set synchronous standbys");
                     self.pass_blocked = true;
                 }
             },
@@ -1512,10 +1450,10 @@ impl Agent {
                 };
                 match published {
                     Ok(()) => {
-                        info!(node = %node, term, sync = %set, reason = %step.reason, "sync key published")
+                        info!(term, sync = %set, reason = %step.reason, "sync key published")
                     }
                     Err(e) => {
-                        warn!(node = %node, term, error = %e, "could not publish the sync key");
+                        warn!(term, error = %e, "could not publish the sync key");
                         self.pass_blocked = true;
                     }
                 }
@@ -1523,26 +1461,26 @@ impl Agent {
             Action::DeleteSync => {
                 if let Some(lease) = self.lease.held() {
                     if let Err(e) = self.etcd.delete_sync(&node, lease.lease_id).await {
-                        warn!(node = %node, term, error = %e, "could not delete the sync key");
+                        warn!(term, error = %e, "could not delete the sync key");
                     }
                 }
             }
             Action::ClearSwitchover => {
                 if let Err(e) = self.etcd.clear_switchover().await {
-                    warn!(node = %node, error = %e, "could not clear the switchover request");
+                    warn!(error = %e, "could not clear the switchover request");
                 }
             }
             Action::CreateSlots { names } => {
                 for name in names {
                     if let Err(e) = self.pg.create_slot(&name).await {
-                        warn!(node = %node, slot = %name, error = %e, "could not create slot");
+                        warn!(slot = %name, error = %e, "could not create slot");
                     }
                 }
             }
             Action::DropSlots { names } => {
                 for name in names {
                     if let Err(e) = self.pg.drop_slot(&name).await {
-                        warn!(node = %node, slot = %name, error = %e, "could not drop slot");
+                        warn!(slot = %name, error = %e, "could not drop slot");
                     }
                 }
             }
@@ -1556,22 +1494,22 @@ impl Agent {
         let lease_id = match self.etcd.grant_lease(self.cfg.timing.ttl).await {
             Ok(id) => id,
             Err(e) => {
-                warn!(node = %node, error = %e, "could not grant a leader lease");
+                warn!(error = %e, "could not grant a leader lease");
                 return;
             }
         };
         match self.etcd.acquire_leader(&node, lease_id).await {
             Ok(true) => {
-                info!(node = %node, lease_id, "acquired the leader key");
+                info!(lease_id, "acquired the leader key");
                 self.lease
                     .hold(lease_id, sent_at, Instant::now() + self.renew_window());
             }
             Ok(false) => {
-                info!(node = %node, "another node took the leader key first");
+                info!("another node took the leader key first");
                 self.abandon_lease(lease_id).await;
             }
             Err(e) => {
-                warn!(node = %node, error = %e, "leader key acquisition failed");
+                warn!(error = %e, "leader key acquisition failed");
                 self.abandon_lease(lease_id).await;
             }
         }
@@ -1603,9 +1541,9 @@ impl Agent {
         });
         if let Some(id) = lease_id {
             match self.etcd.release_leader(&node, id).await {
-                Ok(true) => info!(node = %node, "released the leader key"),
-                Ok(false) => info!(node = %node, "leader key was no longer ours"),
-                Err(e) => warn!(node = %node, error = %e, "could not release the leader key"),
+                Ok(true) => info!("released the leader key"),
+                Ok(false) => info!("leader key was no longer ours"),
+                Err(e) => warn!(error = %e, "could not release the leader key"),
             }
             self.abandon_lease(id).await;
         }
@@ -1637,13 +1575,13 @@ impl Agent {
                         .publish_leader_status(&name, lease.lease_id, lsn, obs.local.timeline)
                         .await
                     {
-                        debug!(node = %name, error = %e, "could not publish leader status");
+                        debug!(error = %e, "could not publish leader status");
                     }
                 }
             };
             let (member, ()) = tokio::join!(self.put_member(&me), leader_status);
             if let Err(e) = member {
-                warn!(node = %self.cfg.name, error = %e, "could not publish member status");
+                warn!(error = %e, "could not publish member status");
             }
         }
         let view = obs.dcs.as_ref().or(self.memory.last_view.as_ref());
@@ -1710,32 +1648,31 @@ impl Agent {
     /// rewind keeps the directory from starting until a rewind succeeds.
     async fn check_job_marker(&mut self) {
         let marker = self.pg.job_marker();
-        let node = self.cfg.name.clone();
         let found = match marker.read() {
             Ok(found) => found,
             Err(e) => {
-                warn!(node = %node, marker = %marker.path().display(), error = %e, "cannot read the job marker: treated as an unfinished rewind");
+                warn!(marker = %marker.path().display(), error = %e, "cannot read the job marker: treated as an unfinished rewind");
                 Some(Unfinished::Rewind)
             }
         };
         let was_pending = self.memory.rewind_pending;
         self.memory.rewind_pending = found == Some(Unfinished::Rewind);
         if self.memory.rewind_pending && !was_pending {
-            warn!(node = %node, marker = %marker.path().display(), "the last pg_rewind did not finish: Postgres stays down until a rewind against the leader succeeds (published as rewind_pending)");
+            warn!(marker = %marker.path().display(), "the last pg_rewind did not finish: Postgres stays down until a rewind against the leader succeeds (published as rewind_pending)");
         }
         if found == Some(Unfinished::Clone) {
             let dir = &self.cfg.postgresql.data_dir;
-            warn!(node = %node, dir = %dir.display(), "an interrupted clone left a partial copy: removing what it wrote and cloning again");
+            warn!(dir = %dir.display(), "an interrupted clone left a partial copy: removing what it wrote and cloning again");
             match std::fs::remove_dir_all(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    error!(node = %node, error = %e, "could not remove the partial clone");
+                    error!(error = %e, "could not remove the partial clone");
                     return;
                 }
             }
             if let Err(e) = marker.finish() {
-                error!(node = %node, error = %e, "could not remove the clone marker");
+                error!(error = %e, "could not remove the clone marker");
             }
             self.data_dir = None;
         }
@@ -1744,33 +1681,33 @@ impl Agent {
     /// Stops Postgres, gives up the leader key and the member key.
     async fn shut_down(&mut self) {
         let node = self.cfg.name.clone();
-        info!(node = %node, "shutting down");
+        info!("shutting down");
         if let Some(mut job) = self.job.take() {
             if matches!(job.kind, Job::Rewind | Job::Clone) {
                 // Cut short, either leaves a directory that must not start
                 // as it is (the marker says so on the next start); finished,
                 // the node rejoins at once next time.
                 let wait = self.cfg.timing.shutdown_timeout;
-                info!(node = %node, job = ?job.kind, wait_ms = wait.as_millis() as u64, "stopping: waiting for the running job to finish");
+                info!(job = ?job.kind, wait_ms = wait.as_millis() as u64, "stopping: waiting for the running job to finish");
                 match tokio::time::timeout(wait, &mut job.handle).await {
                     Ok(Ok(Ok(()))) => {
-                        info!(node = %node, job = ?job.kind, "stopping: the job finished")
+                        info!(job = ?job.kind, "stopping: the job finished")
                     }
                     Ok(Ok(Err(e))) => {
-                        warn!(node = %node, job = ?job.kind, error = %e, "stopping: the job failed; the next start repairs the data directory")
+                        warn!(job = ?job.kind, error = %e, "stopping: the job failed; the next start repairs the data directory")
                     }
                     Ok(Err(e)) => {
-                        warn!(node = %node, job = ?job.kind, error = %e, "stopping: the job panicked")
+                        warn!(job = ?job.kind, error = %e, "stopping: the job panicked")
                     }
                     Err(_) => {
-                        warn!(node = %node, job = ?job.kind, "stopping: the job did not finish within shutdown_timeout: cancelled; the next start repairs the data directory")
+                        warn!(job = ?job.kind, "stopping: the job did not finish within shutdown_timeout: cancelled; the next start repairs the data directory")
                     }
                 }
             }
             job.handle.abort();
         }
         if let Err(e) = self.pg.stop(Duration::from_secs(30)).await {
-            warn!(node = %node, error = %e, "stopping postgres failed");
+            warn!(error = %e, "stopping postgres failed");
         }
         if self.lease.held().is_some() {
             self.release_leader().await;
@@ -1781,7 +1718,7 @@ impl Agent {
         }
         // Disarms and ends the guard: Postgres is already stopped.
         self.lease.stop();
-        info!(node = %node, "stopped");
+        info!("stopped");
     }
 }
 

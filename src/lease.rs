@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use crate::dcs::Etcd;
 use crate::fence::{Guard, Message};
@@ -53,7 +53,6 @@ struct State {
 pub type OnChange = Box<dyn Fn(Option<Lease>) + Send + Sync>;
 
 struct Shared {
-    node: String,
     data_dir: PathBuf,
     /// From a renewal's send time to the fencing deadline (ttl − margin).
     fence_window: Duration,
@@ -82,7 +81,6 @@ impl LeaseKeeper {
     /// timeout of `fence_window`: an answer later than that is useless.
     pub fn spawn(
         etcd: Etcd,
-        node: String,
         data_dir: PathBuf,
         fence_window: Duration,
         period: Duration,
@@ -90,13 +88,11 @@ impl LeaseKeeper {
     ) -> std::io::Result<LeaseKeeper> {
         let guard = Guard::spawn(&data_dir)?;
         info!(
-            node = %node,
             fence_window_ms = fence_window.as_millis() as u64,
             period_ms = period.as_millis() as u64,
             "leader lease renewed on a connection of its own"
         );
         let shared = Arc::new(Shared {
-            node,
             data_dir,
             fence_window,
             state: Mutex::new(State {
@@ -109,7 +105,7 @@ impl LeaseKeeper {
             wake: Notify::new(),
             on_change,
         });
-        let task = tokio::spawn(keep(shared.clone(), etcd, period));
+        let task = tokio::spawn(keep(shared.clone(), etcd, period).in_current_span());
         Ok(LeaseKeeper { shared, task })
     }
 
@@ -216,14 +212,14 @@ impl Shared {
         if matches!(sent, Some(Ok(()))) {
             return;
         }
-        error!(node = %self.node, result = ?sent, "fence guard unavailable: restarting it");
+        error!(result = ?sent, "fence guard unavailable: restarting it");
         s.guard = None;
         match Guard::spawn(&self.data_dir) {
             Ok(mut g) => {
                 let _ = g.send(msg);
                 s.guard = Some(g);
             }
-            Err(e) => error!(node = %self.node, error = %e, "cannot restart the fence guard"),
+            Err(e) => error!(error = %e, "cannot restart the fence guard"),
         }
     }
 
@@ -257,14 +253,14 @@ impl Shared {
                 }
             }
             Ok(false) => {
-                warn!(node = %self.node, lease_id, "leader lease expired");
+                warn!(lease_id, "leader lease expired");
                 s.lease = None;
                 s.renew_until = None;
                 self.feed(&mut s);
             }
             Err(e) => {
                 let since = lease.renewed_at.elapsed();
-                warn!(node = %self.node, lease_id, error = %e, since_renewal_ms = since.as_millis() as u64, "leader lease keepalive failed");
+                warn!(lease_id, error = %e, since_renewal_ms = since.as_millis() as u64, "leader lease keepalive failed");
             }
         }
     }
@@ -278,11 +274,12 @@ async fn keep(shared: Arc<Shared>, etcd: Etcd, period: Duration) {
             Some(lease_id) => {
                 let shared = shared.clone();
                 let etcd = etcd.clone();
-                tokio::spawn(async move {
+                let renewal = async move {
                     let sent_at = Instant::now();
                     let answer = etcd.keep_alive(lease_id).await.map_err(|e| e.to_string());
                     shared.renewed(lease_id, sent_at, answer);
-                });
+                };
+                tokio::spawn(renewal.in_current_span());
                 tokio::time::sleep(period).await;
             }
             None => {

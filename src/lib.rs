@@ -19,4 +19,5 @@ pub mod postgres;
 pub mod reaper;
 pub mod router;
 pub mod secret;
+pub mod snapshot;
 pub mod tls;

@@ -15,10 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgha::agent::{LoopHistogram, Snapshot};
 use pgha::api::Limits;
 use pgha::dcs::HistoryEntry;
 use pgha::ha::{DynamicConfig, Lsn, MemberStatus};
+use pgha::snapshot::{LoopHistogram, Snapshot};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use tokio::sync::watch;

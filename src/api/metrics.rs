@@ -3,12 +3,12 @@
 //! by hand into one buffer: a scrape costs a few microseconds.
 
 use std::fmt::{Display, Write};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use super::routes::Health;
+use super::health::Health;
 use super::status::{lag_bytes, replay_lag_bytes};
-use crate::agent::{Snapshot, LOOP_BUCKETS};
 use crate::ha::MemberRole;
+use crate::snapshot::{Snapshot, LOOP_BUCKETS};
 
 /// Escapes a label value: backslash, double quote and newline.
 fn escape(value: &str) -> String {
@@ -70,8 +70,14 @@ fn flag(b: bool) -> u8 {
     u8::from(b)
 }
 
-/// Renders the metrics of snapshot `s` taken `age` ago.
-pub fn render(s: &Snapshot, age: Duration, stale_after: Duration) -> String {
+/// Renders the metrics of snapshot `s` taken `age` ago, with the expiry of
+/// the node's certificates.
+pub fn render(
+    s: &Snapshot,
+    age: Duration,
+    stale_after: Duration,
+    certificates: &[(&str, SystemTime)],
+) -> String {
     let h = Health::of(s, age, stale_after);
     let me = &s.me;
     let mut m = Exposition {
@@ -274,8 +280,8 @@ pub fn render(s: &Snapshot, age: Duration, stale_after: Duration) -> String {
         "gauge",
         "Seconds until this node's certificate expires (ca, server, replication).",
     );
-    let now = std::time::SystemTime::now();
-    for (certificate, not_after) in crate::tls::expiries() {
+    let now = SystemTime::now();
+    for &(certificate, not_after) in certificates {
         m.sample(
             "pgha_tls_certificate_expiry_seconds",
             &[("certificate", certificate)],

@@ -3,8 +3,10 @@
 //! agent loop last published; no request ever waits on Postgres or etcd.
 //!
 //! This file is the server (listening, limits, connections); `routes` decides
-//! the answers, `status` and `metrics` render them.
+//! the answers, `health` holds the role checks, `status` and `metrics`
+//! render them.
 
+pub mod health;
 pub mod metrics;
 pub mod operator;
 pub mod routes;
@@ -30,11 +32,13 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
-use crate::agent::Snapshot;
 use crate::net::IpFamily;
-pub use routes::{route, Health, Reply};
+use crate::snapshot::Snapshot;
+use crate::tls::CertExpiries;
+pub use health::Health;
+pub use routes::{route, Reply};
 pub use status::{lag_bytes, replay_lag_bytes, Rendered};
 
 /// Bounds on what one client can make the server hold.
@@ -76,6 +80,17 @@ pub struct Operator {
     pub failsafe_ttl: Duration,
 }
 
+/// What the API uses of this node's TLS. The default: plain HTTP, no
+/// certificates to report.
+#[derive(Default)]
+pub struct TlsSetup {
+    /// Serve HTTPS with this; plain HTTP when `None`.
+    pub https: Option<crate::tls::https::ApiTls>,
+    /// The expiry of each certificate the node uses (`/metrics`), kept
+    /// current by the TLS rotation; `None` without TLS.
+    pub certificates: Option<watch::Receiver<CertExpiries>>,
+}
+
 /// How long an operator request may wait for the agent's answer.
 const OPERATOR_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -89,6 +104,7 @@ struct Shared {
     limits: Limits,
     /// HTTPS: every connection starts with a TLS handshake.
     tls: Option<crate::tls::https::ApiTls>,
+    certificates: Option<watch::Receiver<CertExpiries>>,
 }
 
 impl Shared {
@@ -143,20 +159,20 @@ pub async fn serve_with_operator(
         snapshots,
         stale_after,
         operator,
-        None,
+        TlsSetup::default(),
         shutdown,
     )
     .await
 }
 
-/// As [`serve_with_operator`], over HTTPS when `tls` is given.
+/// As [`serve_with_operator`], over HTTPS when `tls.https` is given.
 pub async fn serve_with_tls(
     listen: Vec<SocketAddr>,
     family: IpFamily,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     stale_after: Duration,
     operator: Option<Operator>,
-    tls: Option<crate::tls::https::ApiTls>,
+    tls: TlsSetup,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listeners = bind_all_in(&listen, family)?;
@@ -230,7 +246,7 @@ pub async fn serve_on(
         stale_after,
         limits,
         None,
-        None,
+        TlsSetup::default(),
         shutdown,
     )
     .await
@@ -242,7 +258,7 @@ async fn serve_listeners(
     stale_after: Duration,
     limits: Limits,
     operator: Option<Operator>,
-    tls: Option<crate::tls::https::ApiTls>,
+    tls: TlsSetup,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let first = Arc::new(Rendered::new(snapshots.borrow().clone()));
@@ -252,7 +268,8 @@ async fn serve_listeners(
         rendered: Mutex::new(first),
         stale_after,
         limits,
-        tls,
+        tls: tls.https,
+        certificates: tls.certificates,
     });
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut tasks = Vec::new();
@@ -260,12 +277,10 @@ async fn serve_listeners(
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "api listening");
         }
-        tasks.push(tokio::spawn(accept_loop(
-            listener,
-            shared.clone(),
-            permits.clone(),
-            shutdown.clone(),
-        )));
+        tasks.push(tokio::spawn(
+            accept_loop(listener, shared.clone(), permits.clone(), shutdown.clone())
+                .in_current_span(),
+        ));
     }
     for t in tasks {
         let _ = t.await;
@@ -300,7 +315,7 @@ async fn accept_loop(
             Ok(permit) => {
                 let shared = shared.clone();
                 let shutdown = shutdown.clone();
-                tokio::spawn(async move {
+                let connection = async move {
                     match shared.tls.clone() {
                         None => serve_connection(stream, peer, false, shared, shutdown).await,
                         Some(tls) => {
@@ -320,11 +335,12 @@ async fn accept_loop(
                         }
                     }
                     drop(permit);
-                });
+                };
+                tokio::spawn(connection.in_current_span());
             }
             Err(_) => {
                 debug!(%peer, "api connection limit reached: 503");
-                tokio::spawn(refuse(stream));
+                tokio::spawn(refuse(stream).in_current_span());
             }
         }
     }
@@ -493,7 +509,7 @@ fn failsafe_request(shared: &Shared, method: &hyper::Method, body: &[u8]) -> Res
         .confirm(&me, &request, op.failsafe_ttl, std::time::Instant::now())
     {
         Ok(()) => {
-            info!(node = %snapshot.me.name, leader = %request.leader, "failsafe: confirmed the leader while etcd is unreachable");
+            info!(leader = %request.leader, "failsafe: confirmed the leader while etcd is unreachable");
             json_response(
                 StatusCode::OK,
                 &serde_json::json!({ "confirmed": true, "node": snapshot.me.name }),
@@ -633,10 +649,16 @@ async fn handle(
     let rendered = shared.current();
     let age = rendered.snapshot.taken_at.elapsed();
     let query = parts.uri.query().unwrap_or("");
+    let certificates = shared
+        .certificates
+        .as_ref()
+        .map(|c| c.borrow().clone())
+        .unwrap_or_default();
     respond(route(
         &rendered,
         age,
         shared.stale_after,
+        &certificates,
         &parts.method,
         parts.uri.path(),
         query,

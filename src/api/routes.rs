@@ -2,16 +2,17 @@
 //! the check holds, 503 when not), status documents and metrics, all
 //! answered from a rendered snapshot. Pure: no I/O, the age is an argument.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
+use super::health::Health;
 use super::metrics;
-use super::status::{lag_bytes, replay_lag_bytes, running, Rendered};
-use crate::agent::Snapshot;
-use crate::ha::{DynamicConfig, MemberRole};
+use super::status::{lag_bytes, replay_lag_bytes, Rendered};
+use crate::ha::DynamicConfig;
+use crate::snapshot::Snapshot;
 
 pub const JSON: &str = "application/json";
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -185,45 +186,6 @@ fn percent_decode(text: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "not UTF-8 once decoded".to_string())
 }
 
-/// The role checks of one snapshot at one age, shared by the health
-/// endpoints and the metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Health {
-    /// The agent loop published this snapshot within the stale threshold.
-    pub fresh: bool,
-    /// Holds the leader key with a lease that has not run out.
-    pub leader: bool,
-    /// Leader, Postgres runs as primary, and the fencing deadline (after
-    /// which it must not take writes) has not passed.
-    pub primary: bool,
-    /// Postgres runs as a replica.
-    pub replica: bool,
-    /// Postgres runs, whatever its role.
-    pub running: bool,
-}
-
-impl Health {
-    pub fn of(s: &Snapshot, age: Duration, stale_after: Duration) -> Health {
-        let fresh = age <= stale_after;
-        let me = &s.me;
-        // Remaining times were measured when the snapshot was taken.
-        let leader = fresh
-            && s.leader.as_deref() == Some(me.name.as_str())
-            && s.lease_remaining.is_some_and(|r| r > age);
-        let running = fresh && running(me);
-        Health {
-            fresh,
-            leader,
-            primary: leader
-                && running
-                && me.role == MemberRole::Primary
-                && s.fencing_remaining.is_some_and(|r| r > age),
-            replica: running && me.role == MemberRole::Replica,
-            running,
-        }
-    }
-}
-
 fn tags_match(s: &Snapshot, f: &Filters) -> bool {
     let me = &s.me;
     f.tags.iter().all(|(k, v)| match k.as_str() {
@@ -258,10 +220,12 @@ fn replica_filters_hold(s: &Snapshot, f: &Filters) -> bool {
 
 /// Routes one request against a rendered snapshot of age `age`; past
 /// `stale_after` (the agent loop stopped publishing) every health check fails.
+/// `certificates` are the node's certificate expiries, for `/metrics`.
 pub fn route(
     r: &Rendered,
     age: Duration,
     stale_after: Duration,
+    certificates: &[(&str, SystemTime)],
     method: &Method,
     path: &str,
     query: &str,
@@ -335,7 +299,7 @@ pub fn route(
         },
         Endpoint::Metrics => {
             let text = if with_body {
-                Bytes::from(metrics::render(s, age, stale_after))
+                Bytes::from(metrics::render(s, age, stale_after, certificates))
             } else {
                 Bytes::new()
             };

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use crate::agent::Snapshot;
 use crate::ha::{Lsn, MemberRole, MemberStatus};
+use crate::snapshot::Snapshot;
 
 /// A snapshot with its documents serialised.
 #[derive(Debug)]

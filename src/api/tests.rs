@@ -9,9 +9,9 @@ use serde_json::Value;
 
 use super::routes::{parse_query, LagMode, PROMETHEUS_TEXT};
 use super::*;
-use crate::agent::{LoopHistogram, Snapshot};
 use crate::dcs::HistoryEntry;
 use crate::ha::{DynamicConfig, Lsn, MemberRole, MemberStatus};
+use crate::snapshot::{LoopHistogram, Snapshot};
 
 const TTL: Duration = Duration::from_secs(10);
 const FRESH: Duration = Duration::from_millis(300);
@@ -95,7 +95,7 @@ fn edit_me(s: &mut Snapshot, f: impl Fn(&mut MemberStatus)) {
 fn ask_at(s: &Snapshot, age: Duration, method: Method, target: &str) -> Reply {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let r = Rendered::new(Arc::new(s.clone()));
-    route(&r, age, TTL, &method, path, query)
+    route(&r, age, TTL, &[], &method, path, query)
 }
 
 fn get(s: &Snapshot, target: &str) -> Reply {
@@ -574,7 +574,7 @@ fn metrics_name_every_series_with_scope_and_name_and_describe_every_family() {
 fn metric_label_values_are_escaped() {
     let mut s = cluster("n2");
     s.scope = "a\"b\\c\nd".into();
-    let text = super::metrics::render(&s, FRESH, TTL);
+    let text = super::metrics::render(&s, FRESH, TTL, &[]);
     assert!(
         text.contains("pgha_up{scope=\"a\\\"b\\\\c\\nd\",name=\"n2\"} 1"),
         "{text}"
@@ -589,9 +589,35 @@ fn metric_label_values_are_escaped() {
 }
 
 #[test]
+fn certificate_expiries_are_metrics() {
+    let s = cluster("n1");
+    let in_an_hour = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let text = super::metrics::render(
+        &s,
+        FRESH,
+        TTL,
+        &[("ca", in_an_hour), ("server", in_an_hour)],
+    );
+    for certificate in ["ca", "server"] {
+        let line = metric_lines(&text)
+            .into_iter()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "pgha_tls_certificate_expiry_seconds{{scope=\"demo\",name=\"n1\",certificate=\"{certificate}\"}}"
+                ))
+            })
+            .unwrap_or_else(|| panic!("no {certificate} expiry in {text}"));
+        let left: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!((3590..=3600).contains(&left), "{line}");
+    }
+    let without = super::metrics::render(&s, FRESH, TTL, &[]);
+    assert!(!without.contains("certificate=\""), "{without}");
+}
+
+#[test]
 fn a_stale_agent_reports_itself_down_in_metrics() {
     let s = cluster("n1");
-    let text = super::metrics::render(&s, TTL * 2, TTL);
+    let text = super::metrics::render(&s, TTL * 2, TTL, &[]);
     assert!(text.contains("pgha_up{scope=\"demo\",name=\"n1\"} 0"));
     assert!(text.contains("pgha_primary{scope=\"demo\",name=\"n1\"} 0"));
     assert!(text.contains("pgha_leader_lease_remaining_seconds{scope=\"demo\",name=\"n1\"} 0\n"));
@@ -700,7 +726,7 @@ proptest! {
     ) {
         let s = cluster(me);
         let r = Rendered::new(Arc::new(s));
-        let reply = route(&r, Duration::from_millis(age_ms), TTL, &method, &path, &query);
+        let reply = route(&r, Duration::from_millis(age_ms), TTL, &[], &method, &path, &query);
         prop_assert!([200, 400, 404, 405, 503].contains(&reply.status.as_u16()), "{:?}", reply);
         if method == Method::GET && reply.content_type == super::routes::JSON {
             prop_assert!(serde_json::from_slice::<Value>(&reply.body).is_ok(), "{:?}", reply.body);

@@ -5,6 +5,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use super::load_config;
 use crate::config::{Config, LogFormat};
@@ -61,21 +64,51 @@ pub(super) async fn health(api: &str, path: &str) -> ExitCode {
 fn init_tracing(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    log_subscriber(format, filter, std::io::stderr).init();
+}
+
+/// The log output. The node's name is a field of the `agent` span, not of
+/// each event: text shows it as `agent{node=n1}:`, JSON as
+/// `"span":{"node":"n1","name":"agent"}` next to the flattened event fields.
+fn log_subscriber<W>(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    writer: W,
+) -> tracing::Dispatch
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.with_ansi(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .into(),
+        LogFormat::Text => builder.with_ansi(false).into(),
     }
+}
+
+/// The span every line of one node's agent is logged in, in its own task
+/// and in the tasks it spawns (they are spawned `in_current_span`).
+fn agent_span(node: &str) -> tracing::Span {
+    tracing::info_span!("agent", node = %node)
 }
 
 /// Wires one node: signals, TLS, the agent and its API, until shutdown.
 async fn run_node(cfg: Config) -> ExitCode {
     init_tracing(cfg.log.format, &cfg.log.level);
+    let span = agent_span(&cfg.name);
+    wire_node(cfg).instrument(span).await
+}
+
+async fn wire_node(cfg: Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
-    tokio::spawn(async move {
+    let watch_signals = async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut int), Ok(mut term)) = (
             signal(SignalKind::interrupt()),
@@ -88,7 +121,8 @@ async fn run_node(cfg: Config) -> ExitCode {
             _ = term.recv() => tracing::info!("SIGTERM received"),
         }
         signals.cancel();
-    });
+    };
+    tokio::spawn(watch_signals.in_current_span());
     // Certificates before Postgres starts; a CA that went bad since the
     // config was read stops the start here, never a plaintext fallback.
     let tls = match crate::tls::NodeTls::prepare(
@@ -98,7 +132,7 @@ async fn run_node(cfg: Config) -> ExitCode {
     ) {
         Ok(tls) => tls,
         Err(e) => {
-            tracing::error!(node = %cfg.name, error = %e, "cannot set up TLS");
+            tracing::error!(error = %e, "cannot set up TLS");
             return ExitCode::from(2);
         }
     };
@@ -107,23 +141,23 @@ async fn run_node(cfg: Config) -> ExitCode {
         if tls.config().shared_ca() {
             // Members ask each other's API (https:// with tls.api).
             if let Err(e) = crate::tls::https::trust_for_api_clients(tls.ca_pem(), None) {
-                tracing::error!(node = %cfg.name, error = %e, "cannot set up TLS");
+                tracing::error!(error = %e, "cannot set up TLS");
                 return ExitCode::from(2);
             }
         }
         api_tls = match tls.api_server() {
             Ok(a) => a,
             Err(e) => {
-                tracing::error!(node = %cfg.name, error = %e, "cannot set up the HTTPS API");
+                tracing::error!(error = %e, "cannot set up the HTTPS API");
                 return ExitCode::from(2);
             }
         };
-        tokio::spawn(tls.clone().rotate(shutdown.clone()));
+        tokio::spawn(tls.clone().rotate(shutdown.clone()).in_current_span());
     }
     let (agent, snapshots) = match crate::agent::Agent::new(cfg.clone()).await {
         Ok(x) => x,
         Err(e) => {
-            tracing::error!(node = %cfg.name, error = %e, "cannot start");
+            tracing::error!(error = %e, "cannot start");
             return ExitCode::from(1);
         }
     };
@@ -132,11 +166,11 @@ async fn run_node(cfg: Config) -> ExitCode {
     let router = if cfg.router.enabled {
         match crate::router::Router::start(&cfg.router, agent.routes(), router_stop.clone()) {
             Ok(r) => {
-                tracing::info!(node = %cfg.name, rw = %r.rw_addr, ro = ?r.ro_addr, "router listening");
+                tracing::info!(rw = %r.rw_addr, ro = ?r.ro_addr, "router listening");
                 Some(r)
             }
             Err(e) => {
-                tracing::error!(node = %cfg.name, error = %e, "cannot start the router");
+                tracing::error!(error = %e, "cannot start the router");
                 return ExitCode::from(2);
             }
         }
@@ -151,19 +185,25 @@ async fn run_node(cfg: Config) -> ExitCode {
         failsafe: agent.failsafe_promise(),
         failsafe_ttl: cfg.timing.ttl,
     };
-    let api = tokio::spawn(crate::api::serve_with_tls(
-        cfg.api.listen.clone(),
-        cfg.ip_family,
-        snapshots,
-        stale_after,
-        Some(operator),
-        api_tls,
-        api_shutdown.clone(),
-    ));
+    let api = tokio::spawn(
+        crate::api::serve_with_tls(
+            cfg.api.listen.clone(),
+            cfg.ip_family,
+            snapshots,
+            stale_after,
+            Some(operator),
+            crate::api::TlsSetup {
+                https: api_tls,
+                certificates: tls.as_ref().map(|t| t.expiries()),
+            },
+            api_shutdown.clone(),
+        )
+        .in_current_span(),
+    );
     let result = tokio::select! {
         r = agent.run(shutdown.clone()) => r,
         r = api => {
-            tracing::error!(node = %cfg.name, result = ?r, "api server stopped");
+            tracing::error!(result = ?r, "api server stopped");
             shutdown.cancel();
             return ExitCode::from(1);
         }
@@ -176,8 +216,76 @@ async fn run_node(cfg: Config) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(node = %cfg.name, error = %e, "agent stopped");
+            tracing::error!(error = %e, "agent stopped");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What one event logged in the agent span and one in a task spawned
+    /// from it look like in `format`.
+    fn lines(format: LogFormat) -> Vec<String> {
+        let out = Captured::default();
+        let writer = out.clone();
+        let filter = tracing_subscriber::EnvFilter::new("info");
+        let dispatch = log_subscriber(format, filter, move || writer.clone());
+        tracing::dispatcher::with_default(&dispatch, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(
+                async {
+                    tracing::info!(term = 3, "in the agent");
+                    let spawned = async { tracing::warn!("in a spawned task") };
+                    tokio::spawn(spawned.in_current_span()).await.unwrap();
+                }
+                .instrument(agent_span("n1")),
+            );
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn text_lines_name_the_node() {
+        let lines = lines(LogFormat::Text);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for line in &lines {
+            assert!(line.contains("agent{node=n1}"), "{line}");
+        }
+        assert!(lines[0].contains("term=3"), "{}", lines[0]);
+    }
+
+    #[test]
+    fn json_lines_name_the_node() {
+        let lines = lines(LogFormat::Json);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for line in &lines {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["span"]["node"], "n1", "{line}");
+            assert_eq!(v["span"]["name"], "agent", "{line}");
+        }
+        let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(first["term"], 3, "{}", lines[0]);
     }
 }

@@ -6,15 +6,8 @@ use serde::Deserialize;
 
 use super::env::EnvKind;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tags {
-    pub nofailover: bool,
-    pub noloadbalance: bool,
-    pub nosync: bool,
-    pub failover_priority: i32,
-    /// Free-form tags, as in `tags.extra = { zone = "a" }`.
-    pub extra: BTreeMap<String, String>,
-}
+/// The validated section is the decision core's own type.
+pub use crate::ha::Tags;
 
 const DEFAULT_FAILOVER_PRIORITY: i32 = 1;
 

@@ -2,6 +2,8 @@
 //! that compare what a decision was made under, and a watch that wakes the
 //! agent loop. Thin by design: every policy lives in `ha`.
 
+mod fencing;
+
 use std::time::Duration;
 
 use etcd_client::{
@@ -14,6 +16,8 @@ use crate::ha::{
     DcsView, DynamicConfig, InitializeKey, LeaderKey, Lsn, MemberStatus, SwitchoverKey, SyncKey,
     SyncSet, TimelineKey,
 };
+
+pub use fencing::LeaderToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
@@ -383,10 +387,7 @@ impl Etcd {
     pub async fn release_leader(&self, node: &str, lease_id: i64) -> Result<bool> {
         let key = self.keys.leader();
         let txn = Txn::new()
-            .when([
-                Compare::value(key.as_str(), CompareOp::Equal, node.as_bytes()),
-                Compare::lease(key.as_str(), CompareOp::Equal, lease_id),
-            ])
+            .when(LeaderToken::new(node, lease_id).compares(&key))
             .and_then([TxnOp::delete(key.as_str(), None)]);
         let mut c = self.client.clone();
         Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
@@ -409,10 +410,11 @@ impl Etcd {
             released_to: Some(to.to_string()),
             ..sw.clone()
         };
+        let [names_us, under_lease] = LeaderToken::new(node, lease_id).compares(&key);
         let txn = Txn::new()
             .when([
-                Compare::value(key.as_str(), CompareOp::Equal, node.as_bytes()),
-                Compare::lease(key.as_str(), CompareOp::Equal, lease_id),
+                names_us,
+                under_lease,
                 Compare::create_revision(sw_key.as_str(), CompareOp::Greater, 0),
             ])
             .and_then([
@@ -438,10 +440,7 @@ impl Etcd {
         let key = self.keys.leader();
         let v = serde_json::to_vec(&LeaderStatus { lsn, timeline }).expect("serializable");
         let txn = Txn::new()
-            .when([
-                Compare::value(key.as_str(), CompareOp::Equal, node.as_bytes()),
-                Compare::lease(key.as_str(), CompareOp::Equal, lease_id),
-            ])
+            .when(LeaderToken::new(node, lease_id).compares(&key))
             .and_then([TxnOp::put(self.keys.status(), v, None)]);
         let mut c = self.client.clone();
         Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
@@ -457,10 +456,7 @@ impl Etcd {
         })
         .expect("serializable");
         let txn = Txn::new()
-            .when([
-                Compare::value(key.as_str(), CompareOp::Equal, node.as_bytes()),
-                Compare::lease(key.as_str(), CompareOp::Equal, lease_id),
-            ])
+            .when(LeaderToken::new(node, lease_id).compares(&key))
             .and_then([TxnOp::put(self.keys.timeline(), v, None)]);
         let mut c = self.client.clone();
         Ok(within(self.timeout, c.txn(txn)).await?.succeeded())
@@ -486,10 +482,7 @@ impl Etcd {
     async fn if_leader(&self, node: &str, lease_id: i64, op: TxnOp) -> Result<bool> {
         let key = self.keys.leader();
         let txn = Txn::new()
-            .when([
-                Compare::value(key.as_str(), CompareOp::Equal, node.as_bytes()),
-                Compare::lease(key.as_str(), CompareOp::Equal, lease_id),
-            ])
+            .when(LeaderToken::new(node, lease_id).compares(&key))
             .and_then([op]);
         let mut c = self.client.clone();
         Ok(within(self.timeout, c.txn(txn)).await?.succeeded())

@@ -2,34 +2,8 @@
 //! node as a pure function. The agent and the tests call the same code.
 
 use super::action::{Action, Step};
+use super::settings::{lease_proven, Settings};
 use super::state::*;
-
-/// The parts of the configuration the core needs, as plain numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settings {
-    /// Leader lease TTL in milliseconds.
-    pub ttl_ms: u64,
-    /// The primary stops taking writes this long before its lease can expire.
-    pub fencing_margin_ms: u64,
-    /// A standby that cannot stream from a leader on a newer timeline for
-    /// this long is stopped and rewound.
-    pub rewind_after_ms: u64,
-    /// A stopped leader waits this long for its handover target to confirm
-    /// all WAL before it starts again as primary.
-    pub handover_timeout_ms: u64,
-}
-
-impl Settings {
-    /// From a renewal's send time to its fencing deadline: ttl − margin.
-    pub fn fence_window_ms(&self) -> u64 {
-        self.ttl_ms.saturating_sub(self.fencing_margin_ms)
-    }
-
-    /// Instant from which a primary renewed at `renewed_at` must no longer take writes.
-    pub fn fencing_deadline(&self, renewed_at: Tick) -> Tick {
-        renewed_at.plus_ms(self.fence_window_ms())
-    }
-}
 
 /// Name of the physical replication slot the primary keeps for a member.
 pub fn slot_name(member: &str) -> String {
@@ -176,15 +150,6 @@ fn is_fence_due(obs: &Observation, settings: &Settings, now: Tick) -> bool {
         Some(lease) => now >= settings.fencing_deadline(lease.renewed_at),
         None => false,
     }
-}
-
-/// We hold a lease whose fencing deadline is still ahead. A view can
-/// predate the lease's expiry (a late answer, an agent restarted on a key
-/// about to expire), and a primary started or promoted without a held lease
-/// runs with no fencing deadline: the key alone proves nothing.
-pub(super) fn lease_proven(obs: &Observation, settings: &Settings, now: Tick) -> bool {
-    obs.leader_lease
-        .is_some_and(|l| now < settings.fencing_deadline(l.renewed_at))
 }
 
 /// The leader, when its member key says its Postgres runs as primary.
@@ -504,14 +469,6 @@ fn elect(obs: &Observation, dcs: &DcsView, settings: &Settings, now: Tick, steps
             )),
         },
     }
-}
-
-/// Whether a member of region `r` may lead under the cluster's primary_region.
-pub fn candidacy_region_ok(dcs: &DcsView, r: &Option<String>) -> bool {
-    dcs.config
-        .primary_region
-        .as_ref()
-        .is_none_or(|p| r.as_ref() == Some(p))
 }
 
 /// Whether this replica may take the leader key now (the reason to), and

@@ -4,7 +4,7 @@
 //! the target takes it and promotes; the old leader follows without rewind.
 
 use super::action::{Action, Step};
-use super::decide::{candidacy_region_ok, lease_proven, Settings};
+use super::settings::{lease_proven, Settings};
 use super::state::*;
 
 /// Members that may take over from the current leader now, best first.

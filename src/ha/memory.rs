@@ -180,7 +180,7 @@ pub fn leaderless_replica(local: &LocalPostgres, dcs: Option<&DcsView>) -> bool 
 pub fn lease_still_ours(view: &DcsView, me: &str, lease_id: i64) -> bool {
     view.leader
         .as_ref()
-        .is_some_and(|k| k.name == me && k.lease_id == lease_id)
+        .is_some_and(|k| k.is_held_by(me, lease_id))
 }
 
 /// The status this member publishes at the end of a pass: `identity`

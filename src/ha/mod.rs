@@ -6,13 +6,15 @@ pub mod decide;
 pub mod handover;
 pub mod memory;
 pub mod route;
+pub mod settings;
 pub mod state;
 pub mod sync;
 
 pub use action::{Action, Step};
-pub use decide::{decide, slot_name, Settings};
+pub use decide::{decide, slot_name};
 pub use memory::{leaderless_replica, lease_still_ours, member_status, Memory};
 pub use route::{route, RouteChoice};
+pub use settings::Settings;
 pub use state::*;
 
 #[cfg(test)]

@@ -7,8 +7,6 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Tags;
-
 /// Milliseconds on the agent's monotonic clock. The core never reads a clock;
 /// the caller passes `now` and every deadline in this unit.
 #[derive(
@@ -268,6 +266,14 @@ pub struct LeaderKey {
     pub mod_revision: i64,
 }
 
+impl LeaderKey {
+    /// The key names `node` and is bound to `lease_id`: the leader's
+    /// fencing token, as etcd's guards compare it (`dcs::LeaderToken`).
+    pub fn is_held_by(&self, node: &str, lease_id: i64) -> bool {
+        self.name == node && self.lease_id == lease_id
+    }
+}
+
 /// Role a member publishes about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -464,6 +470,14 @@ impl DcsView {
     }
 }
 
+/// Whether a member of region `r` may lead under the cluster's primary_region.
+pub fn candidacy_region_ok(dcs: &DcsView, r: &Option<String>) -> bool {
+    dcs.config
+        .primary_region
+        .as_ref()
+        .is_none_or(|p| r.as_ref() == Some(p))
+}
+
 /// A leader lease this agent holds and keeps alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldLease {
@@ -564,6 +578,18 @@ pub struct Handover {
     pub to: String,
     /// Forced: the target may lack some of our WAL, so we rewind before following.
     pub force: bool,
+}
+
+/// How this node takes part in elections and routing (the `[tags]`
+/// section of its configuration).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tags {
+    pub nofailover: bool,
+    pub noloadbalance: bool,
+    pub nosync: bool,
+    pub failover_priority: i32,
+    /// Free-form tags, as in `tags.extra = { zone = "a" }`.
+    pub extra: BTreeMap<String, String>,
 }
 
 /// One observation: the only input of `decide` besides config and `now`.

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use tokio_postgres::NoTls;
+use tracing::Instrument;
 
 use super::process::{LocalPg, PgError, Result};
 use crate::ha::{LocalPostgres, Lsn, PgRole, Replication, SyncSet};
@@ -40,9 +41,7 @@ impl LocalPg {
             .application_name("pgha")
             .connect_timeout(CONNECT_TIMEOUT);
         let (client, conn) = cfg.connect(NoTls).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        tokio::spawn(conn.in_current_span());
         Ok(client)
     }
 
@@ -90,7 +89,7 @@ impl LocalPg {
         match tokio::time::timeout(PROBE_TIMEOUT, self.probe_once()).await {
             Ok(local) => local,
             Err(_) => {
-                tracing::warn!(node = %self.node, timeout = ?PROBE_TIMEOUT, "postgres did not answer the probe");
+                tracing::warn!(timeout = ?PROBE_TIMEOUT, "postgres did not answer the probe");
                 *self.client.lock().await = None;
                 LocalPostgres::default()
             }
@@ -125,7 +124,7 @@ impl LocalPg {
         let row = match row {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!(node = %self.node, error = %e, "postgres probe failed");
+                tracing::debug!(error = %e, "postgres probe failed");
                 return LocalPostgres::default();
             }
         };

@@ -14,6 +14,7 @@ use nix::unistd::{Pid, User};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use super::conf::{self, Upstream};
 use super::marker::{JobMarker, Unfinished};
@@ -394,12 +395,11 @@ impl LocalPg {
         // the agent decides how it stops.
         cmd.process_group(0);
         let mut child = cmd.spawn().map_err(io_err("starting postgres"))?;
-        let node = self.node.clone();
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward_log(BufReader::new(err), node.clone()));
+            tokio::spawn(forward_log(BufReader::new(err)).in_current_span());
         }
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward_log(BufReader::new(out), node));
+            tokio::spawn(forward_log(BufReader::new(out)).in_current_span());
         }
         *self.child.lock().await = Some(child);
         let deadline = tokio::time::Instant::now() + timeout;
@@ -450,7 +450,7 @@ impl LocalPg {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline && !escalated {
-                tracing::warn!(node = %self.node, "postgres did not stop in time: immediate shutdown");
+                tracing::warn!("postgres did not stop in time: immediate shutdown");
                 let _ = kill(pid, Signal::SIGQUIT);
                 escalated = true;
             }
@@ -500,7 +500,11 @@ impl LocalPg {
             if let Some(p) = parse_basebackup_progress(&tail) {
                 *self.clone_progress.lock().expect("not poisoned") = Some(p);
                 if last_logged.elapsed() >= Duration::from_secs(2) {
-                    tracing::info!(node = %self.node, done_bytes = p.done_bytes, total_bytes = p.total_bytes, "clone progress");
+                    tracing::info!(
+                        done_bytes = p.done_bytes,
+                        total_bytes = p.total_bytes,
+                        "clone progress"
+                    );
                     last_logged = tokio::time::Instant::now();
                 }
             }
@@ -513,7 +517,11 @@ impl LocalPg {
             .await
             .map_err(io_err("waiting for pg_basebackup"))?;
         if let Some(p) = *self.clone_progress.lock().expect("not poisoned") {
-            tracing::info!(node = %self.node, done_bytes = p.done_bytes, total_bytes = p.total_bytes, "clone finished");
+            tracing::info!(
+                done_bytes = p.done_bytes,
+                total_bytes = p.total_bytes,
+                "clone finished"
+            );
         }
         *self.clone_progress.lock().expect("not poisoned") = None;
         if !status.success() {
@@ -561,7 +569,7 @@ impl LocalPg {
             .begin(Unfinished::Rewind, &from.name)
             .map_err(io_err("writing the rewind marker"))?;
         let out = cmd.output().await.map_err(io_err("running pg_rewind"))?;
-        tracing::info!(node = %self.node, output = %last_lines(&String::from_utf8_lossy(&out.stderr)), "pg_rewind finished");
+        tracing::info!(output = %last_lines(&String::from_utf8_lossy(&out.stderr)), "pg_rewind finished");
         if !out.status.success() {
             return Err(PgError::Command {
                 command: "pg_rewind".into(),
@@ -655,15 +663,11 @@ impl LocalPg {
             let tls = MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut make, host)
                 .map_err(|e| PgError::Other(format!("TLS to the rewind source: {e}")))?;
             let (client, conn) = cfg.connect_raw(stream, tls).await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            tokio::spawn(conn.in_current_span());
             client
         } else {
             let (client, conn) = cfg.connect_raw(stream, tokio_postgres::NoTls).await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            tokio::spawn(conn.in_current_span());
             client
         };
         client.batch_execute("CHECKPOINT").await?;
@@ -682,10 +686,10 @@ fn source_conninfo(from: &Upstream, hostaddr: std::net::IpAddr) -> String {
     )
 }
 
-async fn forward_log<R: tokio::io::AsyncRead + Unpin>(reader: BufReader<R>, node: String) {
+async fn forward_log<R: tokio::io::AsyncRead + Unpin>(reader: BufReader<R>) {
     let mut lines = reader.lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(target: "postgres", node = %node, "{line}");
+        tracing::info!(target: "postgres", "{line}");
     }
 }
 

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 pub use crate::config::RouterConfig;
 pub use metrics::{Listener, ListenerMetrics, ListenerStats, RouterMetrics};
@@ -86,12 +86,10 @@ impl Router {
         let metrics = Arc::new(RouterMetrics::default());
         let (publish, routing) = watch::channel(Arc::new(Routing::default()));
         let tasks = TaskTracker::new();
-        tasks.spawn(fencing::run(
-            routes,
-            publish,
-            Arc::clone(&metrics),
-            cancel.clone(),
-        ));
+        // The caller's span (the agent's, with the node name) on every task.
+        tasks.spawn(
+            fencing::run(routes, publish, Arc::clone(&metrics), cancel.clone()).in_current_span(),
+        );
         let shared = Arc::new(Shared {
             config: config.clone(),
             routing,
@@ -99,14 +97,11 @@ impl Router {
             next_replica: AtomicUsize::new(0),
             shutdown: cancel,
         });
-        tasks.spawn(accept(
-            rw,
-            Listener::ReadWrite,
-            Arc::clone(&shared),
-            tasks.clone(),
-        ));
+        tasks.spawn(
+            accept(rw, Listener::ReadWrite, Arc::clone(&shared), tasks.clone()).in_current_span(),
+        );
         if let Some(ro) = ro {
-            tasks.spawn(accept(ro, Listener::ReadOnly, shared, tasks.clone()));
+            tasks.spawn(accept(ro, Listener::ReadOnly, shared, tasks.clone()).in_current_span());
         }
         tasks.close();
         info!(rw = %rw_addr, ro = ?ro_addr, "router: listening");
@@ -153,7 +148,8 @@ async fn accept(listener: TcpListener, kind: Listener, shared: Arc<Shared>, task
                 if let Err(err) = relay::tune(&client, shared.config.keepalive) {
                     warn!(%peer, error = %err, "router: cannot set TCP options on a client");
                 }
-                tasks.spawn(relay::serve(client, peer, kind, Arc::clone(&shared)));
+                tasks
+                    .spawn(relay::serve(client, peer, kind, Arc::clone(&shared)).in_current_span());
             }
             Err(err) => {
                 warn!(listener = kind.label(), error = %err, "router: accept failed");

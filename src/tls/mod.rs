@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -95,21 +96,21 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TlsError {
     move |source| TlsError::Io { what, source }
 }
 
-/// Seconds-until-expiry inputs of `/metrics`, by certificate name. A
-/// process-wide table: one agent per process, and the API renders it
-/// without reaching into the TLS machinery.
-static EXPIRY: Mutex<Vec<(&'static str, SystemTime)>> = Mutex::new(Vec::new());
+/// Expiry time of each certificate this node uses (`ca`, `server`,
+/// `replication`), sorted by name: the seconds-until-expiry inputs of
+/// `/metrics`. The API receives a [`watch`] of it when it is set up.
+pub type CertExpiries = Vec<(&'static str, SystemTime)>;
 
-fn record_expiry(certificate: &'static str, not_after: SystemTime) {
-    let mut table = EXPIRY.lock().unwrap_or_else(|p| p.into_inner());
-    table.retain(|(name, _)| *name != certificate);
-    table.push((certificate, not_after));
-    table.sort();
-}
-
-/// Expiry time of each certificate this node uses (`ca`, `server`, `replication`).
-pub fn expiries() -> Vec<(&'static str, SystemTime)> {
-    EXPIRY.lock().unwrap_or_else(|p| p.into_inner()).clone()
+fn record_expiry(
+    table: &watch::Sender<CertExpiries>,
+    certificate: &'static str,
+    not_after: SystemTime,
+) {
+    table.send_modify(|table| {
+        table.retain(|(name, _)| *name != certificate);
+        table.push((certificate, not_after));
+        table.sort();
+    });
 }
 
 /// This node's certificates: issued at start, renewed by [`NodeTls::rotate`].
@@ -123,6 +124,8 @@ pub struct NodeTls {
     api: Option<Arc<https::CertSwap>>,
     /// Validity of the current server certificate.
     current: Mutex<(SystemTime, SystemTime)>,
+    /// Updated at every issue and renewal.
+    expiries: watch::Sender<CertExpiries>,
 }
 
 impl NodeTls {
@@ -157,7 +160,8 @@ impl NodeTls {
             }
             CaSource::Own => own_ca(&cfg.dir, &cfg.common_name, owner, now)?,
         };
-        record_expiry("ca", issuer.not_after);
+        let expiries = watch::Sender::new(CertExpiries::new());
+        record_expiry(&expiries, "ca", issuer.not_after);
         let node = NodeTls {
             cfg: cfg.clone(),
             data_dir: data_dir.to_owned(),
@@ -165,6 +169,7 @@ impl NodeTls {
             issuer,
             api: None,
             current: Mutex::new((now, now)),
+            expiries,
         };
         let server = node.issue_all(now)?;
         let api = cfg
@@ -177,6 +182,11 @@ impl NodeTls {
 
     pub fn config(&self) -> &TlsConfig {
         &self.cfg
+    }
+
+    /// The expiry of each certificate this node uses, kept current across renewals.
+    pub fn expiries(&self) -> watch::Receiver<CertExpiries> {
+        self.expiries.subscribe()
     }
 
     /// The CA certificate peers and clients trust (PEM).
@@ -245,7 +255,7 @@ impl NodeTls {
             0o644,
             self.owner,
         )?;
-        record_expiry("server", server.not_after);
+        record_expiry(&self.expiries, "server", server.not_after);
         if cfg.replication_client_cert {
             let client =
                 self.issuer
@@ -262,7 +272,7 @@ impl NodeTls {
                 0o644,
                 self.owner,
             )?;
-            record_expiry("replication", client.not_after);
+            record_expiry(&self.expiries, "replication", client.not_after);
         }
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = (now, server.not_after);
         info!(
@@ -566,6 +576,8 @@ mod tests {
             CertInfo::from_pem(&std::fs::read_to_string(tls_dir.join(SERVER_CERT)).unwrap())
                 .unwrap();
         assert_ne!(renewed.public_key_der, server.public_key_der);
-        assert!(expiries().iter().any(|(name, _)| *name == "server"));
+        let expiries = again.expiries();
+        let names: Vec<&str> = expiries.borrow().iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, ["ca", "server"]);
     }
 }

@@ -288,6 +288,22 @@ pub async fn connect_tcp_within(
         })?
 }
 
+/// Binds a listening TCP socket (non-blocking, backlog 1024). An IPv6
+/// wildcard accepts IPv4 too when `dual_stack`, set explicitly: the system
+/// default (`net.ipv6.bindv6only`) varies.
+pub fn bind_listener(addr: SocketAddr, dual_stack: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(!dual_stack)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

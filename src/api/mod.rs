@@ -209,26 +209,11 @@ pub fn bind_all_in(listen: &[SocketAddr], family: IpFamily) -> std::io::Result<V
             && addr.is_ipv6()
             && addr.ip().is_unspecified()
             && !v4_ports.contains(&addr.port());
-        let listener = bind(*addr, dual_stack)
+        let listener = crate::net::bind_listener(*addr, dual_stack)
             .map_err(|e| std::io::Error::new(e.kind(), format!("api.listen {addr}: {e}")))?;
         out.push(TcpListener::from_std(listener)?);
     }
     Ok(out)
-}
-
-/// Binds one address; `dual_stack` applies to IPv6 wildcards only.
-fn bind(addr: SocketAddr, dual_stack: bool) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() && addr.ip().is_unspecified() {
-        // Explicit: the system default (net.ipv6.bindv6only) varies.
-        socket.set_only_v6(!dual_stack)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
 }
 
 /// Serves on already bound listeners until `shutdown` is cancelled, then

@@ -114,22 +114,11 @@ impl Router {
     }
 }
 
-/// Binds one listener; an IPv6 wildcard accepts IPv4 too when `dual_stack`.
+/// Binds one listener; a failure names the config key.
 fn bind(addr: SocketAddr, dual_stack: bool, key: &str) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let bound = (|| {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        if addr.is_ipv6() && addr.ip().is_unspecified() {
-            // Explicit: the system default (net.ipv6.bindv6only) varies.
-            socket.set_only_v6(!dual_stack)?;
-        }
-        socket.set_reuse_address(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(1024)?;
-        TcpListener::from_std(socket.into())
-    })();
-    bound.map_err(|e| std::io::Error::new(e.kind(), format!("{key} {addr}: {e}")))
+    crate::net::bind_listener(addr, dual_stack)
+        .and_then(TcpListener::from_std)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{key} {addr}: {e}")))
 }
 
 /// Pause after a failed accept (out of file descriptors): no busy loop.

@@ -854,7 +854,9 @@ fn wipe_data_dir(cluster: &Cluster, node: &str) -> Result<()> {
     Ok(())
 }
 
-fn replica_datadir_wiped(cluster: &Cluster) -> Result<Injected> {
+/// Stops a replica, removes its data directory and starts it again (it
+/// clones anew); returns its name.
+fn wipe_a_replica(cluster: &Cluster) -> Result<&'static str> {
     let p = primary_now(cluster)?;
     let r = NODES
         .iter()
@@ -864,6 +866,11 @@ fn replica_datadir_wiped(cluster: &Cluster) -> Result<Injected> {
     cluster.docker_on(&["stop", "-t", "30"], r)?;
     wipe_data_dir(cluster, r)?;
     cluster.docker_on(&["start"], r)?;
+    Ok(r)
+}
+
+fn replica_datadir_wiped(cluster: &Cluster) -> Result<Injected> {
+    let r = wipe_a_replica(cluster)?;
     let mut inj = Injected::healed();
     let mut was_primary = false;
     let cloned = wait_for(
@@ -1493,15 +1500,7 @@ fn all_during_rewind(cluster: &Cluster, sigint: bool) -> Result<Injected> {
 }
 
 fn stop_all_during_clone(cluster: &Cluster) -> Result<Injected> {
-    let p = primary_now(cluster)?;
-    let r = NODES
-        .iter()
-        .copied()
-        .find(|n| *n != p)
-        .context("a replica")?;
-    cluster.docker_on(&["stop", "-t", "30"], r)?;
-    wipe_data_dir(cluster, r)?;
-    cluster.docker_on(&["start"], r)?;
+    let r = wipe_a_replica(cluster)?;
     let job = CutShort {
         program: "pg_basebackup",
         marker: "clone",

@@ -20,10 +20,20 @@ use crate::ha::{
 use crate::lease::{Lease, LeaseKeeper};
 use crate::operator::{self, Call, Reply, Request};
 use crate::postgres::{LocalPg, PgError, Unfinished, Upstream};
-use crate::snapshot::{LoopHistogram, Snapshot};
+use crate::snapshot::{LoopHistogram, Snapshot, Transition};
 
 /// Safety margin between the fencing deadline and the lease's expiry.
 pub const FENCING_MARGIN: Duration = Duration::from_secs(2);
+
+/// The bound on the put of a handing-over primary's member key as
+/// `stopping`, which comes before its checkpoint and stop.
+pub const STOPPING_PUT_BOUND: Duration = Duration::from_secs(1);
+
+/// How long, after that put, a primary handing over keeps taking new
+/// connections (overlapping its checkpoint): the other agents' routers
+/// learn of the stop through their etcd watch within this and hold new
+/// clients for the new primary instead of sending them into a shutdown.
+pub const ROUTERS_SEE_KEY: Duration = Duration::from_millis(150);
 
 /// Time left at `at` of a window that opened when `lease` was last renewed.
 fn remaining(lease: Option<Lease>, window: Duration, at: Instant) -> Option<Duration> {
@@ -52,9 +62,24 @@ fn identity(cfg: &Config) -> MemberStatus {
         basebackup: None,
         pending_restart: false,
         replay_paused: false,
+        router_rw: router_address(cfg, Some(cfg.router.listen)),
+        router_ro: router_address(cfg, cfg.router.replica_listen),
         updated_at_ms: epoch_ms(),
         version: env!("CARGO_PKG_VERSION").into(),
     }
+}
+
+/// Where other hosts reach a router listener bound at `listen`: the
+/// listen address itself when it is a specific one, else this node's
+/// advertised host with the listener's port. `None` with the router off.
+fn router_address(cfg: &Config, listen: Option<std::net::SocketAddr>) -> Option<String> {
+    let listen = listen.filter(|_| cfg.router.enabled)?;
+    let host = if listen.ip().is_unspecified() {
+        cfg.postgresql.advertise_host.clone()
+    } else {
+        listen.ip().to_string()
+    };
+    Some(crate::net::host_port(&host, listen.port()))
 }
 
 fn epoch_ms() -> u64 {
@@ -71,6 +96,7 @@ pub fn settings_for(cfg: &Config) -> Settings {
         fencing_margin_ms: margin.as_millis() as u64,
         rewind_after_ms: 5_000,
         handover_timeout_ms: 10_000,
+        balancer_window_ms: cfg.api.balancer_window.as_millis() as u64,
     }
 }
 
@@ -118,8 +144,10 @@ pub struct Agent {
     calls_tx: mpsc::Sender<Call>,
     /// Where this node's router sends new connections (`ha::route`).
     routes: watch::Sender<crate::router::Route>,
-    /// When the etcd read behind the last observation was sent.
+    /// When the last etcd read was sent.
     read_sent: Tick,
+    /// The route last published, by member name.
+    route: ha::RouteChoice,
     calls_rx: mpsc::Receiver<Call>,
 }
 
@@ -152,6 +180,8 @@ impl Agent {
             promotions: 0,
             loop_durations: LoopHistogram::default(),
             last_error: None,
+            route: None,
+            transition: None,
         };
         let settings = settings_for(&cfg);
         let fence_window = Duration::from_millis(settings.fence_window_ms());
@@ -209,6 +239,7 @@ impl Agent {
                 calls_rx,
                 routes,
                 read_sent: Tick(0),
+                route: ha::RouteChoice::default(),
                 cfg,
             },
             rx,
@@ -324,9 +355,24 @@ impl Agent {
         self.routes.subscribe()
     }
 
-    /// Publishes where new connections go, from this pass's observation.
-    fn publish_route(&self, obs: &Observation) {
-        let choice = ha::route(obs, self.read_sent, self.settings.fence_window_ms());
+    /// Republishes the API's snapshot at once for a role change, ahead of
+    /// the end of the pass. `taken_at` stays the last pass's: staleness
+    /// still measures the loop.
+    fn announce(&self, change: impl FnOnce(&mut Snapshot)) {
+        self.snapshot.send_modify(|s| change(Arc::make_mut(s)));
+    }
+
+    /// Publishes where new connections go, from this pass's observation
+    /// and the job running now (a stop begun since `obs` counts).
+    fn publish_route(&mut self, obs: &Observation) {
+        let job = self.job.as_ref().map(|j| j.kind);
+        let fence_window = self.settings.fence_window_ms();
+        let choice = if job == obs.job {
+            ha::route(obs, &self.memory, fence_window)
+        } else {
+            let now = Observation { job, ..obs.clone() };
+            ha::route(&now, &self.memory, fence_window)
+        };
         let backend = |name: &String| {
             self.upstream(name)
                 .map(|u| crate::router::Backend::new(u.name, u.host, u.port))
@@ -343,6 +389,7 @@ impl Agent {
             }
             changed
         });
+        self.route = choice;
     }
 
     /// Answers one operator request. Long work runs as a job that sends the
@@ -734,6 +781,8 @@ impl Agent {
         if !leading {
             return false;
         }
+        // No new writers from now on; the handover finishes the rest.
+        self.announce(|s| s.transition = Some(Transition::SteppingDown));
         let sw = SwitchoverKey {
             from: node.clone(),
             to: None,
@@ -791,11 +840,12 @@ impl Agent {
     /// One observe -> decide -> execute pass.
     async fn pass(&mut self) -> Result<(), AgentError> {
         self.reap_job().await;
-        let obs = self.observe().await;
+        let mut obs = self.observe().await;
         self.publish_route(&obs);
         let now = self.now();
         let steps = ha::decide(&obs, &self.settings, now);
         self.pass_blocked = false;
+        let promotions = self.promotions;
         for step in steps {
             self.execute(step, &obs).await?;
             self.lease.feed_guard();
@@ -804,6 +854,11 @@ impl Agent {
             }
         }
         self.lease.feed_guard();
+        if self.promotions != promotions {
+            // Observed before the promotion, `local` no longer holds:
+            // publish what the promotion step found Postgres to be.
+            obs.local = self.last_local.clone();
+        }
         self.apply_dynamic_parameters(&obs).await;
         self.publish(&obs).await;
         Ok(())
@@ -909,6 +964,7 @@ impl Agent {
             ),
             _ => (None, None),
         };
+        self.memory.stopped_dir_seen(last_role, now);
         // While etcd stays unreachable a leading primary asks for failsafe
         // confirmations before it tries etcd again (which may take the
         // whole retry timeout), so the fence guard learns of them in time.
@@ -948,9 +1004,9 @@ impl Agent {
                 self.lease.release();
             }
         }
-        let orphan_slots = self
-            .memory
-            .dcs_seen(dcs.as_ref(), &self.cfg.name, &local, now);
+        let orphan_slots =
+            self.memory
+                .dcs_seen(dcs.as_ref(), self.read_sent, &self.cfg.name, &local, now);
         let (peers, live_primary) = match &dcs {
             Some(view) if self.memory.wants_peers(&local, Some(view)) => {
                 let (peers, primary) = self.ask_peers(view).await;
@@ -985,6 +1041,7 @@ impl Agent {
             sync_applied: self.memory.sync_applied.clone(),
             failsafe_promise_until: self.failsafe.until().map(|u| self.tick_of(u)),
             live_primary,
+            primary_ended_at: self.memory.primary_ended_at,
             may_bootstrap: self
                 .cfg
                 .cluster
@@ -1351,11 +1408,36 @@ impl Agent {
                         "promotion steered past timelines taken elsewhere"
                     );
                 }
+                // Postgres may take writes any moment now: no replica.
+                self.announce(|s| s.transition = Some(Transition::Promoting));
                 match self.pg.promote().await {
                     Ok(()) => {
                         self.memory.following = None;
                         self.promotions += 1;
-                        let local = self.pg.probe().await;
+                        // `promote` saw Postgres take writes: primary for
+                        // the API now, the probe's positions a moment later.
+                        let promoted = LocalPostgres {
+                            role: Some(PgRole::Primary),
+                            receive_lsn: None,
+                            replay_lsn: None,
+                            streaming_from: None,
+                            following: None,
+                            ..obs.local.clone()
+                        };
+                        self.announce_promoted(obs, &promoted);
+                        // Now, not at the end of the pass: the other
+                        // routers move when our member key says primary.
+                        let me = self.member_status(&Observation {
+                            local: promoted.clone(),
+                            ..obs.clone()
+                        });
+                        let pg = self.pg.clone();
+                        let (put, local) = tokio::join!(self.put_member(&me), pg.probe());
+                        if let Err(e) = put {
+                            warn!(error = %e, "could not publish member status after promotion");
+                        }
+                        self.announce_promoted(obs, &local);
+                        self.last_local = local.clone();
                         let switchover = obs.dcs.as_ref().and_then(|d| d.switchover.as_ref());
                         let entry = HistoryEntry {
                             kind: if switchover.is_some() {
@@ -1387,10 +1469,16 @@ impl Agent {
                             warn!(error = %e, "could not record the promotion in history");
                         }
                     }
-                    Err(e) => warn!(error = %e, "promotion failed"),
+                    Err(e) => {
+                        warn!(error = %e, "promotion failed");
+                        self.announce(|s| s.transition = None);
+                    }
                 }
             }
             Action::Stop { then_rewind } => {
+                self.announce(|s| s.transition = Some(Transition::Stopping));
+                let now = self.now();
+                self.memory.stop_began(&obs.local, now);
                 let pg = self.pg.clone();
                 self.memory.following = None;
                 self.memory.needs_rewind |= then_rewind;
@@ -1399,6 +1487,7 @@ impl Agent {
                         .await
                         .map_err(|e| e.to_string())
                 });
+                self.publish_route(obs);
             }
             Action::HandoverStop { to } => {
                 let force = obs
@@ -1411,18 +1500,44 @@ impl Agent {
                     to: to.clone(),
                     force,
                 });
+                // Before the checkpoint: clients leave while Postgres still
+                // finishes cleanly.
+                self.announce(|s| s.transition = Some(Transition::Stopping));
+                let now = self.now();
+                self.memory.stop_began(&obs.local, now);
                 let pg = self.pg.clone();
                 self.memory.following = None;
+                // The member key as `stopping`, put from the job before the
+                // checkpoint (whose fsyncs would slow etcd's): the other
+                // agents' routers, woken by their watch on a member's role
+                // or state, stop sending new connections here while
+                // Postgres still accepts them.
+                let stopping = obs.dcs.as_ref().and(self.member_lease).map(|lease| {
+                    let me = ha::member_status(obs, Some(Job::Stop), identity(&self.cfg));
+                    (self.etcd.clone(), me, lease)
+                });
                 self.spawn_job(Job::Stop, async move {
+                    if let Some((etcd, me, lease)) = stopping {
+                        match tokio::time::timeout(STOPPING_PUT_BOUND, etcd.put_member(&me, lease)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::warn!(error = %e, "could not publish the stopping state before the handover"),
+                            Err(_) => tracing::warn!(bound_ms = STOPPING_PUT_BOUND.as_millis() as u64, "publishing the stopping state before the handover timed out"),
+                        }
+                    }
                     // A checkpoint first keeps the shutdown checkpoint, during
-                    // which no write is possible, short.
-                    if let Err(e) = pg.checkpoint().await {
+                    // which no write is possible, short; it overlaps the time
+                    // the other agents need to see the key.
+                    let (checkpoint, ()) =
+                        tokio::join!(pg.checkpoint(), tokio::time::sleep(ROUTERS_SEE_KEY));
+                    if let Err(e) = checkpoint {
                         tracing::warn!(error = %e, to = %to, "checkpoint before handover failed");
                     }
                     pg.stop(Duration::from_secs(30))
                         .await
                         .map_err(|e| e.to_string())
                 });
+                // Our router stops sending writers here as the stop begins.
+                self.publish_route(obs);
             }
             Action::SetSyncStandbys { set } => match self.pg.set_sync_standbys(&set).await {
                 Ok(()) => {
@@ -1503,6 +1618,7 @@ impl Agent {
                 info!(lease_id, "acquired the leader key");
                 self.lease
                     .hold(lease_id, sent_at, Instant::now() + self.renew_window());
+                self.announce(|s| s.leader = Some(node));
             }
             Ok(false) => {
                 info!("another node took the leader key first");
@@ -1530,6 +1646,9 @@ impl Agent {
 
     async fn release_leader(&mut self) {
         let node = self.cfg.name.clone();
+        self.announce(|s| {
+            s.transition = s.transition.or(Some(Transition::SteppingDown));
+        });
         let lease_id = self.lease.held().map(|l| l.lease_id).or_else(|| {
             self.memory
                 .last_view
@@ -1548,6 +1667,32 @@ impl Agent {
             self.abandon_lease(id).await;
         }
         self.lease.release();
+    }
+
+    /// The promotion is done and `local` confirms it: this node is the
+    /// primary for the API at once, not after the next pass.
+    fn announce_promoted(&self, obs: &Observation, local: &LocalPostgres) {
+        let promoted = Observation {
+            local: local.clone(),
+            ..obs.clone()
+        };
+        let me = self.member_status(&promoted);
+        let node = self.cfg.name.clone();
+        let term = obs
+            .dcs
+            .as_ref()
+            .and_then(|d| d.leader.as_ref())
+            .map(|l| l.mod_revision);
+        self.announce(|s| {
+            s.transition = None;
+            s.leader = Some(node);
+            s.leader_revision = term.or(s.leader_revision);
+            s.promotions = self.promotions;
+            if let Some(m) = s.members.iter_mut().find(|m| m.name == me.name) {
+                *m = me.clone();
+            }
+            s.me = me;
+        });
     }
 
     fn member_status(&self, obs: &Observation) -> MemberStatus {
@@ -1617,6 +1762,11 @@ impl Agent {
             promotions: self.promotions,
             loop_durations: self.loop_durations.clone(),
             last_error: self.last_error.clone(),
+            route: self.cfg.router.enabled.then(|| self.route.clone()),
+            // A stopping agent never leads again; the other changes are
+            // over by the end of the pass that began them (a stop under
+            // way shows as the state `stopping`).
+            transition: self.shutting_down.then_some(Transition::SteppingDown),
         };
         self.snapshot.send_replace(Arc::new(snapshot));
     }
@@ -1706,6 +1856,7 @@ impl Agent {
             }
             job.handle.abort();
         }
+        self.announce(|s| s.transition = Some(Transition::Stopping));
         if let Err(e) = self.pg.stop(Duration::from_secs(30)).await {
             warn!(error = %e, "stopping postgres failed");
         }

@@ -71,9 +71,13 @@ pub async fn list(api: &str, json: bool) -> anyhow::Result<String> {
         return Ok(serde_json::to_string_pretty(&members)?);
     }
     let pending = members.iter().any(|m| m["pending_restart"] == true);
+    let routed = members.iter().any(|m| m["router_rw"].is_string());
     let mut header = ["Member", "Host", "Role", "State", "TL", "Lag (bytes)"]
         .map(String::from)
         .to_vec();
+    if routed {
+        header.push("Router (rw / ro)".into());
+    }
     if pending {
         header.push("Pending restart".into());
     }
@@ -112,6 +116,13 @@ pub async fn list(api: &str, json: bool) -> anyhow::Result<String> {
             opt(&m["timeline"]),
             opt(&m["lag_bytes"]),
         ];
+        if routed {
+            let listeners: Vec<&str> = [&m["router_rw"], &m["router_ro"]]
+                .into_iter()
+                .filter_map(Value::as_str)
+                .collect();
+            row.push(listeners.join(" / "));
+        }
         if pending {
             row.push(
                 if m["pending_restart"] == true {
@@ -148,6 +159,11 @@ pub async fn list(api: &str, json: bool) -> anyhow::Result<String> {
         }
     }
     out.push_str(&sep);
+    if cluster["dcs_reachable"] == false {
+        out.push_str(&format!(
+            "Warning: {api} cannot read etcd now; this is its view as of its last successful read.\n"
+        ));
+    }
     if let Some(sw) = cluster["scheduled_switchover"].as_object() {
         let to = sw
             .get("to")

@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use crate::dcs::HistoryEntry;
-use crate::ha::{DynamicConfig, MemberStatus, SwitchoverKey, SyncKey, SyncMode, SyncSet};
+use crate::ha::{
+    DynamicConfig, MemberStatus, RouteChoice, SwitchoverKey, SyncKey, SyncMode, SyncSet,
+};
 
 /// What the API serves: the last observation and decision, never a live query.
 #[derive(Debug, Clone)]
@@ -41,6 +43,29 @@ pub struct Snapshot {
     /// Durations of the agent loop's passes.
     pub loop_durations: LoopHistogram,
     pub last_error: Option<String>,
+    /// Where this node's router sends new connections (by member name), when
+    /// the router is on.
+    pub route: Option<RouteChoice>,
+    /// A role change this node has begun: republished the moment it
+    /// starts, ahead of the pass's own snapshot.
+    pub transition: Option<Transition>,
+}
+
+/// A role change under way on this node. The health checks of the role
+/// being left fail from its start, so load balancers send new clients
+/// elsewhere before Postgres changes under them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// About to promote: Postgres may take writes any moment, so no longer
+    /// a replica; a primary once the promotion is confirmed.
+    Promoting,
+    /// Giving up the primary role (a SIGINT/SIGTERM handover, releasing
+    /// the leader key): Postgres may take writes a little longer while it
+    /// finishes cleanly, but no longer for new clients.
+    SteppingDown,
+    /// About to stop Postgres (demotion, handover, fencing, shutdown): no
+    /// role check passes.
+    Stopping,
 }
 
 impl Snapshot {

@@ -2,16 +2,20 @@
 //! snapshot (keep-alive, limits, malformed input, IPv4 + IPv6, arbitrary
 //! bytes); then real clusters (etcd + three agents with Postgres 15): every
 //! health check against each node's real role, replay lag, `promtool` on real
-//! metrics, and HAProxy routing clients to the primary through a failover.
+//! metrics; and across a SIGKILL, a switchover and a SIGINT handover, a
+//! 20 ms probe of every node's `/primary` and `/replica` against
+//! `pg_is_in_recovery()`, and HAProxy's two ports counting connections
+//! that reach the wrong role.
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +28,8 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use common::{free_port, psql, serial, wait_until, Cluster, Node, Options, TestDir, Timing};
+use common::proxy::{haproxy, where_am_i, HaProxy, Landing, ProxyClients};
+use common::{free_port, psql, serial, wait_until, Cluster, Node, Options, Timing};
 
 // ---------------------------------------------------------------------------
 // A small HTTP/1.1 client that shows exactly what went over the wire
@@ -213,6 +218,8 @@ fn leader_snapshot() -> Snapshot {
         promotions: 1,
         loop_durations,
         last_error: None,
+        route: None,
+        transition: None,
     }
 }
 
@@ -926,103 +933,371 @@ fn health_checks_follow_each_nodes_real_role() {
     wait_code(paused, "/readiness", 200, Duration::from_secs(15));
 }
 
-/// `haproxy`, or `None` after saying loudly that the check is skipped.
-fn haproxy() -> Option<PathBuf> {
-    for p in [
-        "/usr/sbin/haproxy",
-        "/usr/bin/haproxy",
-        "/usr/local/sbin/haproxy",
-    ] {
-        if Path::new(p).exists() {
-            return Some(PathBuf::from(p));
+// ---------------------------------------------------------------------------
+// Role changes as health checks and HAProxy see them
+// ---------------------------------------------------------------------------
+
+/// The check interval and fall count of the test's HAProxy (as in
+/// `config/haproxy.cfg`): how long HAProxy may still send new connections
+/// to a node after its check turned 503.
+const HAPROXY_INTER: Duration = Duration::from_secs(1);
+const HAPROXY_FALL: u32 = 2;
+
+/// How often the probes ask, as the issue measured.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
+
+/// `pg_is_in_recovery()` of one node over a kept-open connection, opened
+/// again after an error; `None` when Postgres does not answer.
+struct RecoveryPoll {
+    runtime: tokio::runtime::Runtime,
+    port: u16,
+    client: Option<tokio_postgres::Client>,
+}
+
+impl RecoveryPoll {
+    fn new(port: u16) -> RecoveryPoll {
+        RecoveryPoll {
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime"),
+            port,
+            client: None,
         }
     }
-    eprintln!("\n!!!!! haproxy not found: SKIPPING the HAProxy tests (apt-get install haproxy; scripts/test installs it) !!!!!\n");
-    None
+
+    /// The answer, and when it arrived.
+    fn ask(&mut self) -> (Instant, Option<bool>) {
+        // A node starting or stopping may hold a connection attempt: give
+        // up soon, so the probe keeps its pace.
+        let (connect, limit) = (Duration::from_millis(300), Duration::from_secs(1));
+        let (port, slot) = (self.port, &mut self.client);
+        let answer = self.runtime.block_on(async move {
+            if slot.is_none() {
+                let config: tokio_postgres::Config = format!(
+                    "host=127.0.0.1 port={port} user=postgres password={} dbname=postgres connect_timeout=1",
+                    common::SUPERUSER_PASSWORD
+                )
+                .parse()
+                .expect("connection string");
+                if let Ok(Ok((client, connection))) =
+                    tokio::time::timeout(connect, config.connect(tokio_postgres::NoTls)).await
+                {
+                    tokio::spawn(connection);
+                    *slot = Some(client);
+                }
+            }
+            let client = slot.as_ref()?;
+            let row =
+                tokio::time::timeout(limit, client.query_one("SELECT pg_is_in_recovery()", &[]))
+                    .await;
+            match row {
+                Ok(Ok(row)) => Some(row.get::<_, bool>(0)),
+                _ => {
+                    *slot = None;
+                    None
+                }
+            }
+        });
+        (Instant::now(), answer)
+    }
 }
 
-/// An HAProxy in front of a cluster, configured as Patroni users do:
-/// one port reaching the primary, one reaching the replicas.
-struct HaProxy {
-    primary_port: u16,
-    replica_port: u16,
-    child: Child,
-    log: PathBuf,
-    _dir: TestDir,
+/// One round of [`HealthProbe`] on one node: each health answer lies
+/// between two `pg_is_in_recovery()` polls, so it is judged against what
+/// Postgres was just before and just after it.
+#[derive(Debug, Clone, Copy)]
+struct HealthSample {
+    /// Before `/primary`, between the two requests, after `/replica`.
+    pg: [(Instant, Option<bool>); 3],
+    /// When each answer arrived and its status (0: no answer).
+    primary: (Instant, u16),
+    replica: (Instant, u16),
 }
 
-impl HaProxy {
-    fn start(binary: &Path, nodes: &[Node]) -> HaProxy {
-        let dir = TestDir::new("pgha-haproxy-");
-        let (primary_port, replica_port) = (free_port(), free_port());
-        let servers = |check: &str| {
-            nodes
-                .iter()
-                .map(|n| {
-                    format!(
-                        "    server {} 127.0.0.1:{} maxconn 100 check port {} # {check}\n",
-                        n.name, n.pg_port, n.api_port
-                    )
-                })
-                .collect::<String>()
+impl HealthSample {
+    /// `/primary` 200 while Postgres ran read-only before and after it.
+    fn primary_on_read_only(&self) -> bool {
+        self.primary.1 == 200 && self.pg[0].1 == Some(true) && self.pg[1].1 == Some(true)
+    }
+
+    /// `/replica` 200 while Postgres ran read-write before and after it.
+    fn replica_on_writable(&self) -> bool {
+        self.replica.1 == 200 && self.pg[1].1 == Some(false) && self.pg[2].1 == Some(false)
+    }
+
+    /// `/primary` 200 while Postgres answered neither poll around it.
+    fn primary_while_down(&self) -> bool {
+        self.primary.1 == 200 && self.pg[0].1.is_none() && self.pg[1].1.is_none()
+    }
+
+    /// The sample in one line, its times in ms since `origin`.
+    fn describe(&self, origin: Instant) -> String {
+        let ms = |t: Instant| t.saturating_duration_since(origin).as_millis();
+        let pg = |(t, r): (Instant, Option<bool>)| {
+            let r = r.map_or("-", |r| if r { "t" } else { "f" });
+            format!("pg {r} @{}", ms(t))
         };
-        let cfg = format!(
-            "global\n    maxconn 200\n\n\
-             defaults\n    mode tcp\n    retries 2\n    timeout connect 2s\n    timeout client 30m\n    timeout server 30m\n    timeout check 2s\n\n\
-             listen primary\n    bind 127.0.0.1:{primary_port}\n    option httpchk GET /primary\n    http-check expect status 200\n\
-             \x20   default-server inter 1s fall 2 rise 1 on-marked-down shutdown-sessions\n{}\n\
-             listen replicas\n    bind 127.0.0.1:{replica_port}\n    balance roundrobin\n    option httpchk GET /replica\n    http-check expect status 200\n\
-             \x20   default-server inter 1s fall 2 rise 1 on-marked-down shutdown-sessions\n{}",
-            servers("/primary"),
-            servers("/replica"),
-        );
-        let path = dir.path().join("haproxy.cfg");
-        fs::write(&path, cfg).unwrap();
-        let log = dir.path().join("haproxy.log");
-        let out = fs::File::create(&log).unwrap();
-        let child = Command::new(binary)
-            .arg("-db")
-            .arg("-f")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start haproxy");
-        HaProxy {
-            primary_port,
-            replica_port,
-            child,
-            log,
-            _dir: dir,
-        }
+        format!(
+            "{}, /primary {} @{}, {}, /replica {} @{}, {}",
+            pg(self.pg[0]),
+            self.primary.1,
+            ms(self.primary.0),
+            pg(self.pg[1]),
+            self.replica.1,
+            ms(self.replica.0),
+            pg(self.pg[2])
+        )
     }
 }
 
-impl Drop for HaProxy {
+/// Every `PROBE_EVERY`, on each node (a thread each): `pg_is_in_recovery()`,
+/// `GET /primary`, `pg_is_in_recovery()`, `GET /replica`,
+/// `pg_is_in_recovery()`.
+struct HealthProbe {
+    stop: Arc<AtomicBool>,
+    threads: Vec<(String, std::thread::JoinHandle<Vec<HealthSample>>)>,
+}
+
+impl HealthProbe {
+    fn start(nodes: &[Node]) -> HealthProbe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = nodes
+            .iter()
+            .map(|n| {
+                let (stop, api, port) = (stop.clone(), n.api_addr(), n.pg_port);
+                let answer = move |path: &str| {
+                    let status = try_ask(api, "GET", path).map_or(0, |a| a.status);
+                    (Instant::now(), status)
+                };
+                let thread = std::thread::spawn(move || {
+                    let mut pg = RecoveryPoll::new(port);
+                    let mut samples = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let round = Instant::now();
+                        let before = pg.ask();
+                        let primary = answer("/primary");
+                        let between = pg.ask();
+                        let replica = answer("/replica");
+                        let after = pg.ask();
+                        samples.push(HealthSample {
+                            pg: [before, between, after],
+                            primary,
+                            replica,
+                        });
+                        std::thread::sleep(PROBE_EVERY.saturating_sub(round.elapsed()));
+                    }
+                    samples
+                });
+                (n.name.clone(), thread)
+            })
+            .collect();
+        HealthProbe { stop, threads }
+    }
+
+    fn stop(&mut self) -> BTreeMap<String, Vec<HealthSample>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .drain(..)
+            .map(|(name, t)| (name, t.join().expect("probe thread")))
+            .collect()
+    }
+}
+
+impl Drop for HealthProbe {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("----- haproxy log -----\n{}", common::tail(&self.log, 40));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
-/// `pg_is_in_recovery()|inet_server_port()` through a proxy port.
-fn where_am_i(port: u16) -> Option<(bool, u16)> {
-    let out = psql(
-        port,
-        "SELECT pg_is_in_recovery()::text || '|' || inet_server_port()",
+/// Where one new connection through HAProxy landed: when it answered,
+/// `pg_is_in_recovery()` and the server's port (`None`: it failed).
+/// One change of primary the test caused.
+struct RoleChange {
+    what: &'static str,
+    from: String,
+    to: String,
+    at: Instant,
+    /// The old primary's agent runs through it (not SIGKILLed): its
+    /// `/primary` must turn 503 before its Postgres stops taking writes.
+    demotes: bool,
+}
+
+/// `to - from` in milliseconds, negative when `to` came first.
+fn signed_ms(from: Instant, to: Instant) -> i64 {
+    if to >= from {
+        (to - from).as_millis() as i64
+    } else {
+        -((from - to).as_millis() as i64)
+    }
+}
+
+fn median_and_max(mut v: Vec<i64>) -> String {
+    if v.is_empty() {
+        return "no samples".into();
+    }
+    v.sort_unstable();
+    format!(
+        "median {} ms, max {} ms, all {v:?}",
+        v[v.len() / 2],
+        v[v.len() - 1]
     )
-    .ok()?;
-    let (recovery, server_port) = out.split_once('|')?;
-    Some((recovery == "true", server_port.parse().ok()?))
+}
+
+/// What the probes saw of one role change.
+#[derive(Debug)]
+struct ChangeTimes {
+    /// From the first poll that found the new primary writable to its
+    /// first `/primary` 200.
+    promotion_to_primary_ms: Option<i64>,
+    /// From that poll to its first `/replica` 503 (negative: before).
+    promotion_to_replica_503_ms: Option<i64>,
+    /// From the old primary's first `/primary` 503 to the first poll that
+    /// found its Postgres no longer writable (positive: the 503 came first).
+    demotion_lead_ms: Option<i64>,
+    /// From that 503 to the first poll that found the old primary running
+    /// again, read-only: until then no connection can reach it as one.
+    demotion_to_standby_ms: Option<i64>,
+}
+
+fn change_times(c: &RoleChange, samples: &BTreeMap<String, Vec<HealthSample>>) -> ChangeTimes {
+    let after = |t: &Instant| *t >= c.at;
+    let new = &samples[&c.to];
+    let writable_at = new
+        .iter()
+        .flat_map(|s| s.pg)
+        .find(|(t, r)| after(t) && *r == Some(false))
+        .map(|(t, _)| t);
+    let primary_at = new
+        .iter()
+        .map(|s| s.primary)
+        .find(|(t, code)| after(t) && *code == 200)
+        .map(|(t, _)| t);
+    let replica_503_at = new
+        .iter()
+        .map(|s| s.replica)
+        .find(|(t, code)| after(t) && *code != 200)
+        .map(|(t, _)| t);
+    let old = &samples[&c.from];
+    let primary_503_at = old
+        .iter()
+        .map(|s| s.primary)
+        .find(|(t, code)| after(t) && *code != 200)
+        .map(|(t, _)| t);
+    let read_only_at = old
+        .iter()
+        .flat_map(|s| s.pg)
+        .find(|(t, r)| after(t) && *r != Some(false))
+        .map(|(t, _)| t);
+    let standby_at = old
+        .iter()
+        .flat_map(|s| s.pg)
+        .find(|(t, r)| after(t) && *r == Some(true))
+        .map(|(t, _)| t);
+    let between = |a: Option<Instant>, b: Option<Instant>| Some(signed_ms(a?, b?));
+    ChangeTimes {
+        promotion_to_primary_ms: between(writable_at, primary_at),
+        promotion_to_replica_503_ms: between(writable_at, replica_503_at),
+        demotion_lead_ms: if c.demotes {
+            between(primary_503_at, read_only_at)
+        } else {
+            None
+        },
+        demotion_to_standby_ms: if c.demotes {
+            between(primary_503_at, standby_at)
+        } else {
+            None
+        },
+    }
+}
+
+/// What the probe saw of a node's check over the `inter × fall` (plus a
+/// little for the check's own time) before a connection landed there.
+#[derive(Debug, PartialEq, Eq)]
+enum CheckSeen {
+    /// A 200: HAProxy may still have had the node up.
+    Passed,
+    /// Only failures, none more than `MAX_GAP` apart: HAProxy had no
+    /// reason to keep the node.
+    Failed,
+    /// Too few answers to tell (the probe itself waited on a poll).
+    Unknown,
+}
+
+fn check_seen(answers: impl Iterator<Item = (Instant, u16)>, at: Instant) -> CheckSeen {
+    const MAX_GAP: Duration = Duration::from_millis(250);
+    let window = HAPROXY_INTER * HAPROXY_FALL + Duration::from_millis(500);
+    let from = at.checked_sub(window).unwrap_or(at);
+    let (mut last, mut gap) = (from, Duration::ZERO);
+    for (t, code) in answers.filter(|(t, _)| (from..=at).contains(t)) {
+        if code == 200 {
+            return CheckSeen::Passed;
+        }
+        gap = gap.max(t - last);
+        last = t;
+    }
+    if gap.max(at - last) <= MAX_GAP {
+        CheckSeen::Failed
+    } else {
+        CheckSeen::Unknown
+    }
+}
+
+/// Connections through an HAProxy port that reached the wrong role, each
+/// with its time in ms since `origin` and what the probe saw of that
+/// node's check before it ([`CheckSeen`]), and of those the ones HAProxy's
+/// own check period does not explain (`Failed`).
+fn wrong_landings<'a>(
+    landings: &'a [Landing],
+    origin: Instant,
+    wrong: impl Fn(bool) -> bool,
+    node_of_port: impl Fn(u16) -> &'a str,
+    seen: impl Fn(&str, Instant) -> CheckSeen,
+) -> (Vec<String>, Vec<String>) {
+    let mut all = Vec::new();
+    let mut unexplained = Vec::new();
+    for (at, landed) in landings {
+        let Some((in_recovery, port)) = landed else {
+            continue;
+        };
+        if !wrong(*in_recovery) {
+            continue;
+        }
+        let node = node_of_port(*port);
+        let seen = seen(node, *at);
+        let what = format!(
+            "@{} {node} (in recovery: {in_recovery}), its check within inter x fall before: {seen:?}",
+            at.saturating_duration_since(origin).as_millis()
+        );
+        if seen == CheckSeen::Failed {
+            unexplained.push(what.clone());
+        }
+        all.push(what);
+    }
+    (all, unexplained)
+}
+
+/// A switchover from the current leader to a replica, through the API;
+/// retried while the leader does not yet see a fit candidate (412).
+fn switch_over(cluster: &mut Cluster, from: &str) -> String {
+    let view = cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
+    let to = view.streaming_replicas()[0].name.clone();
+    cluster.switch_over(from, &to);
+    to
+}
+
+/// The node that is the one healthy primary once the cluster is healthy.
+fn healthy_primary(cluster: &mut Cluster) -> String {
+    cluster.wait_healthy(BOOTSTRAP_TIMEOUT).primaries()[0]
+        .name
+        .clone()
 }
 
 #[test]
-fn haproxy_sends_clients_to_the_primary_and_follows_a_failover() {
-    let Some(haproxy) = haproxy() else { return };
+fn health_checks_and_haproxy_follow_a_kill_a_switchover_and_a_sigint_handover() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let haproxy = haproxy();
     let _serial = serial();
     let timing = Timing::FAST;
     let mut cluster = Cluster::start(
@@ -1040,48 +1315,71 @@ fn haproxy_sends_clients_to_the_primary_and_follows_a_failover() {
         .iter()
         .map(|m| cluster.node(&m.name).pg_port)
         .collect();
-    let proxy = HaProxy::start(&haproxy, &cluster.nodes);
+    let proxy = haproxy.map(|h| HaProxy::start(&h, &cluster.nodes));
 
-    // HAProxy takes servers as up until their first checks fail: wait for
-    // its view to settle, several connections in a row reaching the right kind.
-    let settled = |port: u16, ok: &dyn Fn((bool, u16)) -> bool| {
-        (0..6)
-            .map(|_| where_am_i(port))
-            .all(|w| w.is_some_and(ok))
-            .then_some(())
-    };
-    wait_until(
-        "HAProxy's primary port to reach only the primary",
-        Duration::from_secs(20),
-        || settled(proxy.primary_port, &|w| w == (false, old_port)),
+    if let Some(proxy) = &proxy {
+        // HAProxy takes servers as up until their first checks fail: wait
+        // for its view to settle, several connections in a row reaching
+        // the right kind.
+        let settled = |port: u16, ok: &dyn Fn((bool, u16)) -> bool| {
+            (0..6)
+                .map(|_| where_am_i(port))
+                .all(|w| w.is_some_and(ok))
+                .then_some(())
+        };
+        wait_until(
+            "HAProxy's primary port to reach only the primary",
+            Duration::from_secs(20),
+            || settled(proxy.primary_port, &|w| w == (false, old_port)),
+        );
+        wait_until(
+            "HAProxy's replica port to reach only replicas",
+            Duration::from_secs(20),
+            || {
+                settled(proxy.replica_port, &|(recovery, port)| {
+                    recovery && replica_ports.contains(&port)
+                })
+            },
+        );
+    }
+    let origin = Instant::now();
+    eprintln!(
+        "probes start at {} (@0 below; agent logs are in UTC)",
+        humantime::format_rfc3339_micros(std::time::SystemTime::now())
     );
-    wait_until(
-        "HAProxy's replica port to reach only replicas",
-        Duration::from_secs(20),
-        || {
-            settled(proxy.replica_port, &|(recovery, port)| {
-                recovery && replica_ports.contains(&port)
-            })
-        },
-    );
+    let mut probe = HealthProbe::start(&cluster.nodes);
+    let mut clients = proxy.as_ref().map(|p| {
+        (
+            ProxyClients::start(p.primary_port, PROBE_EVERY),
+            ProxyClients::start(p.replica_port, PROBE_EVERY),
+        )
+    });
+    let mut changes = Vec::new();
 
-    // The agent dies; its fence guard stops the primary's Postgres.
+    // 1. The primary's agent dies; its fence guard stops its Postgres.
     let killed_at = Instant::now();
     cluster.node_mut(&old).kill9();
-    let limit = Duration::from_secs(timing.ttl_s) + Duration::from_secs(6);
-    let (recovery, port) = wait_until("HAProxy to reach a new primary", limit, || {
-        where_am_i(proxy.primary_port).filter(|(recovery, port)| !recovery && *port != old_port)
-    });
-    let took = killed_at.elapsed();
-    eprintln!("new primary reachable through HAProxy {took:?} after the old agent was killed");
-    assert!(!recovery);
-    let new = cluster
-        .nodes
-        .iter()
-        .find(|n| n.pg_port == port)
-        .expect("a cluster node")
-        .name
-        .clone();
+    let new = if let Some(proxy) = &proxy {
+        let limit = Duration::from_secs(timing.ttl_s) + Duration::from_secs(6);
+        let (_, port) = wait_until("HAProxy to reach a new primary", limit, || {
+            where_am_i(proxy.primary_port).filter(|(recovery, port)| !recovery && *port != old_port)
+        });
+        eprintln!(
+            "new primary reachable through HAProxy {:?} after the old agent was killed",
+            killed_at.elapsed()
+        );
+        cluster.node_by_port(port).name.clone()
+    } else {
+        let view = cluster.wait_for("a new primary", Duration::from_secs(30), |v| {
+            v.primaries().iter().any(|m| m.name != old)
+        });
+        view.primaries()
+            .iter()
+            .find(|m| m.name != old)
+            .unwrap()
+            .name
+            .clone()
+    };
     assert_ne!(new, old);
     assert_eq!(cluster.node(&new).query("SELECT pg_is_in_recovery()"), "f");
     wait_until(
@@ -1089,12 +1387,203 @@ fn haproxy_sends_clients_to_the_primary_and_follows_a_failover() {
         Duration::from_secs(10),
         || cluster.node(&old).postmaster_pid().is_none().then_some(()),
     );
-    // Writes through the proxy land on the new primary.
-    psql(
-        proxy.primary_port,
-        "CREATE TABLE through_haproxy AS SELECT 1 AS id",
-    )
-    .expect("write through HAProxy");
+    if let Some(proxy) = &proxy {
+        psql(
+            proxy.primary_port,
+            "CREATE TABLE through_haproxy AS SELECT 1 AS id",
+        )
+        .expect("write through HAProxy");
+    }
+    changes.push(RoleChange {
+        what: "SIGKILL",
+        from: old.clone(),
+        to: new.clone(),
+        at: killed_at,
+        demotes: false,
+    });
+    cluster.node_mut(&old).restart();
+
+    // 2. Switchovers and SIGINT handovers, once each unless asked for more
+    // (PGHA_TEST_ROLE_CHANGES=N: N of each, for a distribution).
+    let rounds: usize = std::env::var("PGHA_TEST_ROLE_CHANGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for _ in 0..rounds {
+        let from = healthy_primary(&mut cluster);
+        let at = Instant::now();
+        let to = switch_over(&mut cluster, &from);
+        changes.push(RoleChange {
+            what: "switchover",
+            from,
+            to,
+            at,
+            demotes: true,
+        });
+
+        let from = healthy_primary(&mut cluster);
+        let at = Instant::now();
+        let pid = cluster.node(&from).agent_pid().expect("agent runs");
+        kill(Pid::from_raw(pid), Signal::SIGINT).expect("SIGINT");
+        let exit = cluster.node_mut(&from).wait_exit(Duration::from_secs(60));
+        assert!(
+            exit.is_some_and(|e| e.success()),
+            "{from} after SIGINT: {exit:?}"
+        );
+        let view = cluster.wait_for("a new primary", Duration::from_secs(30), |v| {
+            v.primaries().iter().any(|m| m.name != from)
+        });
+        let to = view
+            .primaries()
+            .iter()
+            .find(|m| m.name != from)
+            .expect("checked")
+            .name
+            .clone();
+        changes.push(RoleChange {
+            what: "SIGINT",
+            from: from.clone(),
+            to,
+            at,
+            demotes: true,
+        });
+        cluster.node_mut(&from).restart();
+    }
+    cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
+    // Let HAProxy's checks catch up before the clients stop.
+    std::thread::sleep(HAPROXY_INTER * (HAPROXY_FALL + 1));
+    let samples = probe.stop();
+    let landings = clients.as_mut().map(|(p, r)| (p.stop(), r.stop()));
+
+    // What the probes saw, printed before anything is asserted.
+    let mut promotion_to_primary = Vec::new();
+    let mut promotion_to_replica_503 = Vec::new();
+    let mut demotion_lead = Vec::new();
+    let mut demotion_to_standby = Vec::new();
+    for c in &changes {
+        let t = change_times(c, &samples);
+        eprintln!(
+            "{} {} -> {} @{}: promotion -> /primary 200 {:?} ms, promotion -> /replica 503 {:?} ms, old /primary 503 ahead of its Postgres stopping writes by {:?} ms, and of it running read-only by {:?} ms",
+            c.what, c.from, c.to, c.at.saturating_duration_since(origin).as_millis(), t.promotion_to_primary_ms, t.promotion_to_replica_503_ms, t.demotion_lead_ms, t.demotion_to_standby_ms
+        );
+        promotion_to_primary.extend(t.promotion_to_primary_ms);
+        promotion_to_replica_503.extend(t.promotion_to_replica_503_ms);
+        demotion_lead.extend(t.demotion_lead_ms);
+        demotion_to_standby.extend(t.demotion_to_standby_ms);
+    }
+    let mut wrong = Vec::new();
+    for (name, samples) in &samples {
+        for s in samples {
+            if s.primary_on_read_only() {
+                wrong.push(format!(
+                    "{name}: /primary 200 while read-only: {}",
+                    s.describe(origin)
+                ));
+            }
+            if s.replica_on_writable() {
+                wrong.push(format!(
+                    "{name}: /replica 200 while writable: {}",
+                    s.describe(origin)
+                ));
+            }
+            if s.primary_while_down() {
+                wrong.push(format!(
+                    "{name}: /primary 200 while Postgres is down: {}",
+                    s.describe(origin)
+                ));
+            }
+        }
+    }
+    let rounds_probed: usize = samples.values().map(Vec::len).sum();
+    let longest_gaps: Vec<String> = samples
+        .iter()
+        .map(|(name, s)| {
+            let gap = s
+                .windows(2)
+                .map(|w| w[1].primary.0 - w[0].primary.0)
+                .max()
+                .unwrap_or_default();
+            format!("{name} {} ms", gap.as_millis())
+        })
+        .collect();
+    eprintln!("longest gap between two probe rounds: {longest_gaps:?}");
+    eprintln!(
+        "SUMMARY health probe ({rounds_probed} rounds every {PROBE_EVERY:?}): promotion -> /primary 200: {}; promotion -> /replica 503: {}; demotion lead (/primary 503 before writes stop): {}; /primary 503 before the old primary runs read-only: {}; wrong-role answers: {}",
+        median_and_max(promotion_to_primary.clone()),
+        median_and_max(promotion_to_replica_503.clone()),
+        median_and_max(demotion_lead.clone()),
+        median_and_max(demotion_to_standby.clone()),
+        wrong.len()
+    );
+    let mut unexplained = Vec::new();
+    if let Some((primary_landings, replica_landings)) = &landings {
+        let node_of_port = |port: u16| cluster.node_by_port(port).name.as_str();
+        let seen = |check: fn(&HealthSample) -> (Instant, u16)| {
+            let samples = &samples;
+            move |node: &str, at: Instant| check_seen(samples[node].iter().map(check), at)
+        };
+        let (primary_wrong, primary_unexplained) = wrong_landings(
+            primary_landings,
+            origin,
+            |in_recovery| in_recovery,
+            node_of_port,
+            seen(|s| s.primary),
+        );
+        let (replica_wrong, replica_unexplained) = wrong_landings(
+            replica_landings,
+            origin,
+            |in_recovery| !in_recovery,
+            node_of_port,
+            seen(|s| s.replica),
+        );
+        let connected = |l: &[Landing]| l.iter().filter(|(_, w)| w.is_some()).count();
+        eprintln!(
+            "through HAProxy's primary port to a read-only node: {primary_wrong:#?}\nthrough its replicas port to a writable node: {replica_wrong:#?}"
+        );
+        eprintln!(
+            "SUMMARY HAProxy: primary port {} of {} connections on a read-only node ({} failed to connect); replicas port {} of {} on a writable node ({} failed); unexplained by inter x fall: {} and {}",
+            primary_wrong.len(),
+            connected(primary_landings),
+            primary_landings.len() - connected(primary_landings),
+            replica_wrong.len(),
+            connected(replica_landings),
+            replica_landings.len() - connected(replica_landings),
+            primary_unexplained.len(),
+            replica_unexplained.len(),
+        );
+        // A stopped primary stays down for api.balancer_window, longer
+        // than HAProxy's inter x fall: its primary port never reaches a
+        // read-only node.
+        unexplained.extend(
+            primary_wrong
+                .into_iter()
+                .map(|w| format!("primary port: {w}")),
+        );
+        drop(primary_unexplained);
+        unexplained.extend(
+            replica_unexplained
+                .into_iter()
+                .map(|w| format!("replicas port: {w}")),
+        );
+    }
+
+    assert!(
+        wrong.is_empty(),
+        "health answers of the wrong role: {wrong:#?}"
+    );
+    assert!(
+        unexplained.is_empty(),
+        "connections through HAProxy that reached the wrong role longer than inter x fall after the check turned 503: {unexplained:#?}"
+    );
+    assert_eq!(
+        promotion_to_primary.len(),
+        changes.len(),
+        "every new primary was seen writable and answering /primary 200"
+    );
+    // The target is well under 50 ms; a loaded CI machine gets slack.
+    for ms in &promotion_to_primary {
+        assert!(*ms < 1000, "/primary 200 {ms} ms after the promotion");
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -18,16 +18,19 @@ mod common;
 #[path = "common/patroni.rs"]
 mod patroni;
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::procs::{
+    agent_tree, clock_ticks_per_second, command_output, cpu_ticks, load_average, memory_gib,
+    pss_kib, rss_kib,
+};
 use common::{
-    create_writes_table_on_port, serial, stored_seqs, wait_until, Cluster, Etcd, Options, Timing,
-    Writer,
+    create_writes_table_on_port, http_post, serial, stored_seqs, wait_until, Cluster, Etcd,
+    Options, Timing, Writer,
 };
 use patroni::{PatroniCluster, PatroniTiming};
 
@@ -111,7 +114,7 @@ impl HaSystem for Pgha {
     }
 
     fn switchover(&mut self, from: &str, to: &str) {
-        let (status, answer) = patroni::http_post(
+        let (status, answer) = http_post(
             self.0.node(from).api_addr(),
             "/switchover",
             &format!(r#"{{"leader":"{from}","candidate":"{to}"}}"#),
@@ -349,89 +352,6 @@ fn switchover_round(sys: &mut dyn HaSystem, writer: &Writer, label: &str) -> Dur
     );
     sys.ready();
     outage
-}
-
-/// Processes of one agent: the agent and its descendants running the same
-/// executable (pgha's fence guard; Postgres is not counted).
-fn agent_tree(agent: i32) -> Vec<i32> {
-    let exe = |pid: i32| fs::read_link(format!("/proc/{pid}/exe")).ok();
-    let Some(agent_exe) = exe(agent) else {
-        return vec![agent];
-    };
-    let mut parent_of = HashMap::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        if let Some(ppid) = stat_fields(pid).and_then(|f| f.get(1)?.parse::<i32>().ok()) {
-            parent_of.insert(pid, ppid);
-        }
-    }
-    let mut tree = vec![agent];
-    let mut i = 0;
-    while i < tree.len() {
-        let parent = tree[i];
-        for (&pid, &ppid) in &parent_of {
-            if ppid == parent && !tree.contains(&pid) {
-                tree.push(pid);
-            }
-        }
-        i += 1;
-    }
-    tree.into_iter()
-        .filter(|&p| p == agent || exe(p).as_ref() == Some(&agent_exe))
-        .collect()
-}
-
-/// Fields of /proc/PID/stat after the command name: [state, ppid, ...].
-fn stat_fields(pid: i32) -> Option<Vec<String>> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    Some(rest.split_whitespace().map(str::to_string).collect())
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    stat_fields(pid)
-        .map(|f| {
-            f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        })
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Proportional set size: every page shared with other processes (the
-/// binary's text between the agent and its guard, libc, libpython) counted
-/// as its share only.
-fn pss_kib(pid: i32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// Per agent (process tree as [`agent_tree`]), means over the nodes.
@@ -674,33 +594,6 @@ fn render_table(rows: &[Row]) -> String {
         );
     }
     out
-}
-
-fn command_output(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|e| format!("({cmd}: {e})"))
-}
-
-/// The first three fields of /proc/loadavg.
-fn load_average() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn memory_gib() -> f64 {
-    fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0 / 1024.0)
-        .unwrap_or(0.0)
 }
 
 /// A rough run time for `rounds` rounds, before anything is measured:

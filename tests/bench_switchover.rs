@@ -11,8 +11,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -51,25 +49,6 @@ fn longest_gap(log: &WriterLog, from: Instant, to: Instant) -> Duration {
         .map(|w| w[1] - w[0])
         .max()
         .unwrap_or(to - from)
-}
-
-fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(130))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read");
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, answer)
 }
 
 #[test]
@@ -118,7 +97,7 @@ fn write_outage_in_switchovers_and_a_rolling_restart() {
         let old_port = cluster.node(&primary).pg_port;
         let new_port = cluster.node(&target).pg_port;
         let asked = Instant::now();
-        let (status, answer) = post(
+        let (status, answer) = common::http_post(
             cluster.node(&primary).api_addr(),
             "/switchover",
             &format!(r#"{{"leader":"{primary}","candidate":"{target}"}}"#),

@@ -2,8 +2,9 @@
 //! Debian base image (docker/base-image.sh, cached between runs), builds
 //! docker/Dockerfile on it with the pgha binary cargo built, brings up
 //! docker/compose.yml under a project name of its own, and checks health,
-//! replication, failover after `docker kill`, rejoin, PID 1 reaping and that
-//! `down` leaves nothing behind. Skipped, with a message, when no Docker
+//! replication, every node's router (5432 to the primary, 5434 to a replica)
+//! before and after a failover after `docker kill`, rejoin, PID 1 reaping and
+//! that `down` leaves nothing behind. Skipped, with a message, when no Docker
 //! engine answers.
 
 mod common;
@@ -184,6 +185,8 @@ fn psql_in(container: &str, sql: &str) -> Result<String, String> {
         "ON_ERROR_STOP=1",
         "-h",
         "/var/lib/pgha",
+        "-p",
+        "5433",
         "-U",
         "postgres",
         "-d",
@@ -196,6 +199,60 @@ fn psql_in(container: &str, sql: &str) -> Result<String, String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
+}
+
+/// Postgres' port in the image; the router takes 5432 (read-write) and 5434
+/// (read-only).
+const POSTGRES_PORT: &str = "5433";
+const ROUTER_RW_PORT: u16 = 5432;
+const ROUTER_RO_PORT: u16 = 5434;
+
+/// What a connection reached: `pg_is_in_recovery()`, `inet_server_port()`
+/// and the node name (`cluster_name`), as "f|5433|n1".
+const WHO: &str = "SELECT pg_is_in_recovery(), inet_server_port(), current_setting('cluster_name')";
+
+/// SQL as the superuser over TCP to `host:port`, run by psql inside the
+/// container `from`: what an application on the compose network sees.
+fn psql_from(from: &str, host: &str, port: u16, sql: &str) -> Result<String, String> {
+    let dsn = format!("host={host} port={port} user=postgres dbname=postgres connect_timeout=5");
+    let out = run(&mut docker(&[
+        "exec",
+        "-e",
+        &format!("PGPASSWORD={SUPERUSER_PASSWORD}"),
+        from,
+        "psql",
+        "-X",
+        "-q",
+        "-A",
+        "-t",
+        "-F",
+        "|",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        &dsn,
+        "-c",
+        sql,
+    ]));
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// A container's addresses on the compose network (IPv4, IPv6).
+fn addresses(container: &str) -> (String, String) {
+    let both = run_ok(&mut docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{.GlobalIPv6Address}}{{end}}",
+        container,
+    ]));
+    let mut parts = both.split_whitespace().map(str::to_string);
+    let v4 = parts.next().expect("an IPv4 address");
+    let v6 = parts.next().expect("an IPv6 address");
+    (v4, v6)
 }
 
 /// Zombie processes in a container, as "pid (comm)" from /proc.
@@ -445,6 +502,47 @@ fn compose_cluster_fails_over_and_rejoins() {
         "HAProxy's replicas port reached a primary"
     );
 
+    // Every node's router: its 5432 reaches the primary's Postgres (5433),
+    // by name from another node and by the node's IPv4 and IPv6 address (a
+    // dual-stack listener), and from the host through the published port;
+    // its 5434 reaches a replica.
+    let leader_is = format!("f|{POSTGRES_PORT}|{}", primary.0);
+    for (i, (name, container)) in nodes.iter().enumerate() {
+        let (_, from) = &nodes[(i + 1) % nodes.len()];
+        let (v4, v6) = addresses(container);
+        for host in [name.as_str(), &v4, &v6] {
+            let reached = wait_until(
+                &format!("psql to {host}:{ROUTER_RW_PORT}"),
+                Duration::from_secs(30),
+                || psql_from(from, host, ROUTER_RW_PORT, WHO).ok(),
+            );
+            assert_eq!(
+                reached, leader_is,
+                "{host}:{ROUTER_RW_PORT} ({name}'s router) did not reach the primary"
+            );
+        }
+        let published = run_ok(&mut project.compose(&["port", name, "5432"]));
+        let published: u16 = published
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("`port {name} 5432` printed {published:?}"));
+        assert_eq!(
+            psql(published, WHO),
+            Ok(leader_is.clone()),
+            "127.0.0.1:{published} ({name}'s router, published) did not reach the primary"
+        );
+        let replica = wait_until(
+            &format!("psql to {name}:{ROUTER_RO_PORT}"),
+            Duration::from_secs(30),
+            || psql_from(from, name, ROUTER_RO_PORT, WHO).ok(),
+        );
+        assert!(
+            replica.starts_with(&format!("t|{POSTGRES_PORT}|")) && !replica.ends_with(&primary.0),
+            "{name}:{ROUTER_RO_PORT} reached {replica:?}, not a replica"
+        );
+    }
+
     // docker kill of the primary: another node takes over within the budget.
     let killed_at = Instant::now();
     run_ok(&mut docker(&["kill", &primary.1]));
@@ -482,6 +580,62 @@ fn compose_cluster_fails_over_and_rejoins() {
         "a replicated row is missing on the new primary"
     );
 
+    // The surviving routers follow the promotion: 5432 of each reaches the
+    // new primary (a router never sends a client to a replica, so the first
+    // answer must be it), a write through the replica's router is
+    // acknowledged by the new primary, and 5434 reaches the replica.
+    let new_leader_is = format!("f|{POSTGRES_PORT}|{}", new_primary.0);
+    for (i, (name, _)) in survivors.iter().enumerate() {
+        let (_, from) = survivors[(i + 1) % survivors.len()];
+        let reached = wait_until(
+            &format!("psql to {name}:{ROUTER_RW_PORT} after the failover"),
+            Duration::from_secs(30),
+            || psql_from(from, name, ROUTER_RW_PORT, WHO).ok(),
+        );
+        assert_eq!(
+            reached, new_leader_is,
+            "{name}'s router did not reach the new primary after the failover"
+        );
+    }
+    let (replica, _) = survivors
+        .iter()
+        .find(|(n, _)| *n != new_primary.0)
+        .expect("a surviving replica");
+    let acked_by = psql_from(
+        &new_primary.1,
+        replica,
+        ROUTER_RW_PORT,
+        "INSERT INTO docker_test VALUES ('via-router') \
+         RETURNING current_setting('cluster_name'), pg_is_in_recovery()",
+    );
+    assert_eq!(
+        acked_by,
+        Ok(format!("{}|f", new_primary.0)),
+        "a write through {replica}'s router"
+    );
+    assert_eq!(
+        psql_in(
+            &new_primary.1,
+            "SELECT count(*) FROM docker_test WHERE v = 'via-router'"
+        ),
+        Ok("1".to_string()),
+        "the write through {replica}'s router is missing on the new primary"
+    );
+    let read_only = wait_until(
+        &format!(
+            "psql to {}:{ROUTER_RO_PORT} after the failover",
+            new_primary.0
+        ),
+        Duration::from_secs(60),
+        || psql_from(&new_primary.1, &new_primary.0, ROUTER_RO_PORT, WHO).ok(),
+    );
+    assert_eq!(
+        read_only,
+        format!("t|{POSTGRES_PORT}|{replica}"),
+        "{}:{ROUTER_RO_PORT} after the failover",
+        new_primary.0
+    );
+
     // The killed container started again rejoins as a replica.
     run_ok(&mut docker(&["start", &primary.1]));
     wait_until(
@@ -500,6 +654,18 @@ fn compose_cluster_fails_over_and_rejoins() {
     );
     write("after-rejoin");
     replicated_to(&primary.1, "after-rejoin");
+    // The rejoined node's router reaches the new primary too.
+    let (_, from) = survivors[0];
+    let reached = wait_until(
+        &format!("psql to {}:{ROUTER_RW_PORT} after the rejoin", primary.0),
+        Duration::from_secs(30),
+        || psql_from(from, &primary.0, ROUTER_RW_PORT, WHO).ok(),
+    );
+    assert_eq!(
+        reached, new_leader_is,
+        "{}'s router after it rejoined",
+        primary.0
+    );
 
     // The README's way to force a failover from inside a container: the
     // rejoined node becomes primary again.
@@ -567,7 +733,8 @@ fn compose_cluster_fails_over_and_rejoins() {
     eprintln!(
         "SUMMARY docker: base image {base} ready in {:.1} s, image {} MB built in {:.1} s, \
          compose up to 3 healthy in {:.1} s, {} -> {} promoted {:.1} s after docker kill, \
-         handover on docker stop {:.1} s",
+         handover on docker stop {:.1} s; every router's 5432 reached {} before the kill and {} \
+         after it (a write through {replica}'s router acknowledged by {}), 5434 a replica",
         base_time.as_secs_f64(),
         image_size / 1_000_000,
         build_time.as_secs_f64(),
@@ -575,15 +742,23 @@ fn compose_cluster_fails_over_and_rejoins() {
         primary.0,
         new_primary.0,
         failover.as_secs_f64(),
-        handed_over.as_secs_f64()
+        handed_over.as_secs_f64(),
+        primary.0,
+        new_primary.0,
+        new_primary.0
     );
 }
 
-/// config/fly.toml.example against the image it deploys: its env vars and
-/// the image's baked-in config make a valid node config, and the platform's
-/// timings fit the agent's.
+/// config/fly.toml.example against the image it deploys: ONE app of three
+/// Machines with the same image and config, each taking its identity from
+/// the variables the platform sets in it; the [env] table, the secrets and
+/// the image's baked-in config make a valid and distinct config per
+/// Machine, the router listens where the app's DB_PORT and the check point,
+/// and the platform's timings fit the agent's.
 #[test]
 fn fly_config_example_fits_the_image() {
+    /// The port applications connect to (`DB_PORT`), as the file documents.
+    const DB_PORT: u16 = 5432;
     let text = std::fs::read_to_string(repo().join("config/fly.toml.example")).unwrap();
     let fly: toml::Table = text.parse().expect("config/fly.toml.example is TOML");
     let str_at = |table: &toml::Table, path: &[&str]| -> String {
@@ -597,21 +772,45 @@ fn fly_config_example_fits_the_image() {
             other => panic!("fly.toml: {} is {other:?}", path.join(".")),
         }
     };
+    let port_at = |path: &[&str]| -> u16 { str_at(&fly, path).parse().unwrap() };
     assert_eq!(str_at(&fly, &["kill_signal"]), "SIGINT");
     let kill_timeout: u64 = str_at(&fly, &["kill_timeout"]).parse().unwrap();
     assert_eq!(kill_timeout, 60);
     assert_eq!(str_at(&fly, &["deploy", "strategy"]), "rolling");
+    assert_eq!(str_at(&fly, &["deploy", "max_unavailable"]), "1");
+    assert_eq!(str_at(&fly, &["checks", "health", "type"]), "http");
     assert_eq!(str_at(&fly, &["checks", "health", "path"]), "/health");
     assert_eq!(str_at(&fly, &["checks", "health", "interval"]), "10s");
     assert_eq!(str_at(&fly, &["checks", "health", "timeout"]), "3s");
     str_at(&fly, &["checks", "health", "grace_period"]);
+    assert_eq!(str_at(&fly, &["checks", "router", "type"]), "tcp");
+    assert_eq!(port_at(&["checks", "router", "port"]), DB_PORT);
     assert_eq!(str_at(&fly, &["metrics", "path"]), "/metrics");
+    // The private network reaches the Machines; a services section would
+    // put the platform's proxy (and, on deploy, public addresses) in front.
+    for section in ["services", "http_service"] {
+        assert!(!fly.contains_key(section), "fly.toml has [{section}]");
+    }
 
-    // The node's config: the image's file, the [env] table and the secrets
-    // `fly secrets set` adds.
-    let mut env: std::collections::BTreeMap<String, String> = fly["env"]
-        .as_table()
-        .expect("[env]")
+    // Nothing per node in [env]: the platform gives each Machine its identity.
+    let fly_env = fly["env"].as_table().expect("[env]");
+    for per_node in [
+        "PGHA_NAME",
+        "PGHA_REGION",
+        "PGHA_POSTGRESQL_ADVERTISE_HOST",
+        "PGHA_API_ADVERTISE_URL",
+        "PGHA_TLS_SERVICE_NAMES",
+    ] {
+        assert!(!fly_env.contains_key(per_node), "[env] sets {per_node}");
+    }
+    // What `fly secrets set` adds, as the file's comment says.
+    let ca = pgha::tls::pki::create_ca(
+        "pgha cluster CA",
+        std::time::SystemTime::now(),
+        Duration::from_secs(86_400),
+    )
+    .unwrap();
+    let mut common: std::collections::BTreeMap<String, String> = fly_env
         .iter()
         .map(|(k, v)| {
             (
@@ -620,34 +819,91 @@ fn fly_config_example_fits_the_image() {
             )
         })
         .collect();
-    env.insert(
-        "PGHA_POSTGRESQL_REPLICATION_PASSWORD".into(),
-        "set-as-a-secret".into(),
-    );
-    let image_file = repo().join("docker/pgha.toml");
-    let cfg = pgha::config::Config::parse(
-        &std::fs::read_to_string(&image_file).unwrap(),
-        &image_file,
-        &env,
-    )
-    .unwrap_or_else(|e| panic!("fly [env] on the image's config: {e}"));
-    assert!(
-        cfg.timing.shutdown_timeout < Duration::from_secs(kill_timeout),
-        "a graceful stop may outlast kill_timeout"
-    );
-    let mount = str_at(&fly, &["mounts", "destination"]);
-    assert!(
-        cfg.postgresql.data_dir.starts_with(&mount),
-        "the data directory {} is not on the volume {mount}",
-        cfg.postgresql.data_dir.display()
-    );
-    for port_key in [&["checks", "health", "port"][..], &["metrics", "port"][..]] {
-        let port: u16 = str_at(&fly, port_key).parse().unwrap();
-        assert!(
-            cfg.api.listen.iter().any(|a| a.port() == port),
-            "fly.toml {} = {port}, but the API listens on {:?}",
-            port_key.join("."),
-            cfg.api.listen
-        );
+    for (var, value) in [
+        ("PGHA_POSTGRESQL_REPLICATION_PASSWORD", "set-as-a-secret"),
+        ("PGHA_POSTGRESQL_SUPERUSER_PASSWORD", "set-as-a-secret"),
+        ("PGHA_API_TOKEN", "set-as-a-secret"),
+        ("PGHA_TLS_CA_CERT", ca.cert_pem.as_str()),
+        ("PGHA_TLS_CA_KEY", ca.key_pem.expose()),
+    ] {
+        common.insert(var.into(), value.into());
     }
+    let app = str_at(&fly, &["app"]);
+    let region = str_at(&fly, &["primary_region"]);
+    let image_file = repo().join("docker/pgha.toml");
+    let image_config = std::fs::read_to_string(&image_file).unwrap();
+    let machines = [
+        ("3d8d9e1b2c4e89", "fdaa:0:c037:a7b:c207:e395:9a80:2"),
+        ("e784079b449483", "fdaa:0:c037:a7b:c5:7d2a:1b4c:2"),
+        ("148e272a0d3d89", "fdaa:0:c037:a7b:1f2:4a0e:8c33:2"),
+    ];
+    let mut names = Vec::new();
+    for (machine_id, private_ip) in machines {
+        // What the platform sets in every Machine.
+        let mut env = common.clone();
+        env.insert("FLY_APP_NAME".into(), app.clone());
+        env.insert("FLY_MACHINE_ID".into(), machine_id.into());
+        env.insert("FLY_PRIVATE_IP".into(), private_ip.into());
+        env.insert("FLY_REGION".into(), region.clone());
+        let cfg =
+            pgha::config::Config::parse(&image_config, &image_file, &env).unwrap_or_else(|e| {
+                panic!("fly [env] on the image's config, Machine {machine_id}: {e}")
+            });
+        assert_eq!(cfg.name, machine_id);
+        assert_eq!(cfg.region.as_deref(), Some(region.as_str()));
+        assert_eq!(cfg.postgresql.advertise_host, private_ip);
+        assert_eq!(
+            cfg.api.advertise_url,
+            format!(
+                "http://[{private_ip}]:{}",
+                port_at(&["checks", "health", "port"])
+            )
+        );
+        assert!(cfg.tls.enabled && cfg.tls.shared_ca());
+        let sans: Vec<String> = cfg.tls.names.iter().map(ToString::to_string).collect();
+        for san in [format!("DNS:{app}.internal"), format!("IP:{private_ip}")] {
+            assert!(sans.contains(&san), "{machine_id}: {san} not in {sans:?}");
+        }
+
+        // DB_HOST=<app>.internal DB_PORT=5432 reaches the router of any
+        // Machine, over IPv6; Postgres itself is on another port.
+        assert!(
+            cfg.router.enabled,
+            "the image's config (docker/pgha.toml) does not enable the router"
+        );
+        assert_eq!(cfg.router.listen.port(), DB_PORT, "router.listen");
+        assert!(
+            cfg.router.listen.is_ipv6() && cfg.router.listen.ip().is_unspecified(),
+            "the router listens on {}, not on every IPv6 address",
+            cfg.router.listen
+        );
+        assert_ne!(
+            cfg.postgresql.port, DB_PORT,
+            "Postgres takes the router's port"
+        );
+
+        assert!(
+            cfg.timing.shutdown_timeout < Duration::from_secs(kill_timeout),
+            "a graceful stop may outlast kill_timeout"
+        );
+        let mount = str_at(&fly, &["mounts", "destination"]);
+        assert!(
+            cfg.postgresql.data_dir.starts_with(&mount),
+            "the data directory {} is not on the volume {mount}",
+            cfg.postgresql.data_dir.display()
+        );
+        for port_key in [&["checks", "health", "port"][..], &["metrics", "port"][..]] {
+            let port = port_at(port_key);
+            assert!(
+                cfg.api.listen.iter().any(|a| a.port() == port),
+                "fly.toml {} = {port}, but the API listens on {:?}",
+                port_key.join("."),
+                cfg.api.listen
+            );
+        }
+        names.push(cfg.name);
+    }
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), machines.len(), "Machines share a name");
 }

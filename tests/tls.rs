@@ -1,8 +1,9 @@
 //! TLS as clients see it, against real etcd, Postgres 15, psql/libpq and the
 //! real `pgha` binary: a cluster with a shared CA (`pgha certs ca`) served
-//! with verify-full by host name, private name and IPv6 literal, replication
+//! with verify-full by host name, private name and IPv6 literal, and by the
+//! service name through the router of a replica's agent, replication
 //! encrypted and authenticated by client certificates, a 2-minute
-//! certificate renewed without restarting Postgres; nodes without a CA
+//! certificate renewed (service name kept) without restarting Postgres; nodes without a CA
 //! (their own CA, sslmode=require); the HTTPS API with client certificates
 //! for operator endpoints; and every bad CA input refused before anything starts.
 
@@ -26,6 +27,10 @@ use common::{serial, wait_until, Cluster, Node, Options, TestDir, PG_BIN, SUPERU
 
 const PGHA: &str = env!("CARGO_BIN_EXE_pgha");
 const PRIVATE_NAME: &str = "pgha-test.internal";
+/// The name of the whole service (`tls.service_names`), as `<app>.internal`
+/// on the platform; the tests connect to it with `hostaddr=127.0.0.1`, as if
+/// it resolved to loopback (`localhost` would not do: every certificate has it).
+const SERVICE_NAME: &str = "pgha-service.internal";
 
 fn pgha(args: &[&str]) -> Output {
     let mut cmd = Command::new(PGHA);
@@ -259,6 +264,63 @@ impl Drop for Prober {
     }
 }
 
+/// psql with `sslmode=verify-full host=SERVICE_NAME` through the router of
+/// the replica's agent; returns the primary and whether it connected (to
+/// the primary). Without the service name in the primary's certificate it
+/// must fail on the name, not on anything else.
+fn verify_full_through_a_replica_s_router(
+    cluster: &mut Cluster,
+    routers: &std::collections::BTreeMap<String, u16>,
+    ca_cert: &Path,
+) -> (String, bool) {
+    let primary = cluster.primary().name.clone();
+    let replica = &cluster
+        .nodes
+        .iter()
+        .find(|n| n.name != primary)
+        .unwrap()
+        .name;
+    let conninfo = verify_full(SERVICE_NAME, Some("127.0.0.1"), routers[replica], ca_cert);
+    // Right after a failover the router may not have the route yet.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        match psql_conninfo(&conninfo, "select pg_is_in_recovery()") {
+            Err(e) if !e.contains("does not match host name") => {
+                assert!(Instant::now() < deadline, "through {replica}'s router: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => break other,
+        }
+    };
+    let has_name = server_cert(cluster.node(&primary))
+        .sans
+        .contains(&format!("DNS:{SERVICE_NAME}"));
+    match answer {
+        Ok(in_recovery) => {
+            assert_eq!(
+                in_recovery, "f",
+                "through {replica}'s router: not the primary"
+            );
+            assert!(
+                has_name,
+                "verified without {SERVICE_NAME} in the certificate"
+            );
+            (primary, true)
+        }
+        Err(e) => {
+            assert!(
+                e.contains(&format!("does not match host name \"{SERVICE_NAME}\"")),
+                "{e}"
+            );
+            assert!(
+                !has_name,
+                "{SERVICE_NAME} is in {primary}'s certificate, yet: {e}"
+            );
+            (primary, false)
+        }
+    }
+}
+
 #[test]
 fn shared_ca_verify_full_replication_client_certs_and_rotation_without_restart() {
     let _serial = serial();
@@ -274,21 +336,51 @@ fn shared_ca_verify_full_replication_client_certs_and_rotation_without_restart()
         ),
         ..Options::default()
     };
+    // Each agent runs the router; only n1 has the service name, so whichever
+    // node is the primary, before or after the failover below, one of the
+    // two phases shows verify-full through a router failing without it.
+    let mut opts = opts;
+    let mut routers = std::collections::BTreeMap::new();
+    for name in ["n1", "n2"] {
+        let port = common::free_port();
+        opts.node_toml.insert(
+            name.into(),
+            format!("[router]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n"),
+        );
+        routers.insert(name.to_owned(), port);
+    }
     let mut cluster = Cluster::start(0, opts);
     for name in ["n1", "n2"] {
         cluster.add_node(name, |node| {
-            edit_config(
-                node,
-                &[(
-                    "listen_addresses = \"127.0.0.1\"",
-                    "listen_addresses = \"127.0.0.1,::1\"",
-                )],
-            )
+            let hostnames = format!("hostnames = [\"{PRIVATE_NAME}\"]");
+            let with_service = format!("{hostnames}\nservice_names = [\"{SERVICE_NAME}\"]");
+            let mut edits = vec![(
+                "listen_addresses = \"127.0.0.1\"",
+                "listen_addresses = \"127.0.0.1,::1\"",
+            )];
+            if name == "n1" {
+                edits.push((hostnames.as_str(), with_service.as_str()));
+            }
+            edit_config(node, &edits)
         });
     }
     cluster.wait_healthy(Duration::from_secs(90));
     let primary = cluster.primary().name.clone();
     let started = Instant::now();
+    let n1_issued = server_cert(cluster.node("n1"));
+    assert!(
+        n1_issued.sans.contains(&format!("DNS:{SERVICE_NAME}")),
+        "n1: {:?}",
+        n1_issued.sans
+    );
+    assert!(!server_cert(cluster.node("n2"))
+        .sans
+        .contains(&format!("DNS:{SERVICE_NAME}")));
+    let mut service_checks = vec![verify_full_through_a_replica_s_router(
+        &mut cluster,
+        &routers,
+        &ca_cert,
+    )];
 
     // Every node by host name, private name, IPv4 and IPv6 literal; never by a wrong name.
     for node in &cluster.nodes {
@@ -432,6 +524,29 @@ fn shared_ca_verify_full_replication_client_certs_and_rotation_without_restart()
     assert!(node
         .log_text()
         .contains("postgres reloaded for the new certificate"));
+    // Renewal keeps the service name (n1's certificate renews as the
+    // primary's did, whichever node that is).
+    let n1_renewed = wait_until("n1's certificate renewed", Duration::from_secs(60), || {
+        let now = server_cert(cluster.node("n1"));
+        (now.public_key_der != n1_issued.public_key_der).then_some(now)
+    });
+    assert!(
+        n1_renewed.sans.contains(&format!("DNS:{SERVICE_NAME}")),
+        "renewal dropped the service name: {:?}",
+        n1_renewed.sans
+    );
+    if primary == "n1" {
+        // Through the replica's router, verified for the service name: the
+        // renewed certificate of the primary.
+        let via = routers[&cluster
+            .nodes
+            .iter()
+            .find(|n| n.name != primary)
+            .unwrap()
+            .name];
+        let served = served_pg_certificate(via, SERVICE_NAME, &ca_pem).unwrap();
+        assert_eq!(served.public_key_der, n1_renewed.public_key_der);
+    }
     eprintln!("certificate renewed {renewed_after:?} after the cluster was healthy; {ok} verify-full connections, none failed");
 
     // Replication reconnects with the renewed certificates on both sides.
@@ -480,6 +595,23 @@ fn shared_ca_verify_full_replication_client_certs_and_rotation_without_restart()
     assert_eq!(
         replication_ssl(cluster.node(&new_primary).pg_port),
         "1/1 /O=pgha/CN=replicator"
+    );
+
+    // The other node is the primary now: through the router, verify-full
+    // for the service name works exactly when the primary's certificate has it.
+    service_checks.push(verify_full_through_a_replica_s_router(
+        &mut cluster,
+        &routers,
+        &ca_cert,
+    ));
+    service_checks.sort();
+    assert_eq!(
+        service_checks,
+        [("n1".to_owned(), true), ("n2".to_owned(), false)],
+        "(primary, verify-full for {SERVICE_NAME} through a replica's router)"
+    );
+    eprintln!(
+        "verify-full for {SERVICE_NAME} through a replica's router, by primary: {service_checks:?}"
     );
 
     // No key material in any log.

@@ -287,7 +287,7 @@ pub fn judge(scenario: &str, repeat: usize, ev: &Evidence) -> RunResult {
 }
 
 /// The longest time without an acknowledgement over the gaps that end after
-/// `fault_at` (the run goes on until both writers wrote on the converged
+/// `fault_at` (the run goes on until every writer wrote on the converged
 /// cluster); None when nothing was acknowledged after the fault.
 fn rto(log: &WriterLog, fault_at: Instant) -> Option<Duration> {
     let mut acks: Vec<Instant> = log.acks().map(|(_, a)| a.at).collect();

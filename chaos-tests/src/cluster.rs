@@ -21,6 +21,10 @@ pub const NODES: [&str; 3] = ["n1", "n2", "n3"];
 pub const ETCDS: [&str; 3] = ["etcd1", "etcd2", "etcd3"];
 pub const SUPERUSER_PASSWORD: &str = "chaos-superuser";
 pub const API_TOKEN: &str = "chaos-operator-token";
+/// Postgres in the image (its 5432 belongs to the router).
+pub const PG_PORT: u16 = 5433;
+/// The router's read-write listener in the image.
+pub const ROUTER_PORT: u16 = 5432;
 
 /// Timing the nodes run with: short, so a scenario costs seconds, within
 /// the config's rule loop_wait + 2 x retry_timeout <= ttl.
@@ -384,6 +388,8 @@ impl Cluster {
             "ON_ERROR_STOP=1",
             "-h",
             "/var/lib/pgha",
+            "-p",
+            "5433",
             "-U",
             "postgres",
             "-d",

@@ -574,6 +574,14 @@ pub fn run_once(cluster: &Cluster, scenario: &Scenario, repeat: usize) -> RunRes
     }
     let prober = Prober::start(cluster.addresses.clone());
     let tag = format!("s{}r{repeat}p{}", scenario.number, std::process::id());
+    // The third writer goes through the router of a node that is not the
+    // primary: its connections cross to the primary's Postgres.
+    let leading = primaries(cluster);
+    let router_node = NODES
+        .iter()
+        .copied()
+        .find(|n| !leading.contains(n))
+        .unwrap_or(NODES[0]);
     let writers = vec![
         Writer::start(
             &format!("{tag}-libpq"),
@@ -583,8 +591,12 @@ pub fn run_once(cluster: &Cluster, scenario: &Scenario, repeat: usize) -> RunRes
             &format!("{tag}-haproxy"),
             Target::Haproxy(cluster.primary_port),
         ),
+        Writer::start(
+            &format!("{tag}-router"),
+            Target::Router(cluster.addresses.clone(), router_node),
+        ),
     ];
-    let warm = wait_for("both writers acknowledged", Duration::from_secs(30), || {
+    let warm = wait_for("every writer acknowledged", Duration::from_secs(30), || {
         writers
             .iter()
             .all(|w| w.log().last_ack().is_some())
@@ -605,7 +617,7 @@ pub fn run_once(cluster: &Cluster, scenario: &Scenario, repeat: usize) -> RunRes
             notes: Vec::new(),
         },
     };
-    // Converged: the topology is right and both writers had an insert
+    // Converged: the topology is right and every writer had an insert
     // acknowledged after it was (an API snapshot may look right a moment
     // before Postgres takes writes again).
     let converged_after = wait_for("convergence", CONVERGE_WITHIN, || converged(cluster))
@@ -1102,13 +1114,13 @@ fn replication_cut(cluster: &Cluster) -> Result<Injected> {
             rules.insert(
                 program,
                 &[
-                    "INPUT", "-p", "tcp", "-s", &addr, "--dport", "5432", "-j", "DROP",
+                    "INPUT", "-p", "tcp", "-s", &addr, "--dport", "5433", "-j", "DROP",
                 ],
             )?;
             rules.insert(
                 program,
                 &[
-                    "OUTPUT", "-p", "tcp", "-d", &addr, "--sport", "5432", "-j", "DROP",
+                    "OUTPUT", "-p", "tcp", "-d", &addr, "--sport", "5433", "-j", "DROP",
                 ],
             )?;
         }

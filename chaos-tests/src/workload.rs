@@ -1,5 +1,6 @@
-//! The workload: two writers (libpq multi-host with
-//! target_session_attrs=read-write, and HAProxy's primary port) that record
+//! The workload: three writers (libpq multi-host with
+//! target_session_attrs=read-write, HAProxy's primary port, and the router
+//! of a node that was not the primary when the run began) that record
 //! every insert's outcome, and a prober that asks every node's `/primary` and
 //! `pg_is_in_recovery()` every 100 ms.
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::config::TargetSessionAttrs;
 
-use crate::cluster::{AddressBook, NODES, SUPERUSER_PASSWORD};
+use crate::cluster::{AddressBook, NODES, PG_PORT, ROUTER_PORT, SUPERUSER_PASSWORD};
 
 pub const TABLE: &str = "chaos_writes";
 pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS chaos_writes (
@@ -100,6 +101,9 @@ pub enum Target {
     MultiHost(AddressBook),
     /// HAProxy's primary port on the host.
     Haproxy(u16),
+    /// One node's router (one host, one port, as an application without
+    /// libpq's multi-host strings connects), whatever that node's role.
+    Router(AddressBook, &'static str),
 }
 
 impl Target {
@@ -113,13 +117,18 @@ impl Target {
             Target::MultiHost(book) => {
                 for node in NODES {
                     if let Some(ip) = book.get(node) {
-                        c.host(ip.to_string()).port(5432);
+                        c.host(ip.to_string()).port(PG_PORT);
                     }
                 }
                 c.target_session_attrs(TargetSessionAttrs::ReadWrite);
             }
             Target::Haproxy(port) => {
                 c.host("127.0.0.1").port(*port);
+            }
+            Target::Router(book, node) => {
+                if let Some(ip) = book.get(node) {
+                    c.host(ip.to_string()).port(ROUTER_PORT);
+                }
             }
         }
         c
@@ -345,7 +354,7 @@ async fn probe_loop(
             if client.is_none() {
                 let mut c = tokio_postgres::Config::new();
                 c.host(ip.to_string())
-                    .port(5432)
+                    .port(PG_PORT)
                     .user("postgres")
                     .password(SUPERUSER_PASSWORD)
                     .dbname("postgres")

@@ -6,6 +6,7 @@ use std::fmt::{Display, Write};
 use std::time::{Duration, SystemTime};
 
 use super::health::Health;
+use super::routes::Live;
 use super::status::{lag_bytes, replay_lag_bytes};
 use crate::ha::MemberRole;
 use crate::snapshot::{Snapshot, LOOP_BUCKETS};
@@ -70,14 +71,9 @@ fn flag(b: bool) -> u8 {
     u8::from(b)
 }
 
-/// Renders the metrics of snapshot `s` taken `age` ago, with the expiry of
-/// the node's certificates.
-pub fn render(
-    s: &Snapshot,
-    age: Duration,
-    stale_after: Duration,
-    certificates: &[(&str, SystemTime)],
-) -> String {
+/// Renders the metrics of snapshot `s` taken `age` ago, with what `live`
+/// holds now (certificate expiries, the router's counters).
+pub fn render(s: &Snapshot, age: Duration, stale_after: Duration, live: &Live<'_>) -> String {
     let h = Health::of(s, age, stale_after);
     let me = &s.me;
     let mut m = Exposition {
@@ -281,12 +277,15 @@ pub fn render(
         "Seconds until this node's certificate expires (ca, server, replication).",
     );
     let now = SystemTime::now();
-    for &(certificate, not_after) in certificates {
+    for &(certificate, not_after) in live.certificates {
         m.sample(
             "pgha_tls_certificate_expiry_seconds",
             &[("certificate", certificate)],
             crate::tls::pki::seconds_until(not_after, now),
         );
+    }
+    if let Some(router) = live.router {
+        router.render_into(&mut m.out, &m.base);
     }
     m.out
 }

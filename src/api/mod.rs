@@ -38,7 +38,7 @@ use crate::net::IpFamily;
 use crate::snapshot::Snapshot;
 use crate::tls::CertExpiries;
 pub use health::Health;
-pub use routes::{route, Reply};
+pub use routes::{route, Live, Reply};
 pub use status::{lag_bytes, replay_lag_bytes, Rendered};
 
 /// Bounds on what one client can make the server hold.
@@ -80,15 +80,17 @@ pub struct Operator {
     pub failsafe_ttl: Duration,
 }
 
-/// What the API uses of this node's TLS. The default: plain HTTP, no
-/// certificates to report.
+/// What the API serves beside the snapshot: this node's TLS and its
+/// router's counters. The default: plain HTTP, no certificates, no router.
 #[derive(Default)]
-pub struct TlsSetup {
+pub struct ApiSetup {
     /// Serve HTTPS with this; plain HTTP when `None`.
     pub https: Option<crate::tls::https::ApiTls>,
     /// The expiry of each certificate the node uses (`/metrics`), kept
     /// current by the TLS rotation; `None` without TLS.
     pub certificates: Option<watch::Receiver<CertExpiries>>,
+    /// The router's counters (`/metrics`), when it runs.
+    pub router: Option<Arc<crate::router::RouterMetrics>>,
 }
 
 /// How long an operator request may wait for the agent's answer.
@@ -105,6 +107,7 @@ struct Shared {
     /// HTTPS: every connection starts with a TLS handshake.
     tls: Option<crate::tls::https::ApiTls>,
     certificates: Option<watch::Receiver<CertExpiries>>,
+    router: Option<Arc<crate::router::RouterMetrics>>,
 }
 
 impl Shared {
@@ -159,7 +162,7 @@ pub async fn serve_with_operator(
         snapshots,
         stale_after,
         operator,
-        TlsSetup::default(),
+        ApiSetup::default(),
         shutdown,
     )
     .await
@@ -172,7 +175,7 @@ pub async fn serve_with_tls(
     snapshots: watch::Receiver<Arc<Snapshot>>,
     stale_after: Duration,
     operator: Option<Operator>,
-    tls: TlsSetup,
+    tls: ApiSetup,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listeners = bind_all_in(&listen, family)?;
@@ -231,7 +234,7 @@ pub async fn serve_on(
         stale_after,
         limits,
         None,
-        TlsSetup::default(),
+        ApiSetup::default(),
         shutdown,
     )
     .await
@@ -243,7 +246,7 @@ async fn serve_listeners(
     stale_after: Duration,
     limits: Limits,
     operator: Option<Operator>,
-    tls: TlsSetup,
+    tls: ApiSetup,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let first = Arc::new(Rendered::new(snapshots.borrow().clone()));
@@ -255,6 +258,7 @@ async fn serve_listeners(
         limits,
         tls: tls.https,
         certificates: tls.certificates,
+        router: tls.router,
     });
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut tasks = Vec::new();
@@ -639,11 +643,15 @@ async fn handle(
         .as_ref()
         .map(|c| c.borrow().clone())
         .unwrap_or_default();
+    let live = Live {
+        certificates: &certificates,
+        router: shared.router.as_deref(),
+    };
     respond(route(
         &rendered,
         age,
         shared.stale_after,
-        &certificates,
+        &live,
         &parts.method,
         parts.uri.path(),
         query,

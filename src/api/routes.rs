@@ -218,14 +218,22 @@ fn replica_filters_hold(s: &Snapshot, f: &Filters) -> bool {
     lag_ok && state_ok && tags_match(s, f)
 }
 
+/// What `/metrics` reads at the time of a request rather than from the
+/// snapshot: the certificates' expiries and the router's counters.
+#[derive(Default)]
+pub struct Live<'a> {
+    pub certificates: &'a [(&'a str, SystemTime)],
+    pub router: Option<&'a crate::router::RouterMetrics>,
+}
+
 /// Routes one request against a rendered snapshot of age `age`; past
 /// `stale_after` (the agent loop stopped publishing) every health check fails.
-/// `certificates` are the node's certificate expiries, for `/metrics`.
+/// `live` holds what `/metrics` reads at the time of the request.
 pub fn route(
     r: &Rendered,
     age: Duration,
     stale_after: Duration,
-    certificates: &[(&str, SystemTime)],
+    live: &Live<'_>,
     method: &Method,
     path: &str,
     query: &str,
@@ -299,7 +307,7 @@ pub fn route(
         },
         Endpoint::Metrics => {
             let text = if with_body {
-                Bytes::from(metrics::render(s, age, stale_after, certificates))
+                Bytes::from(metrics::render(s, age, stale_after, live))
             } else {
                 Bytes::new()
             };

@@ -33,6 +33,9 @@ impl Rendered {
         status_open.pop();
         let cluster = json!({
             "scope": s.scope,
+            // False when this node's last etcd read failed: the rest is the
+            // view as of its last successful read, which may be stale.
+            "dcs_reachable": s.dcs_reachable,
             "leader": s.leader,
             "term": s.leader_revision,
             "members": s.members.iter().map(|m| member_json(s, m)).collect::<Vec<_>>(),
@@ -129,7 +132,7 @@ pub fn replay_lag_bytes(
 fn member_json(s: &Snapshot, m: &MemberStatus) -> Value {
     let is_leader = s.leader.as_deref() == Some(m.name.as_str());
     let leader = s.leader.as_deref();
-    json!({
+    let mut v = json!({
         "name": m.name,
         "role": m.role.to_string(),
         "state": m.state,
@@ -155,7 +158,15 @@ fn member_json(s: &Snapshot, m: &MemberStatus) -> Value {
         "pending_restart": m.pending_restart,
         "replay_paused": m.replay_paused,
         "version": m.version,
-    })
+    });
+    // The router's listeners, absent while it is off.
+    let o = v.as_object_mut().expect("member JSON is an object");
+    for (key, listener) in [("router_rw", &m.router_rw), ("router_ro", &m.router_ro)] {
+        if let Some(address) = listener {
+            o.insert(key.into(), json!(address));
+        }
+    }
+    v
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -212,6 +223,17 @@ fn status_json(s: &Snapshot) -> Value {
     ];
     for (k, val) in extra {
         o.insert(k.into(), val);
+    }
+    if let Some(route) = &s.route {
+        o.insert(
+            "router".into(),
+            json!({
+                "rw": me.router_rw,
+                "ro": me.router_ro,
+                "primary": route.primary,
+                "replicas": route.replicas,
+            }),
+        );
     }
     v
 }

@@ -11,7 +11,7 @@ use super::routes::{parse_query, LagMode, PROMETHEUS_TEXT};
 use super::*;
 use crate::dcs::HistoryEntry;
 use crate::ha::{DynamicConfig, Lsn, MemberRole, MemberStatus};
-use crate::snapshot::{LoopHistogram, Snapshot};
+use crate::snapshot::{LoopHistogram, Snapshot, Transition};
 
 const TTL: Duration = Duration::from_secs(10);
 const FRESH: Duration = Duration::from_millis(300);
@@ -80,6 +80,8 @@ fn cluster(me: &str) -> Snapshot {
         promotions: 0,
         loop_durations: LoopHistogram::default(),
         last_error: None,
+        route: None,
+        transition: None,
     }
 }
 
@@ -95,7 +97,7 @@ fn edit_me(s: &mut Snapshot, f: impl Fn(&mut MemberStatus)) {
 fn ask_at(s: &Snapshot, age: Duration, method: Method, target: &str) -> Reply {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let r = Rendered::new(Arc::new(s.clone()));
-    route(&r, age, TTL, &[], &method, path, query)
+    route(&r, age, TTL, &Live::default(), &method, path, query)
 }
 
 fn get(s: &Snapshot, target: &str) -> Reply {
@@ -222,6 +224,90 @@ fn a_leader_past_its_fencing_deadline_is_no_primary() {
         "the key names us but we hold no lease"
     );
     assert_eq!(code(&s, "/leader"), 503);
+}
+
+/// The role checks of `me`'s snapshot with `transition` under way:
+/// (leader, primary, replica, running).
+fn checks(me: &str, transition: Option<Transition>) -> (bool, bool, bool, bool) {
+    let mut s = cluster(me);
+    s.transition = transition;
+    let h = health::Health::of(&s, FRESH, TTL);
+    (h.leader, h.primary, h.replica, h.running)
+}
+
+#[test]
+fn a_role_change_under_way_fails_the_checks_of_the_role_being_left() {
+    use Transition::*;
+    let table = [
+        // The primary's own checks go before its Postgres changes.
+        ("n1", None, (true, true, false, true)),
+        ("n1", Some(SteppingDown), (false, false, false, true)),
+        ("n1", Some(Stopping), (false, false, false, true)),
+        // A replica being promoted is no replica, and no primary yet.
+        ("n2", None, (false, false, true, true)),
+        ("n2", Some(Promoting), (false, false, false, true)),
+        ("n2", Some(Stopping), (false, false, false, true)),
+        ("n2", Some(SteppingDown), (false, false, true, true)),
+    ];
+    for (me, transition, want) in table {
+        assert_eq!(checks(me, transition), want, "{me} {transition:?}");
+    }
+}
+
+#[test]
+fn a_primary_stepping_down_answers_503_on_every_writer_path_while_postgres_still_runs() {
+    for transition in [Transition::SteppingDown, Transition::Stopping] {
+        let mut s = cluster("n1");
+        s.transition = Some(transition);
+        for path in PRIMARY_PATHS
+            .iter()
+            .chain(&["/leader", "/read-only", "/readiness", "/replica"])
+        {
+            assert_eq!(code(&s, path), 503, "{transition:?} {path}");
+        }
+        assert_eq!(code(&s, "/health"), 200, "{transition:?}: Postgres runs");
+        assert_eq!(code(&s, "/liveness"), 200);
+    }
+}
+
+#[test]
+fn a_replica_being_promoted_answers_503_on_replica_paths_and_is_no_primary_yet() {
+    let mut s = cluster("n2");
+    // It holds the key already: the promotion step runs under it.
+    s.leader = Some("n2".into());
+    s.lease_remaining = Some(Duration::from_secs(9));
+    s.fencing_remaining = Some(Duration::from_secs(7));
+    s.transition = Some(Transition::Promoting);
+    for path in
+        PRIMARY_PATHS
+            .iter()
+            .chain(&["/replica", "/read-only", "/async", "/sync", "/readiness"])
+    {
+        assert_eq!(code(&s, path), 503, "{path}");
+    }
+    assert_eq!(code(&s, "/leader"), 200);
+    assert_eq!(code(&s, "/health"), 200);
+    // What the agent publishes once the promotion is confirmed.
+    s.transition = None;
+    edit_me(&mut s, |m| {
+        m.role = MemberRole::Primary;
+        m.state = "running".into();
+    });
+    for path in PRIMARY_PATHS.iter().chain(&["/leader", "/read-only"]) {
+        assert_eq!(code(&s, path), 200, "promoted: {path}");
+    }
+    assert_eq!(code(&s, "/replica"), 503);
+}
+
+#[test]
+fn a_transition_shows_in_the_role_metrics_too() {
+    let mut s = cluster("n1");
+    s.transition = Some(Transition::SteppingDown);
+    let text = String::from_utf8(get(&s, "/metrics").body.to_vec()).unwrap();
+    assert!(
+        text.contains("pgha_primary{scope=\"demo\",name=\"n1\"} 0\n"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -396,9 +482,13 @@ fn cluster_history_and_config_are_their_documents() {
     assert_eq!(h[0]["new_leader"], "n1");
     let cfg = json(&get(&s, "/config"));
     assert_eq!(cfg["maximum_lag_on_failover"], 1024 * 1024);
+    assert_eq!(c["dcs_reachable"], true);
     let mut s = s;
     s.config = None;
     assert_eq!(code(&s, "/config"), 503);
+    // Cut off from etcd, a node still answers, and says its view is old.
+    s.dcs_reachable = false;
+    assert_eq!(json(&get(&s, "/cluster"))["dcs_reachable"], false);
 }
 
 #[test]
@@ -574,7 +664,7 @@ fn metrics_name_every_series_with_scope_and_name_and_describe_every_family() {
 fn metric_label_values_are_escaped() {
     let mut s = cluster("n2");
     s.scope = "a\"b\\c\nd".into();
-    let text = super::metrics::render(&s, FRESH, TTL, &[]);
+    let text = super::metrics::render(&s, FRESH, TTL, &Live::default());
     assert!(
         text.contains("pgha_up{scope=\"a\\\"b\\\\c\\nd\",name=\"n2\"} 1"),
         "{text}"
@@ -596,7 +686,10 @@ fn certificate_expiries_are_metrics() {
         &s,
         FRESH,
         TTL,
-        &[("ca", in_an_hour), ("server", in_an_hour)],
+        &Live {
+            certificates: &[("ca", in_an_hour), ("server", in_an_hour)],
+            router: None,
+        },
     );
     for certificate in ["ca", "server"] {
         let line = metric_lines(&text)
@@ -610,14 +703,14 @@ fn certificate_expiries_are_metrics() {
         let left: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!((3590..=3600).contains(&left), "{line}");
     }
-    let without = super::metrics::render(&s, FRESH, TTL, &[]);
+    let without = super::metrics::render(&s, FRESH, TTL, &Live::default());
     assert!(!without.contains("certificate=\""), "{without}");
 }
 
 #[test]
 fn a_stale_agent_reports_itself_down_in_metrics() {
     let s = cluster("n1");
-    let text = super::metrics::render(&s, TTL * 2, TTL, &[]);
+    let text = super::metrics::render(&s, TTL * 2, TTL, &Live::default());
     assert!(text.contains("pgha_up{scope=\"demo\",name=\"n1\"} 0"));
     assert!(text.contains("pgha_primary{scope=\"demo\",name=\"n1\"} 0"));
     assert!(text.contains("pgha_leader_lease_remaining_seconds{scope=\"demo\",name=\"n1\"} 0\n"));
@@ -726,7 +819,7 @@ proptest! {
     ) {
         let s = cluster(me);
         let r = Rendered::new(Arc::new(s));
-        let reply = route(&r, Duration::from_millis(age_ms), TTL, &[], &method, &path, &query);
+        let reply = route(&r, Duration::from_millis(age_ms), TTL, &Live::default(), &method, &path, &query);
         prop_assert!([200, 400, 404, 405, 503].contains(&reply.status.as_u16()), "{:?}", reply);
         if method == Method::GET && reply.content_type == super::routes::JSON {
             prop_assert!(serde_json::from_slice::<Value>(&reply.body).is_ok(), "{:?}", reply.body);
@@ -734,5 +827,44 @@ proptest! {
         if method == Method::HEAD || method == Method::OPTIONS {
             prop_assert!(reply.body.is_empty() || reply.status.as_u16() >= 400);
         }
+    }
+}
+
+#[test]
+fn the_router_shows_in_cluster_status_and_metrics_only_when_on() {
+    let mut s = cluster("n2");
+    let c = json(&get(&s, "/cluster"));
+    assert!(c["members"][1].get("router_rw").is_none(), "{c}");
+    assert!(json(&get(&s, "/status")).get("router").is_none());
+    let metrics = super::metrics::render(&s, FRESH, TTL, &Live::default());
+    assert!(!metrics.contains("pgha_router_"), "{metrics}");
+
+    s.me.router_rw = Some("[fdaa::2]:5432".into());
+    s.me.router_ro = Some("[fdaa::2]:5434".into());
+    s.members[1] = s.me.clone();
+    s.route = Some(crate::ha::RouteChoice {
+        primary: Some("n1".into()),
+        replicas: vec!["n2".into(), "n3".into()],
+        valid_until: None,
+    });
+    let c = json(&get(&s, "/cluster"));
+    assert_eq!(c["members"][1]["router_rw"], "[fdaa::2]:5432");
+    assert_eq!(c["members"][1]["router_ro"], "[fdaa::2]:5434");
+    let status = json(&get(&s, "/status"));
+    assert_eq!(status["router"]["rw"], "[fdaa::2]:5432");
+    assert_eq!(status["router"]["primary"], "n1");
+    assert_eq!(status["router"]["replicas"][1], "n3");
+
+    let router = crate::router::RouterMetrics::default();
+    let live = Live {
+        certificates: &[],
+        router: Some(&router),
+    };
+    let metrics = super::metrics::render(&s, FRESH, TTL, &live);
+    for line in [
+        "pgha_router_connections{scope=\"demo\",name=\"n2\",listener=\"rw\"} 0",
+        "pgha_router_closed_by_fence_total{scope=\"demo\",name=\"n2\",listener=\"ro\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line} in {metrics}");
     }
 }

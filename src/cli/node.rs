@@ -25,7 +25,8 @@ pub(super) async fn run(config: &Path) -> ExitCode {
     }
 }
 
-/// `pgha check-config FILE`: exit 0 with a one-line summary, or 2.
+/// `pgha check-config FILE`: exit 0 with a one-line summary (and a line
+/// for each key the platform filled in), or 2.
 pub(super) fn check_config(file: &Path) -> ExitCode {
     match load_config(file) {
         Ok(cfg) => {
@@ -37,6 +38,12 @@ pub(super) fn check_config(file: &Path) -> ExitCode {
                 cfg.etcd.endpoints.join(","),
                 cfg.api.advertise_url
             );
+            for default in &cfg.identity_defaults {
+                println!(
+                    "  {} = {:?} (from {})",
+                    default.key, default.value, default.origin
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -102,6 +109,16 @@ fn agent_span(node: &str) -> tracing::Span {
 async fn run_node(cfg: Config) -> ExitCode {
     init_tracing(cfg.log.format, &cfg.log.level);
     let span = agent_span(&cfg.name);
+    span.in_scope(|| {
+        for default in &cfg.identity_defaults {
+            tracing::info!(
+                key = default.key,
+                value = %default.value,
+                from = %default.origin,
+                "config key not in the file: filled in"
+            );
+        }
+    });
     wire_node(cfg).instrument(span).await
 }
 
@@ -154,20 +171,15 @@ async fn wire_node(cfg: Config) -> ExitCode {
         };
         tokio::spawn(tls.clone().rotate(shutdown.clone()).in_current_span());
     }
-    let (agent, snapshots) = match crate::agent::Agent::new(cfg.clone()).await {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            return ExitCode::from(1);
-        }
-    };
-    // The router: one address for the application, fenced with the route.
-    let router_stop = CancellationToken::new();
-    let router = if cfg.router.enabled {
-        match crate::router::Router::start(&cfg.router, agent.routes(), router_stop.clone()) {
-            Ok(r) => {
-                tracing::info!(rw = %r.rw_addr, ro = ?r.ro_addr, "router listening");
-                Some(r)
+    // The router's listeners are bound first, so the member key can
+    // publish their real ports (also when the configured ones are 0).
+    let mut cfg = cfg;
+    let bound_router = if cfg.router.enabled {
+        match crate::router::Router::bind(&cfg.router) {
+            Ok(bound) => {
+                cfg.router.listen = bound.rw_addr;
+                cfg.router.replica_listen = bound.ro_addr;
+                Some(bound)
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the router");
@@ -177,6 +189,16 @@ async fn wire_node(cfg: Config) -> ExitCode {
     } else {
         None
     };
+    let (agent, snapshots) = match crate::agent::Agent::new(cfg.clone()).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::from(1);
+        }
+    };
+    // The router: one address for the application, fenced with the route.
+    let router_stop = CancellationToken::new();
+    let router = bound_router.map(|bound| bound.start(agent.routes(), router_stop.clone()));
     let stale_after = cfg.timing.ttl;
     let api_shutdown = CancellationToken::new();
     let operator = crate::api::Operator {
@@ -192,9 +214,10 @@ async fn wire_node(cfg: Config) -> ExitCode {
             snapshots,
             stale_after,
             Some(operator),
-            crate::api::TlsSetup {
+            crate::api::ApiSetup {
                 https: api_tls,
                 certificates: tls.as_ref().map(|t| t.expiries()),
+                router: router.as_ref().map(|r| std::sync::Arc::clone(&r.metrics)),
             },
             api_shutdown.clone(),
         )

@@ -2,12 +2,14 @@
 //! the credentials of operator requests.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::context::Context;
 use super::env::EnvKind;
-use super::values::OneOrMany;
+use super::identity::{self, Defaulted, Origin};
+use super::values::{FileDuration, OneOrMany};
 use super::{ConfigError, Secret};
 use crate::net::{HttpUrl, IpFamily};
 
@@ -21,9 +23,19 @@ pub struct ApiConfig {
     /// Basic-auth credentials that authorize operator requests.
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// How long a load balancer polling `/primary` takes to take a node out
+    /// after its check turned 503 (HAProxy: `inter × fall`). A primary that
+    /// stops being one keeps Postgres down this long before it runs as a
+    /// standby. 0 when only pgha's router (which follows the lease) or
+    /// multi-host libpq strings route clients.
+    pub balancer_window: Duration,
 }
 
 const DEFAULT_API_PORT: u16 = 8008;
+/// `inter 1s fall 2` as in `config/haproxy.cfg`: the second failed check
+/// comes at most 2 s after the 503, and half a second covers its answer.
+pub const DEFAULT_BALANCER_WINDOW: Duration = Duration::from_millis(2_500);
+const MAX_BALANCER_WINDOW: Duration = Duration::from_secs(60);
 
 pub(super) const KEYS: &[(&str, EnvKind)] = &[
     ("api.listen", EnvKind::List),
@@ -31,23 +43,31 @@ pub(super) const KEYS: &[(&str, EnvKind)] = &[
     ("api.token", EnvKind::Text),
     ("api.username", EnvKind::Text),
     ("api.password", EnvKind::Text),
+    ("api.balancer_window", EnvKind::Text),
 ];
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileApi {
     listen: Option<OneOrMany>,
-    advertise_url: String,
+    advertise_url: Option<String>,
     token: Option<String>,
     username: Option<String>,
     password: Option<String>,
+    balancer_window: Option<FileDuration>,
 }
 
 impl FileApi {
+    /// Without `advertise_url`, the URL is built from `advertise_host` (of
+    /// `[postgresql]`), the first listen port and `https` (`tls.api`), and
+    /// noted in `defaulted`.
     pub(super) fn validate(
         self,
         cx: &Context<'_>,
         family: IpFamily,
+        advertise_host: &str,
+        https: bool,
+        defaulted: &mut Vec<Defaulted>,
     ) -> Result<ApiConfig, ConfigError> {
         let listen = match self.listen {
             Some(list) => list
@@ -87,13 +107,26 @@ impl FileApi {
                 "expected at least one address, like \"[::]:8008\"",
             ));
         }
-        let url = self.advertise_url.trim().trim_end_matches('/');
-        if let Err(why) = HttpUrl::parse(url) {
+        let given = self.advertise_url.as_deref().map(str::trim);
+        let url = match given {
+            Some(text) => text.trim_end_matches('/').to_owned(),
+            None => {
+                let url =
+                    identity::api_url(advertise_host, &listen, https).expect("listen is not empty");
+                defaulted.push(Defaulted {
+                    key: "api.advertise_url",
+                    value: url.clone(),
+                    origin: Origin::Derived("postgresql.advertise_host and api.listen"),
+                });
+                url
+            }
+        };
+        if let Err(why) = HttpUrl::parse(&url) {
             return Err(cx.invalid(
                 "api.advertise_url",
                 format!(
                     "expected a URL like \"http://n1.internal:8008\" or \"http://[fdaa::2]:8008\" ({why}), got {:?}",
-                    self.advertise_url
+                    given.unwrap_or(&url)
                 ),
             ));
         }
@@ -108,9 +141,23 @@ impl FileApi {
                 return Err(cx.invalid(key, "must not be empty"));
             }
         }
+        let balancer_window = self
+            .balancer_window
+            .map_or(DEFAULT_BALANCER_WINDOW, |d| d.0);
+        if balancer_window > MAX_BALANCER_WINDOW {
+            return Err(cx.invalid(
+                "api.balancer_window",
+                format!(
+                    "expected at most {} (a load balancer's inter × fall), got {}",
+                    humantime::format_duration(MAX_BALANCER_WINDOW),
+                    humantime::format_duration(balancer_window)
+                ),
+            ));
+        }
         Ok(ApiConfig {
+            balancer_window,
             listen,
-            advertise_url: url.to_owned(),
+            advertise_url: url,
             token: self.token.map(Secret::new),
             username: self.username,
             password: self.password.map(Secret::new),

@@ -32,6 +32,30 @@ impl Context<'_> {
         }
     }
 
+    /// An error about a value that came from `var`, a variable of the
+    /// platform rather than a `PGHA_*` override.
+    pub(super) fn invalid_from(
+        &self,
+        key: &str,
+        var: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.source.to_owned(),
+            key: key.to_owned(),
+            env_var: Some(var.to_owned()),
+            message: message.into(),
+        }
+    }
+
+    /// A key the platform could not fill in.
+    pub(super) fn problem(&self, key: &str, problem: super::identity::Problem) -> ConfigError {
+        match problem.env_var {
+            Some(var) => self.invalid_from(key, var, problem.message),
+            None => self.invalid(key, problem.message),
+        }
+    }
+
     pub(super) fn resolve(&self, path: &str) -> PathBuf {
         let joined = self.base_dir.join(path);
         // `absolute` drops `.` components; `joined` is already absolute.
@@ -67,7 +91,7 @@ impl Context<'_> {
             } else {
                 format!("{path}.{field}")
             };
-            let what = if ["etcd", "postgresql", "api"].contains(&key.as_str()) {
+            let what = if ["etcd", "postgresql"].contains(&key.as_str()) {
                 format!("required section [{key}] missing")
             } else {
                 "required key missing".to_owned()

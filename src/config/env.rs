@@ -17,8 +17,15 @@ const ENV_NOT_CONFIG: &[&str] = &["PGHA_CONFIG", "PGHA_API_URL"];
 /// Where `PGHA_*` overrides come from: the process environment in
 /// production, a map in tests.
 pub trait EnvSource {
-    /// All variables; only those starting with `PGHA_` are looked at.
+    /// All variables: those starting with `PGHA_` override keys, a few of
+    /// the platform's (`FLY_MACHINE_ID`, ...) give defaults to others.
     fn vars(&self) -> Vec<(String, String)>;
+
+    /// The machine's hostname, the last default of the node's name. A map
+    /// of variables has none.
+    fn hostname(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The environment of this process.
@@ -31,6 +38,10 @@ impl EnvSource for ProcessEnv {
         std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
             .collect()
+    }
+
+    fn hostname(&self) -> Option<String> {
+        nix::unistd::gethostname().ok()?.into_string().ok()
     }
 }
 

@@ -12,6 +12,7 @@ use super::cluster::FileCluster;
 use super::context::Context;
 use super::env::{apply_env, EnvKind, ProcessEnv};
 use super::etcd::FileEtcd;
+use super::identity::{self, Defaulted, Origin, Platform};
 use super::log::FileLog;
 use super::postgres::FilePostgres;
 use super::router::FileRouter;
@@ -32,11 +33,12 @@ pub(super) const KEYS: &[(&str, EnvKind)] = &[
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     scope: String,
-    name: String,
+    name: Option<String>,
     region: Option<String>,
     ip_family: Option<String>,
     etcd: FileEtcd,
     postgresql: FilePostgres,
+    #[serde(default)]
     api: FileApi,
     #[serde(default)]
     timing: FileTiming,
@@ -81,7 +83,7 @@ impl Config {
         };
         let file: FileConfig = serde_path_to_error::deserialize(Value::Table(table))
             .map_err(|err| cx.serde_error(&err))?;
-        file.validate(&cx)
+        file.validate(&cx, &Platform::from_env(env))
     }
 }
 
@@ -114,9 +116,37 @@ fn base_dir(source: &Path) -> PathBuf {
 }
 
 impl FileConfig {
-    fn validate(self, cx: &Context<'_>) -> Result<Config, ConfigError> {
-        let scope = plain_name(cx, "scope", self.scope)?;
-        let name = plain_name(cx, "name", self.name)?;
+    /// `platform` fills in the node's identity where the file (and the
+    /// `PGHA_*` variables) leave it out.
+    fn validate(self, cx: &Context<'_>, platform: &Platform) -> Result<Config, ConfigError> {
+        let mut defaulted = Vec::new();
+        let scope = plain_name(cx, "scope", self.scope, None)?;
+        let name = match self.name {
+            Some(name) => plain_name(cx, "name", name, None)?,
+            None => {
+                let (name, origin) =
+                    identity::node_name(platform).map_err(|p| cx.problem("name", p))?;
+                let name = plain_name(cx, "name", name, Some(origin))?;
+                defaulted.push(Defaulted {
+                    key: "name",
+                    value: name.clone(),
+                    origin,
+                });
+                name
+            }
+        };
+        // An empty region (in the file or PGHA_REGION="") means none, not the platform's.
+        let region = match self.region {
+            Some(region) => Some(region).filter(|r| !r.is_empty()),
+            None => identity::region(platform).map(|(region, origin)| {
+                defaulted.push(Defaulted {
+                    key: "region",
+                    value: region.clone(),
+                    origin,
+                });
+                region
+            }),
+        };
         let ip_family = match self.ip_family.as_deref().map(str::trim) {
             None => IpFamily::default(),
             Some(text) => IpFamily::parse(text).ok_or_else(|| {
@@ -127,8 +157,16 @@ impl FileConfig {
             })?,
         };
         let etcd = self.etcd.validate(cx, &scope)?;
-        let postgresql = self.postgresql.validate(cx, ip_family)?;
-        let api = self.api.validate(cx, ip_family)?;
+        let postgresql = self
+            .postgresql
+            .validate(cx, ip_family, platform, &mut defaulted)?;
+        let api = self.api.validate(
+            cx,
+            ip_family,
+            &postgresql.advertise_host,
+            self.tls.serves_https_api(),
+            &mut defaulted,
+        )?;
         let mut config = Config {
             source: cx.source.to_owned(),
             ip_family,
@@ -141,28 +179,39 @@ impl FileConfig {
             tags: self.tags.validate(),
             log: self.log.validate(cx)?,
             tls: crate::tls::TlsConfig::disabled(),
-            region: self.region.filter(|r| !r.is_empty()),
+            region,
             scope,
             name,
+            identity_defaults: defaulted,
         };
         // Last: [tls] checks names and addresses of the sections above.
-        super::tls::validate(self.tls, &mut config, cx)?;
+        super::tls::validate(self.tls, &mut config, cx, platform)?;
         Ok(config)
     }
 }
 
-/// Scope and node names become etcd key segments and file names.
-fn plain_name(cx: &Context<'_>, key: &str, value: String) -> Result<String, ConfigError> {
+/// Scope and node names become etcd key segments and file names. `origin`
+/// says where a name the file left out came from.
+fn plain_name(
+    cx: &Context<'_>,
+    key: &str,
+    value: String,
+    origin: Option<Origin>,
+) -> Result<String, ConfigError> {
     let ok = !value.is_empty()
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if ok {
-        Ok(value)
-    } else {
-        Err(cx.invalid(
-            key,
-            format!("expected letters, digits, '_', '.' or '-', got {value:?}"),
-        ))
+        return Ok(value);
     }
+    let message = format!("expected letters, digits, '_', '.' or '-', got {value:?}");
+    Err(match origin {
+        None => cx.invalid(key, message),
+        Some(Origin::Env(var)) => cx.invalid_from(key, var, message),
+        Some(other) => cx.invalid(
+            key,
+            format!("not set, and {other} is not a usable name: {message}"),
+        ),
+    })
 }

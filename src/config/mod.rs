@@ -8,8 +8,10 @@
 //! `router`;
 //! `[tls]` is owned by `crate::tls::settings`, glued in by `tls`: config
 //! depends on tls, never the other way). `loader`
-//! only assembles them; `env` applies the `PGHA_*` overrides; `context`
-//! turns problems into [`ConfigError`]s that read "FILE: KEY: ...".
+//! only assembles them; `env` applies the `PGHA_*` overrides; `identity`
+//! fills in the node's name, region, addresses and service names from the
+//! platform (`FLY_*`, the hostname) where the file leaves them out;
+//! `context` turns problems into [`ConfigError`]s that read "FILE: KEY: ...".
 
 mod api;
 mod cluster;
@@ -17,6 +19,7 @@ mod context;
 mod env;
 mod error;
 mod etcd;
+pub mod identity;
 mod loader;
 mod log;
 mod postgres;
@@ -74,6 +77,9 @@ pub struct Config {
     pub router: RouterConfig,
     /// Certificates for Postgres, replication and the API.
     pub tls: crate::tls::TlsConfig,
+    /// Keys the file and the `PGHA_*` variables left out that the node's
+    /// identity filled in (the name from `FLY_MACHINE_ID`, ...), in order.
+    pub identity_defaults: Vec<identity::Defaulted>,
 }
 
 impl Config {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::context::{non_empty, secret, Context};
 use super::env::EnvKind;
+use super::identity::{self, Defaulted, Platform};
 use super::values::{OneOrMany, ParameterValue, Port};
 use super::{ConfigError, Secret};
 use crate::net::IpFamily;
@@ -87,7 +88,7 @@ pub(super) struct FilePostgres {
     bin_dir: Option<String>,
     listen_addresses: Option<OneOrMany>,
     port: Option<Port>,
-    advertise_host: String,
+    advertise_host: Option<String>,
     advertise_port: Option<Port>,
     socket_dir: Option<String>,
     os_user: Option<String>,
@@ -110,10 +111,14 @@ pub(super) struct FileCredentials {
 }
 
 impl FilePostgres {
+    /// `platform` gives `advertise_host` when the file leaves it out (noted
+    /// in `defaulted`).
     pub(super) fn validate(
         self,
         cx: &Context<'_>,
         family: IpFamily,
+        platform: &Platform,
+        defaulted: &mut Vec<Defaulted>,
     ) -> Result<PostgresConfig, ConfigError> {
         let data_dir = cx.resolve(&non_empty(cx, "postgresql.data_dir", self.data_dir)?);
         let bin_dir = match self.bin_dir {
@@ -159,8 +164,20 @@ impl FilePostgres {
             ));
         }
         let port = self.port.map_or(DEFAULT_PORT, |p| p.0);
-        let advertise_host = advertise_host(&self.advertise_host)
-            .map_err(|msg| cx.invalid("postgresql.advertise_host", msg))?;
+        let key = "postgresql.advertise_host";
+        let advertise_host = match &self.advertise_host {
+            Some(text) => advertise_host(text).map_err(|msg| cx.invalid(key, msg))?,
+            None => {
+                let (host, origin) =
+                    identity::advertise_host(platform).map_err(|p| cx.problem(key, p))?;
+                defaulted.push(Defaulted {
+                    key,
+                    value: host.clone(),
+                    origin,
+                });
+                host
+            }
+        };
 
         let socket_dir_given = self.socket_dir.is_some();
         let socket_dir = match self.socket_dir {

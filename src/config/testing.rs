@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, EnvSource};
 
 pub(super) const SOURCE: &str = "/etc/pgha.toml";
 
@@ -82,6 +82,27 @@ pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
 
 pub(super) fn parse_env(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
     Config::parse(text, Path::new(SOURCE), &env(vars))
+}
+
+/// An environment with a hostname, as a process has (a map has none).
+pub(super) struct WithHostname(pub BTreeMap<String, String>, pub &'static str);
+
+impl EnvSource for WithHostname {
+    fn vars(&self) -> Vec<(String, String)> {
+        self.0.vars()
+    }
+    fn hostname(&self) -> Option<String> {
+        Some(self.1.to_owned())
+    }
+}
+
+/// `text` on a machine whose hostname is `hostname`.
+pub(super) fn parse_on_host(
+    text: &str,
+    vars: &[(&str, &str)],
+    hostname: &'static str,
+) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new(SOURCE), &WithHostname(env(vars), hostname))
 }
 
 #[track_caller]

@@ -325,20 +325,15 @@ fn invalid_values_name_their_key() {
             "required key missing",
         ),
         (
-            without("advertise_url"),
-            "api.advertise_url",
-            "required key missing",
-        ),
-        (
             without("password"),
             "postgresql.replication.password",
             "set postgresql.replication.password, postgresql.replication.password_file \
                  or PGHA_POSTGRESQL_REPLICATION_PASSWORD",
         ),
         (
-            minimal().replace("[api]\nadvertise_url = \"http://n1.internal:8008\"\n", ""),
-            "api",
-            "required section [api] missing",
+            minimal().replace("[etcd]\nendpoints = [\"127.0.0.1:2379\"]\n", ""),
+            "etcd",
+            "required section [etcd] missing",
         ),
         // Names.
         (
@@ -459,6 +454,16 @@ fn invalid_values_name_their_key() {
             "got \"::1:8008\"",
         ),
         (with("api", "listen = []"), "api.listen", "at least one"),
+        (
+            with("api", "balancer_window = \"2 minutes\""),
+            "api.balancer_window",
+            "expected at most 1m",
+        ),
+        (
+            with("api", "balancer_window = 3"),
+            "api.balancer_window",
+            "expected a duration like",
+        ),
         (
             minimal().replace("\"http://n1.internal:8008\"", "\"n1.internal:8008\""),
             "api.advertise_url",
@@ -782,4 +787,215 @@ fn summary_is_one_line() {
     let summary = parse(&minimal()).unwrap().summary();
     assert!(!summary.contains('\n'));
     assert!(summary.starts_with("scope=demo name=n1 "), "{summary}");
+}
+
+/// The file of one app's every Machine: no name, no addresses.
+fn one_file_for_every_machine() -> String {
+    let text = minimal().replace("name = \"n1\"\n", "");
+    let text = text.replace("advertise_host = \"n1.internal\"\n", "");
+    text.replace("advertise_url = \"http://n1.internal:8008\"\n", "")
+}
+
+#[test]
+fn one_file_serves_every_machine_the_identity_comes_from_the_platform() {
+    let text = one_file_for_every_machine();
+    let machine = |id: &str, ip: &str| {
+        parse_env(
+            &text,
+            &[
+                ("FLY_MACHINE_ID", id),
+                ("FLY_PRIVATE_IP", ip),
+                ("FLY_REGION", "ams"),
+                ("FLY_APP_NAME", "mydb"),
+            ],
+        )
+        .unwrap()
+    };
+    let a = machine("3d8d9e1b2c4e89", "fdaa:0:c037:a7b:c207:e395:9a80:2");
+    let b = machine("e784079b449483", "fdaa:0:c037:a7b:c5:7d2a:1b4c:2");
+    assert_eq!(a.name, "3d8d9e1b2c4e89");
+    assert_eq!(b.name, "e784079b449483");
+    assert_eq!(a.region.as_deref(), Some("ams"));
+    assert_eq!(
+        a.postgresql.advertise_host,
+        "fdaa:0:c037:a7b:c207:e395:9a80:2"
+    );
+    assert_eq!(
+        a.api.advertise_url,
+        "http://[fdaa:0:c037:a7b:c207:e395:9a80:2]:8008"
+    );
+    assert_eq!(
+        b.api.advertise_url,
+        "http://[fdaa:0:c037:a7b:c5:7d2a:1b4c:2]:8008"
+    );
+    assert_eq!(a.tls.service_names, ["mydb.internal"]);
+    let sans: Vec<String> = a.tls.names.iter().map(ToString::to_string).collect();
+    for san in [
+        "DNS:3d8d9e1b2c4e89",
+        "DNS:mydb.internal",
+        "IP:fdaa:0:c037:a7b:c207:e395:9a80:2",
+    ] {
+        assert!(sans.contains(&san.to_owned()), "{san} not in {sans:?}");
+    }
+    let shown: Vec<String> = a
+        .identity_defaults
+        .iter()
+        .map(|d| format!("{}={} ({})", d.key, d.value, d.origin))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            "name=3d8d9e1b2c4e89 ($FLY_MACHINE_ID)",
+            "region=ams ($FLY_REGION)",
+            "postgresql.advertise_host=fdaa:0:c037:a7b:c207:e395:9a80:2 ($FLY_PRIVATE_IP)",
+            "api.advertise_url=http://[fdaa:0:c037:a7b:c207:e395:9a80:2]:8008 \
+             (postgresql.advertise_host and api.listen)",
+            "tls.service_names=mydb.internal ($FLY_APP_NAME)",
+        ]
+    );
+    // The replication connection to it takes the literal without brackets.
+    let up = crate::postgres::conf::Upstream {
+        name: a.name.clone(),
+        host: a.postgresql.advertise_host.clone(),
+        port: a.postgresql.advertise_port,
+    };
+    let conninfo = crate::postgres::conf::primary_conninfo(&b.postgresql, &b.name, &up);
+    assert!(
+        conninfo.starts_with("host='fdaa:0:c037:a7b:c207:e395:9a80:2' port=5432 "),
+        "{conninfo}"
+    );
+}
+
+#[test]
+fn what_the_file_or_pgha_variables_say_wins_over_the_platform() {
+    let fly = [
+        ("FLY_MACHINE_ID", "3d8d9e1b2c4e89"),
+        ("FLY_PRIVATE_IP", "fdaa::2"),
+        ("FLY_REGION", "ams"),
+        ("FLY_APP_NAME", "mydb"),
+    ];
+    // The file's own values (minimal() sets name and addresses).
+    let file = parse_env(&minimal(), &fly).unwrap();
+    assert_eq!(file.name, "n1");
+    assert_eq!(file.postgresql.advertise_host, "n1.internal");
+    assert_eq!(file.api.advertise_url, "http://n1.internal:8008");
+    let keys: Vec<&str> = file.identity_defaults.iter().map(|d| d.key).collect();
+    assert_eq!(keys, ["region", "tls.service_names"]);
+
+    // PGHA_* overrides beat the platform too; empty values opt out.
+    let mut vars = fly.to_vec();
+    vars.extend([
+        ("PGHA_NAME", "pg1"),
+        ("PGHA_POSTGRESQL_ADVERTISE_HOST", "pg1.internal"),
+        ("PGHA_REGION", ""),
+        ("PGHA_TLS_SERVICE_NAMES", ""),
+    ]);
+    let env = parse_env(&one_file_for_every_machine(), &vars).unwrap();
+    assert_eq!(env.name, "pg1");
+    assert_eq!(env.postgresql.advertise_host, "pg1.internal");
+    assert_eq!(env.api.advertise_url, "http://pg1.internal:8008");
+    assert_eq!(env.region, None);
+    assert!(env.tls.service_names.is_empty());
+    let keys: Vec<&str> = env.identity_defaults.iter().map(|d| d.key).collect();
+    assert_eq!(keys, ["api.advertise_url"]);
+
+    // Service names of the file replace the platform's.
+    let named = parse_env(
+        &format!(
+            "{}[tls]\nservice_names = [\"db.example.com\", \"fdaa::99\"]\n",
+            minimal()
+        ),
+        &fly,
+    )
+    .unwrap();
+    assert_eq!(named.tls.service_names, ["db.example.com", "fdaa::99"]);
+    let sans: Vec<String> = named.tls.names.iter().map(ToString::to_string).collect();
+    assert!(sans.contains(&"DNS:db.example.com".to_owned()), "{sans:?}");
+    assert!(sans.contains(&"IP:fdaa::99".to_owned()), "{sans:?}");
+    assert!(!sans.contains(&"DNS:mydb.internal".to_owned()), "{sans:?}");
+
+    // Without TLS there is no certificate to name the service in.
+    let plain = parse_env(&format!("{}[tls]\nenabled = false\n", minimal()), &fly).unwrap();
+    assert!(plain.tls.service_names.is_empty());
+    let keys: Vec<&str> = plain.identity_defaults.iter().map(|d| d.key).collect();
+    assert_eq!(keys, ["region"]);
+}
+
+#[test]
+fn off_the_platform_the_name_is_the_hostname_and_the_api_url_follows_the_host() {
+    let text = one_file_for_every_machine().replace(
+        "[postgresql]\n",
+        "[postgresql]\nadvertise_host = \"[fdaa::7]\"\n",
+    );
+    let text = add(&text, "api", "listen = [\"[::]:9000\"]");
+    let config = parse_on_host(&text, &[], "db-7.example.com").unwrap();
+    assert_eq!(config.name, "db-7.example.com");
+    assert_eq!(config.postgresql.advertise_host, "fdaa::7");
+    assert_eq!(config.api.advertise_url, "http://[fdaa::7]:9000");
+    assert_eq!(config.region, None);
+    assert!(config.tls.service_names.is_empty());
+
+    // Nothing gives a value: the key, and what would have.
+    let message = assert_key(parse(&one_file_for_every_machine()), "name");
+    assert!(
+        message.contains("PGHA_NAME") && message.contains("FLY_MACHINE_ID"),
+        "{message}"
+    );
+    let message = assert_key(
+        parse_on_host(&one_file_for_every_machine(), &[], "db-7"),
+        "postgresql.advertise_host",
+    );
+    assert!(
+        message.contains("PGHA_POSTGRESQL_ADVERTISE_HOST") && message.contains("FLY_PRIVATE_IP"),
+        "{message}"
+    );
+    assert_key(
+        parse_on_host(&one_file_for_every_machine(), &[], "localhost"),
+        "name",
+    );
+    let message = assert_key(
+        parse_on_host(&one_file_for_every_machine(), &[], "db 7"),
+        "name",
+    );
+    assert!(
+        message.contains("the hostname is not a usable name"),
+        "{message}"
+    );
+    // A platform variable that cannot be used is named with the key.
+    assert_key_env(
+        parse_env(
+            &one_file_for_every_machine(),
+            &[("FLY_MACHINE_ID", "m1"), ("FLY_PRIVATE_IP", "fdaa::zz")],
+        ),
+        "postgresql.advertise_host",
+        "FLY_PRIVATE_IP",
+    );
+    assert_key_env(
+        parse_env(
+            &one_file_for_every_machine(),
+            &[("FLY_MACHINE_ID", "m/1"), ("FLY_PRIVATE_IP", "fdaa::2")],
+        ),
+        "name",
+        "FLY_MACHINE_ID",
+    );
+    assert_key_env(
+        parse_env(
+            &one_file_for_every_machine(),
+            &[
+                ("FLY_MACHINE_ID", "m1"),
+                ("FLY_PRIVATE_IP", "fdaa::2"),
+                ("FLY_APP_NAME", "my app"),
+            ],
+        ),
+        "tls.service_names",
+        "FLY_APP_NAME",
+    );
+    // The file's bad service name is the file's error.
+    assert_key(
+        parse(&format!(
+            "{}[tls]\nservice_names = [\"bad name\"]\n",
+            minimal()
+        )),
+        "tls.service_names[0]",
+    );
 }

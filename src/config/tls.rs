@@ -4,6 +4,7 @@
 
 use super::context::Context;
 use super::env::EnvKind;
+use super::identity::{self, Defaulted, Platform};
 use super::{Config, ConfigError};
 use crate::tls::settings::NodeFacts;
 
@@ -16,6 +17,7 @@ pub(super) const KEYS: &[(&str, EnvKind)] = &[
     ("tls.dir", EnvKind::Text),
     ("tls.cert_validity", EnvKind::Text),
     ("tls.hostnames", EnvKind::List),
+    ("tls.service_names", EnvKind::List),
     ("tls.hostssl_clients", EnvKind::Boolean),
     ("tls.replication_client_cert", EnvKind::Boolean),
     ("tls.api", EnvKind::Boolean),
@@ -23,12 +25,30 @@ pub(super) const KEYS: &[(&str, EnvKind)] = &[
 ];
 
 /// Validates `[tls]` against the rest of `config` and fills in the TLS
-/// settings of `config` and of its Postgres section.
+/// settings of `config` and of its Postgres section. `platform` gives the
+/// service names when the file leaves them out.
 pub(super) fn validate(
     file: crate::tls::FileTls,
     config: &mut Config,
     cx: &Context<'_>,
+    platform: &Platform,
 ) -> Result<(), ConfigError> {
+    let key = "tls.service_names";
+    let default_service_names = if !file.takes_default_service_names() {
+        Vec::new()
+    } else {
+        match identity::service_names(platform).map_err(|p| cx.problem(key, p))? {
+            Some((names, origin)) => {
+                config.identity_defaults.push(Defaulted {
+                    key,
+                    value: names.join(","),
+                    origin,
+                });
+                names
+            }
+            None => Vec::new(),
+        }
+    };
     let node = NodeFacts {
         name: &config.name,
         data_dir: &config.postgresql.data_dir,
@@ -37,6 +57,7 @@ pub(super) fn validate(
         api_listen: &config.api.listen,
         api_advertise_url: &config.api.advertise_url,
         replication_user: &config.postgresql.replication.username,
+        default_service_names: &default_service_names,
     };
     config.tls = file
         .validate(

@@ -543,9 +543,10 @@ impl Etcd {
     }
 
     /// Watches the cluster prefix from `revision` and sends a unit on every
-    /// change that can alter a decision (leader, initialize, config), until
-    /// the receiver is dropped; returns when the stream ends. Member and
-    /// status keys change every loop and are read on the next tick instead.
+    /// change that can alter a decision or the route (leader, initialize,
+    /// config, switchover, sync, a member's role or state), until the
+    /// receiver is dropped; returns when the stream ends. Members republish
+    /// their keys every loop: those puts alone wake nothing.
     pub async fn watch(&self, revision: i64, wake: tokio::sync::mpsc::Sender<()>) -> Result<()> {
         let mut c = self.client.clone();
         let opts = WatchOptions::new()
@@ -553,23 +554,91 @@ impl Etcd {
             .with_start_revision(revision);
         let (_watcher, mut stream) =
             within(self.timeout, c.watch(self.keys.prefix.as_str(), Some(opts))).await?;
+        let members = self.keys.members();
+        let mut roles = RolesSeen::default();
         while let Some(resp) = stream.message().await? {
             if resp.canceled() {
                 break;
             }
-            let relevant = resp.events().iter().any(|ev| {
-                ev.kv().and_then(|kv| kv.key_str().ok()).is_some_and(|k| {
-                    k == self.keys.leader()
-                        || k == self.keys.initialize()
-                        || k == self.keys.config()
-                        || k == self.keys.switchover()
-                        || k == self.keys.sync()
-                })
-            });
+            let mut relevant = false;
+            for ev in resp.events() {
+                let Some((k, kv)) = ev.kv().and_then(|kv| Some((kv.key_str().ok()?, kv))) else {
+                    continue;
+                };
+                relevant |= k == self.keys.leader()
+                    || k == self.keys.initialize()
+                    || k == self.keys.config()
+                    || k == self.keys.switchover()
+                    || k == self.keys.sync();
+                // Members republish every pass: only a change of role or
+                // state wakes us (a new primary's key moves every router).
+                if let Some(name) = k.strip_prefix(members.as_str()) {
+                    let value =
+                        (ev.event_type() == etcd_client::EventType::Put).then(|| kv.value());
+                    relevant |= roles.changed(name, value);
+                }
+            }
             if relevant && wake.send(()).await.is_err() {
                 break;
             }
         }
         Ok(())
+    }
+}
+
+/// Each member's role and state as its key last said, so that a watch
+/// wakes the loop on a change of either and not on every republication.
+#[derive(Debug, Default)]
+struct RolesSeen(std::collections::HashMap<String, (String, String)>);
+
+impl RolesSeen {
+    /// `value`: the member key's new JSON, `None` when it was deleted.
+    fn changed(&mut self, name: &str, value: Option<&[u8]>) -> bool {
+        #[derive(Deserialize)]
+        struct RoleOf {
+            #[serde(default)]
+            role: String,
+            #[serde(default)]
+            state: String,
+        }
+        match value {
+            None => self.0.remove(name).is_some(),
+            Some(json) => {
+                let Ok(m) = serde_json::from_slice::<RoleOf>(json) else {
+                    return false;
+                };
+                let now = (m.role, m.state);
+                self.0.insert(name.to_string(), now.clone()) != Some(now)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RolesSeen;
+
+    #[test]
+    fn a_member_key_wakes_the_loop_only_when_its_role_or_state_changes() {
+        let mut seen = RolesSeen::default();
+        let key = |role: &str, state: &str, lsn: u64| {
+            format!(r#"{{"role":"{role}","state":"{state}","wal_position":{lsn}}}"#).into_bytes()
+        };
+        assert!(
+            seen.changed("n1", Some(&key("replica", "streaming", 1))),
+            "first sight"
+        );
+        assert!(
+            !seen.changed("n1", Some(&key("replica", "streaming", 2))),
+            "a new position only"
+        );
+        assert!(
+            seen.changed("n1", Some(&key("primary", "running", 3))),
+            "promoted"
+        );
+        assert!(seen.changed("n1", Some(&key("primary", "stopping", 3))));
+        assert!(!seen.changed("n1", Some(b"not json")));
+        assert!(seen.changed("n1", None), "gone");
+        assert!(!seen.changed("n1", None));
     }
 }

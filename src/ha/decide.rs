@@ -351,6 +351,19 @@ fn follow(
     if dcs.config.paused || obs.shutting_down {
         return;
     }
+    if let Some(at) = obs.primary_ended_at {
+        let since = now.since(at);
+        if since < settings.balancer_window_ms {
+            steps.push(Step::new(
+                Action::Wait,
+                format!(
+                    "stopped as primary {since} ms ago: Postgres stays down for {} ms (api.balancer_window) so a load balancer polling /primary takes us out before we accept read-only clients",
+                    settings.balancer_window_ms
+                ),
+            ));
+            return;
+        }
+    }
     let leader_up = running_leader(dcs, &obs.node).is_some();
     if obs.handover.as_ref().is_some_and(|h| !h.force)
         && obs.last_role == Some(PgRole::Primary)

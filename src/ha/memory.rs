@@ -23,6 +23,8 @@ pub struct Memory {
     orphan_since: BTreeMap<String, Tick>,
     /// The last etcd view read.
     pub last_view: Option<DcsView>,
+    /// When the read behind `last_view` was sent.
+    pub last_view_at: Tick,
     /// etcd reads failed in a row.
     pub etcd_failures: u32,
     stalled_since: Option<Tick>,
@@ -40,6 +42,14 @@ pub struct Memory {
     pub reserved_timeline: Option<u32>,
     /// Leader leases whose revocation we sent, newest last.
     pub abandoned_leases: Vec<i64>,
+    /// When our Postgres last stopped being a primary that health checks
+    /// call one (see `Observation::primary_ended_at`): a Stop we began, a
+    /// crash we saw, or an agent start on a stopped primary's data directory.
+    pub primary_ended_at: Option<Tick>,
+    /// The last pass that saw our Postgres run as primary.
+    primary_seen_at: Option<Tick>,
+    /// A pass of this agent has seen a stopped data directory.
+    stopped_dir_seen: bool,
 }
 
 impl Memory {
@@ -58,6 +68,15 @@ impl Memory {
             self.pg_down_since = None;
         } else {
             self.pg_down_since.get_or_insert(now);
+        }
+        if local.running && local.role == Some(PgRole::Primary) {
+            self.primary_seen_at = Some(now);
+        } else if let Some(seen) = self.primary_seen_at.take() {
+            // It crashed or was demoted since: unless a Stop of ours
+            // already started the window, it starts now.
+            if self.primary_ended_at.is_none_or(|t| t < seen) {
+                self.primary_ended_at = Some(now);
+            }
         }
         local.following = self.following.clone();
         // A standby's timeline comes from its WAL receiver while it streams,
@@ -79,11 +98,34 @@ impl Memory {
         };
     }
 
-    /// One etcd read (`None`: it failed). Returns the replication slots on
-    /// our primary that no member wants, with since when.
+    /// We begin to stop our Postgres (its health checks turn 503 now): if it
+    /// runs as primary, load balancers need the balancer window to notice.
+    pub fn stop_began(&mut self, local: &LocalPostgres, now: Tick) {
+        if local.running && local.role == Some(PgRole::Primary) {
+            self.primary_ended_at = Some(now);
+        }
+    }
+
+    /// The stopped data directory last ran as `last_role` (`None` while
+    /// Postgres runs or a job works on it: nothing to learn). On the first
+    /// such pass of this agent a primary's may have taken writers until
+    /// just before (an agent restarted at once), and load balancers may
+    /// still count it as one: the balancer window starts now.
+    pub fn stopped_dir_seen(&mut self, last_role: Option<PgRole>, now: Tick) {
+        let Some(role) = last_role else {
+            return;
+        };
+        if !std::mem::replace(&mut self.stopped_dir_seen, true) && role == PgRole::Primary {
+            self.primary_ended_at.get_or_insert(now);
+        }
+    }
+
+    /// One etcd read sent at `sent` (`None`: it failed). Returns the
+    /// replication slots on our primary that no member wants, with since when.
     pub fn dcs_seen(
         &mut self,
         dcs: Option<&DcsView>,
+        sent: Tick,
         me: &str,
         local: &LocalPostgres,
         now: Tick,
@@ -115,6 +157,7 @@ impl Memory {
         }
         self.member_waits.observe(view, now);
         self.last_view = Some(view.clone());
+        self.last_view_at = sent;
         orphans
     }
 
@@ -280,6 +323,40 @@ mod tests {
     }
 
     #[test]
+    fn the_balancer_window_starts_when_a_primary_stops_crashes_or_is_found_stopped() {
+        let primary = || LocalPostgres {
+            running: true,
+            role: Some(PgRole::Primary),
+            ..LocalPostgres::default()
+        };
+        let mut m = Memory::default();
+        m.local_seen(&mut primary(), Tick(100));
+        m.local_seen(&mut LocalPostgres::default(), Tick(1_000));
+        assert_eq!(m.primary_ended_at, Some(Tick(1_000)), "a crash, seen");
+        // A Stop we began (its 503 came first) keeps its earlier start.
+        m.local_seen(&mut primary(), Tick(5_000));
+        m.stop_began(&LocalPostgres::default(), Tick(5_050));
+        assert_eq!(
+            m.primary_ended_at,
+            Some(Tick(1_000)),
+            "no primary ran: nothing ends"
+        );
+        m.stop_began(&primary(), Tick(5_100));
+        m.local_seen(&mut LocalPostgres::default(), Tick(5_600));
+        assert_eq!(m.primary_ended_at, Some(Tick(5_100)));
+        // A new agent on a stopped primary's directory: from its first look.
+        let mut fresh = Memory::default();
+        fresh.stopped_dir_seen(None, Tick(3));
+        fresh.stopped_dir_seen(Some(PgRole::Primary), Tick(7));
+        fresh.stopped_dir_seen(Some(PgRole::Primary), Tick(9_000));
+        assert_eq!(fresh.primary_ended_at, Some(Tick(7)));
+        let mut standby = Memory::default();
+        standby.stopped_dir_seen(Some(PgRole::Replica), Tick(7));
+        standby.stopped_dir_seen(Some(PgRole::Primary), Tick(9_000));
+        assert_eq!(standby.primary_ended_at, None, "only the first look counts");
+    }
+
+    #[test]
     fn a_rewind_that_changed_nothing_is_not_a_failed_rewind() {
         let mut m = Memory {
             needs_rewind: true,
@@ -302,14 +379,14 @@ mod tests {
     fn etcd_failures_count_in_a_row_and_the_last_view_stays() {
         let mut m = Memory::default();
         let local = LocalPostgres::default();
-        assert!(m.dcs_seen(None, "n1", &local, Tick(0)).is_empty());
-        assert!(m.dcs_seen(None, "n1", &local, Tick(1)).is_empty());
+        assert!(m.dcs_seen(None, Tick(0), "n1", &local, Tick(0)).is_empty());
+        assert!(m.dcs_seen(None, Tick(1), "n1", &local, Tick(1)).is_empty());
         assert_eq!(m.etcd_failures, 2);
         let view = DcsView::default();
-        m.dcs_seen(Some(&view), "n1", &local, Tick(2));
+        m.dcs_seen(Some(&view), Tick(2), "n1", &local, Tick(2));
         assert_eq!(m.etcd_failures, 0);
         assert!(m.last_view.is_some());
-        m.dcs_seen(None, "n1", &local, Tick(3));
+        m.dcs_seen(None, Tick(3), "n1", &local, Tick(3));
         assert!(m.last_view.is_some(), "a failed read keeps the last view");
     }
 }

@@ -4,6 +4,7 @@
 //! relayed to a backend that leaves the route, and everything once the
 //! route's validity runs out without a newer one (fencing at the router).
 
+use super::memory::Memory;
 use super::state::*;
 
 /// The route by member name, and until when it may be used.
@@ -20,22 +21,26 @@ pub struct RouteChoice {
     pub valid_until: Option<Tick>,
 }
 
-/// The route this node's router uses after observing `obs`.
+/// The route this node's router uses after observing `obs`, with what
+/// `memory` holds of the last etcd view.
 ///
-/// `read_sent` is when the etcd read behind `obs.dcs` was sent. A view
-/// shows a leader key at most one lease after that read was sent, and the
-/// leader stops taking writes a fence window after its last renewal, so the
-/// route is valid for `fence_window_ms` from the send (for the leader
-/// itself: until its own fencing deadline). A node cut off from etcd thus
-/// closes its clients' connections no later than the old primary fences
-/// itself; one that reads etcd again extends the route and drops nothing.
-pub fn route(obs: &Observation, read_sent: Tick, fence_window_ms: u64) -> RouteChoice {
-    let Some(dcs) = &obs.dcs else {
+/// A view shows a leader key at most one lease after the read behind it was
+/// sent (`memory.last_view_at`, no later than that send), and the leader
+/// stops taking writes a fence window after its last renewal, so the route
+/// is valid for `fence_window_ms` from then (for the leader itself: until
+/// its own fencing deadline, which failsafe confirmations move too). A
+/// failed read changes nothing: the route of the last view stands until it
+/// runs out, so an etcd hiccup costs no connection, while a node cut off
+/// from etcd for good closes its clients' connections no later than the old
+/// primary fences itself.
+pub fn route(obs: &Observation, memory: &Memory, fence_window_ms: u64) -> RouteChoice {
+    let Some(dcs) = obs.dcs.as_ref().or(memory.last_view.as_ref()) else {
         return RouteChoice::default();
     };
     let Some(key) = &dcs.leader else {
         return RouteChoice::default();
     };
+    let read_sent = memory.last_view_at;
     let i_lead = key.name == obs.node;
     let valid_until = if i_lead {
         // Our own lease: what the fence guard enforces.
@@ -47,8 +52,11 @@ pub fn route(obs: &Observation, read_sent: Tick, fence_window_ms: u64) -> RouteC
     };
     let leader = dcs.member(&key.name);
     let primary_runs = if i_lead {
-        // Our own probe is fresher than the member key we publish later.
-        obs.local.running && obs.local.role == Some(PgRole::Primary)
+        // Our own probe is fresher than the member key we publish later; a
+        // primary that began to stop (handover, shutdown) takes no new
+        // connections, and those open are closed before its checkpoint.
+        let stopping = memory.handover.is_some() || obs.job == Some(Job::Stop);
+        obs.local.running && obs.local.role == Some(PgRole::Primary) && !stopping
     } else {
         leader.is_some_and(|m| m.role == MemberRole::Primary && m.state == "running")
     };

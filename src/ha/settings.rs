@@ -17,6 +17,11 @@ pub struct Settings {
     /// A stopped leader waits this long for its handover target to confirm
     /// all WAL before it starts again as primary.
     pub handover_timeout_ms: u64,
+    /// A load balancer polling `/primary` takes a node out this long after
+    /// its check turned 503 (HAProxy: `inter × fall`). A primary that stopped
+    /// being one keeps Postgres down this long before it runs as a standby,
+    /// so such a balancer never sends a read-write client to it read-only.
+    pub balancer_window_ms: u64,
 }
 
 impl Settings {

@@ -335,6 +335,14 @@ pub struct MemberStatus {
     /// Replica: WAL replay is paused.
     #[serde(default)]
     pub replay_paused: bool,
+    /// Where this member's router takes read-write connections
+    /// (`host:port`); absent when its router is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_rw: Option<String>,
+    /// Where this member's router takes read-only connections, if it has
+    /// that listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_ro: Option<String>,
     /// Milliseconds since the Unix epoch of this status.
     pub updated_at_ms: u64,
     pub version: String,
@@ -651,4 +659,7 @@ pub struct Observation {
     /// A member whose API just said it runs Postgres as primary (asked
     /// with `peers`).
     pub live_primary: Option<String>,
+    /// When this node last stopped its Postgres as a primary (its health
+    /// checks turned 503 on `/primary` then).
+    pub primary_ended_at: Option<Tick>,
 }

@@ -14,6 +14,7 @@ fn settings() -> Settings {
         fencing_margin_ms: 2_000,
         rewind_after_ms: 5_000,
         handover_timeout_ms: 10_000,
+        balancer_window_ms: 2_500,
     }
 }
 
@@ -38,6 +39,8 @@ fn member(name: &str, role: MemberRole, state: &str, tl: u32, lsn: u64) -> Membe
         basebackup: None,
         pending_restart: false,
         replay_paused: false,
+        router_rw: None,
+        router_ro: None,
         updated_at_ms: 0,
         version: "test".into(),
     }
@@ -123,6 +126,7 @@ fn obs(node: &str, local: LocalPostgres, dcs: Option<DcsView>) -> Observation {
         sync_applied: None,
         failsafe_promise_until: None,
         live_primary: None,
+        primary_ended_at: None,
     }
 }
 
@@ -1383,6 +1387,52 @@ fn handed_over_leader_follows_without_rewind_and_new_leader_clears_the_request()
 }
 
 #[test]
+fn a_stopped_primary_stays_down_until_load_balancers_have_taken_it_out() {
+    let mut old = obs(
+        "n1",
+        LocalPostgres::default(),
+        Some(view(Some("n2"), healthy_three("n2"))),
+    );
+    old.last_role = Some(PgRole::Primary);
+    old.handover = Some(Handover {
+        since: Tick(1_000),
+        to: "n2".into(),
+        force: false,
+    });
+    old.primary_ended_at = Some(Tick(1_000));
+    let steps = decide(&old, &settings(), Tick(2_000));
+    assert_eq!(steps.len(), 1);
+    assert_eq!(steps[0].action, Action::Wait);
+    assert!(
+        steps[0].reason.contains("1000 ms ago") && steps[0].reason.contains("2500 ms"),
+        "the wait says why and for how long: {}",
+        steps[0].reason
+    );
+    assert_eq!(
+        actions(&old, 3_500),
+        vec![Action::StartReplica {
+            upstream: Some("n2".into())
+        }],
+        "the window is over: follow the new leader"
+    );
+    // A demoted primary that must rewind waits the same way first.
+    old.handover = None;
+    assert!(actions(&old, 3_499).is_empty());
+    assert_eq!(
+        actions(&old, 3_500),
+        vec![Action::Rewind { from: "n2".into() }]
+    );
+    // Off (router only): no wait at all.
+    let off = Settings {
+        balancer_window_ms: 0,
+        ..settings()
+    };
+    assert!(decide(&old, &off, Tick(1_000))
+        .iter()
+        .any(|s| s.action == Action::Rewind { from: "n2".into() }));
+}
+
+#[test]
 fn shutting_down_starts_nothing() {
     let mut o = obs(
         "n2",
@@ -1921,7 +1971,7 @@ fn the_route_names_the_running_leader_and_streaming_replicas_within_lag() {
         running(PgRole::Replica, 1, 1000),
         Some(view(Some("n1"), healthy_three("n1"))),
     );
-    let r = route(&o, Tick(500), 2_000);
+    let r = route(&o, &read_at(500), 2_000);
     assert_eq!(r.primary.as_deref(), Some("n1"));
     assert_eq!(r.replicas, vec!["n2".to_string(), "n3".to_string()]);
     assert_eq!(
@@ -1939,24 +1989,30 @@ fn the_route_names_the_running_leader_and_streaming_replicas_within_lag() {
     v.config.maximum_lag_on_failover = 500;
     let mut o2 = o.clone();
     o2.dcs = Some(v);
-    assert_eq!(route(&o2, Tick(0), 2_000).replicas, vec!["n3".to_string()]);
+    assert_eq!(
+        route(&o2, &read_at(0), 2_000).replicas,
+        vec!["n3".to_string()]
+    );
     members[1] = healthy_three("n1")[1].clone();
     members[2].noloadbalance = true;
     o2.dcs = Some(view(Some("n1"), members));
-    assert_eq!(route(&o2, Tick(0), 2_000).replicas, vec!["n2".to_string()]);
+    assert_eq!(
+        route(&o2, &read_at(0), 2_000).replicas,
+        vec!["n2".to_string()]
+    );
 }
 
 #[test]
 fn no_route_without_a_view_a_leader_or_a_running_primary() {
     let mut o = obs("n2", running(PgRole::Replica, 1, 1000), None);
-    assert_eq!(route(&o, Tick(0), 2_000), RouteChoice::default());
+    assert_eq!(route(&o, &read_at(0), 2_000), RouteChoice::default());
     o.dcs = Some(view(None, healthy_three("n1")));
-    assert_eq!(route(&o, Tick(0), 2_000).primary, None);
+    assert_eq!(route(&o, &read_at(0), 2_000).primary, None);
     // The leader's Postgres is not up (yet): hold new connections.
     let mut members = healthy_three("n1");
     members[0].state = "starting".into();
     o.dcs = Some(view(Some("n1"), members));
-    assert_eq!(route(&o, Tick(0), 2_000).primary, None);
+    assert_eq!(route(&o, &read_at(0), 2_000).primary, None);
 }
 
 #[test]
@@ -1967,7 +2023,7 @@ fn the_leaders_own_route_lasts_until_its_fencing_deadline_and_follows_its_probe(
         running(PgRole::Primary, 1, 1000),
         Some(view(Some("n1"), healthy_three("n1"))),
     );
-    let r = route(&o, Tick(700), 2_000);
+    let r = route(&o, &read_at(700), 2_000);
     assert_eq!(r.primary.as_deref(), Some("n1"));
     assert_eq!(r.valid_until, Some(Tick(2_000)));
     // Promoted this pass, the member key not yet republished: the probe counts.
@@ -1975,12 +2031,80 @@ fn the_leaders_own_route_lasts_until_its_fencing_deadline_and_follows_its_probe(
     members[0].role = MemberRole::Replica;
     members[0].state = "streaming".into();
     o.dcs = Some(view(Some("n1"), members));
-    assert_eq!(route(&o, Tick(700), 2_000).primary.as_deref(), Some("n1"));
+    assert_eq!(
+        route(&o, &read_at(700), 2_000).primary.as_deref(),
+        Some("n1")
+    );
     // Our Postgres is still a replica: nothing takes writes yet.
     o.local = running(PgRole::Replica, 1, 1000);
-    assert_eq!(route(&o, Tick(700), 2_000).primary, None);
+    assert_eq!(route(&o, &read_at(700), 2_000).primary, None);
     // A key under a lease we do not hold: no validity of ours.
     o.local = running(PgRole::Primary, 1, 1000);
     o.leader_lease = None;
-    assert_eq!(route(&o, Tick(700), 2_000).valid_until, None);
+    assert_eq!(route(&o, &read_at(700), 2_000).valid_until, None);
+}
+
+/// HA memory whose last etcd view was read at `sent`.
+fn read_at(sent: u64) -> Memory {
+    let mut memory = Memory::default();
+    memory.last_view_at = Tick(sent);
+    memory
+}
+
+#[test]
+fn a_failed_read_keeps_the_last_views_route_until_it_runs_out() {
+    // Read at 500; this pass's read failed (no view in the observation).
+    let seen = view(Some("n1"), healthy_three("n1"));
+    let mut memory = read_at(500);
+    memory.last_view = Some(seen);
+    let o = obs("n2", running(PgRole::Replica, 1, 1000), None);
+    let r = route(&o, &memory, 2_000);
+    assert_eq!(r.primary.as_deref(), Some("n1"), "a hiccup drops nothing");
+    assert_eq!(r.valid_until, Some(Tick(2_500)), "still from the last read");
+
+    // The leader cut off from etcd: its route follows its own lease, which
+    // failsafe confirmations renew, so they keep its clients connected.
+    let mut o = obs(
+        "n1",
+        running(PgRole::Primary, 1, 1000),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
+    memory.last_view = o.dcs.take();
+    let before = route(&o, &memory, 2_000).valid_until;
+    o.leader_lease.as_mut().expect("leader lease").renewed_at = Tick(3_000);
+    let after = route(&o, &memory, 2_000);
+    assert_eq!(after.primary.as_deref(), Some("n1"));
+    assert_eq!(before, Some(Tick(2_000)));
+    assert_eq!(after.valid_until, Some(Tick(5_000)));
+}
+
+#[test]
+fn a_leader_that_began_to_stop_routes_no_new_connection_to_itself() {
+    let mut o = obs(
+        "n1",
+        running(PgRole::Primary, 1, 1000),
+        Some(view(Some("n1"), healthy_three("n1"))),
+    );
+    let mut memory = read_at(0);
+    assert_eq!(route(&o, &memory, 2_000).primary.as_deref(), Some("n1"));
+    // A plain stop (its job runs, Postgres still up).
+    o.job = Some(Job::Stop);
+    assert_eq!(route(&o, &memory, 2_000).primary, None);
+    // A handover: from HandoverStop on, before the checkpoint ends.
+    o.job = None;
+    memory.handover = Some(Handover {
+        since: Tick(0),
+        to: "n2".into(),
+        force: false,
+    });
+    assert_eq!(route(&o, &memory, 2_000).primary, None);
+    // The other nodes see its member key say so.
+    let mut members = healthy_three("n1");
+    members[0].state = "stopping".into();
+    let o2 = obs(
+        "n2",
+        running(PgRole::Replica, 1, 1000),
+        Some(view(Some("n1"), members)),
+    );
+    assert_eq!(route(&o2, &read_at(0), 2_000).primary, None);
 }

@@ -11,8 +11,11 @@ use crate::ha::{LocalPostgres, Lsn, PgRole, Replication, SyncSet};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// pg_promote waits up to 60 s itself; everything else is quick.
+/// Far above what any statement takes: only a hung Postgres reaches it.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(65);
+/// How long a promotion may take, and how often the agent asks whether it is done.
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(60);
+const PROMOTE_POLL: Duration = Duration::from_millis(2);
 
 /// One `pg_stat_replication` row as the probe renders it: `name state lsn`
 /// (the name last-but-two words from the end, so it may hold spaces).
@@ -160,20 +163,45 @@ impl LocalPg {
         }
     }
 
+    /// Promotes, and returns once Postgres takes writes.
     pub async fn promote(&self) -> Result<()> {
-        let ok: bool = self
+        let signalled: bool = self
             .with_client(|c| {
                 Box::pin(async move {
-                    c.query_one("SELECT pg_promote(true, 60)", &[])
+                    c.query_one("SELECT pg_promote(false)", &[])
                         .await
                         .map(|r| r.get(0))
                 })
             })
             .await?;
-        if ok {
-            Ok(())
-        } else {
-            Err(PgError::Other("pg_promote returned false".into()))
+        if !signalled {
+            return Err(PgError::Other(
+                "pg_promote could not signal the postmaster".into(),
+            ));
+        }
+        // pg_promote's own wait looks every 100 ms: asking every few ms
+        // lets the agent announce the new role within milliseconds of the
+        // first write Postgres could take.
+        let deadline = tokio::time::Instant::now() + PROMOTE_TIMEOUT;
+        loop {
+            let in_recovery = self
+                .with_client(|c| {
+                    Box::pin(async move {
+                        c.query_one("SELECT pg_is_in_recovery()", &[])
+                            .await
+                            .map(|r| r.get::<_, bool>(0))
+                    })
+                })
+                .await;
+            if matches!(in_recovery, Ok(false)) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(PgError::Other(format!(
+                    "still in recovery {PROMOTE_TIMEOUT:?} after pg_promote: {in_recovery:?}"
+                )));
+            }
+            tokio::time::sleep(PROMOTE_POLL).await;
         }
     }
 

@@ -66,15 +66,33 @@ impl RouterHandle {
 /// The router's entry point.
 pub struct Router;
 
+/// A router whose listeners are bound (so their real ports are known, also
+/// when the configured ones were 0) and not serving yet.
+#[derive(Debug)]
+pub struct BoundRouter {
+    config: RouterConfig,
+    rw: TcpListener,
+    ro: Option<TcpListener>,
+    /// Where the read-write listener is bound.
+    pub rw_addr: SocketAddr,
+    /// Where the read-only listener is bound, if configured.
+    pub ro_addr: Option<SocketAddr>,
+}
+
 impl Router {
-    /// Binds the listeners and starts the router under `cancel`; when it is
-    /// cancelled the listeners close and every relayed connection with them.
-    /// Must run inside a tokio runtime.
+    /// Binds the listeners and starts the router under `cancel` (see
+    /// [`BoundRouter::start`]). Must run inside a tokio runtime.
     pub fn start(
         config: &RouterConfig,
         routes: watch::Receiver<Route>,
         cancel: CancellationToken,
     ) -> std::io::Result<RouterHandle> {
+        Ok(Router::bind(config)?.start(routes, cancel))
+    }
+
+    /// Binds the listeners; a failure names the config key. Must run inside
+    /// a tokio runtime.
+    pub fn bind(config: &RouterConfig) -> std::io::Result<BoundRouter> {
         let rw = bind(config.listen, config.dual_stack, "router.listen")?;
         let ro = config
             .replica_listen
@@ -82,7 +100,27 @@ impl Router {
             .transpose()?;
         let rw_addr = rw.local_addr()?;
         let ro_addr = ro.as_ref().map(TcpListener::local_addr).transpose()?;
+        Ok(BoundRouter {
+            config: config.clone(),
+            rw,
+            ro,
+            rw_addr,
+            ro_addr,
+        })
+    }
+}
 
+impl BoundRouter {
+    /// Starts serving under `cancel`; when it is cancelled the listeners
+    /// close and every relayed connection with them.
+    pub fn start(self, routes: watch::Receiver<Route>, cancel: CancellationToken) -> RouterHandle {
+        let BoundRouter {
+            config,
+            rw,
+            ro,
+            rw_addr,
+            ro_addr,
+        } = self;
         let metrics = Arc::new(RouterMetrics::default());
         let (publish, routing) = watch::channel(Arc::new(Routing::default()));
         let tasks = TaskTracker::new();
@@ -91,7 +129,7 @@ impl Router {
             fencing::run(routes, publish, Arc::clone(&metrics), cancel.clone()).in_current_span(),
         );
         let shared = Arc::new(Shared {
-            config: config.clone(),
+            config,
             routing,
             metrics: Arc::clone(&metrics),
             next_replica: AtomicUsize::new(0),
@@ -105,12 +143,12 @@ impl Router {
         }
         tasks.close();
         info!(rw = %rw_addr, ro = ?ro_addr, "router: listening");
-        Ok(RouterHandle {
+        RouterHandle {
             rw_addr,
             ro_addr,
             metrics,
             tasks,
-        })
+        }
     }
 }
 

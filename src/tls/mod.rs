@@ -527,6 +527,7 @@ mod tests {
             api_listen: &api_listen,
             api_advertise_url: "http://n1.internal:8008",
             replication_user: "replicator",
+            default_service_names: &[],
         };
         let cfg = FileTls::default()
             .validate(&facts, &|p| dir.path().join(p), SystemTime::now())

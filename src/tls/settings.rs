@@ -30,6 +30,7 @@ pub struct FileTls {
     cert_validity: Option<String>,
     #[serde(default)]
     hostnames: Vec<String>,
+    service_names: Option<Vec<String>>,
     hostssl_clients: Option<bool>,
     replication_client_cert: Option<bool>,
     api: Option<bool>,
@@ -72,8 +73,11 @@ pub struct TlsConfig {
     pub cert_validity: Duration,
     /// Common name of this node's certificate: the node name.
     pub common_name: String,
+    /// Names of the whole service (the routers' address, e.g.
+    /// `<app>.internal`), the same on every node; part of `names`.
+    pub service_names: Vec<String>,
     /// SANs known from the config: node name, advertised and extra host
-    /// names, localhost, listen and advertised addresses.
+    /// names, service names, localhost, listen and advertised addresses.
     pub names: Vec<SubjectName>,
     /// Postgres or the API listens on a wildcard address: the node's
     /// interface addresses are added at issuance.
@@ -97,6 +101,7 @@ impl TlsConfig {
             dir: PathBuf::new(),
             cert_validity: DEFAULT_CERT_VALIDITY,
             common_name: String::new(),
+            service_names: Vec::new(),
             names: Vec::new(),
             listens_on_any: false,
             hostssl_clients: false,
@@ -133,6 +138,8 @@ pub struct NodeFacts<'a> {
     pub api_listen: &'a [std::net::SocketAddr],
     pub api_advertise_url: &'a str,
     pub replication_user: &'a str,
+    /// `tls.service_names` when the file leaves it out (the platform's).
+    pub default_service_names: &'a [String],
 }
 
 /// A bad key: its dotted path and what was expected.
@@ -143,6 +150,17 @@ fn bad(key: &str, message: impl Into<String>) -> KeyError {
 }
 
 impl FileTls {
+    /// Whether the platform's default `service_names` would be used: the
+    /// file sets none, and TLS is not turned off.
+    pub fn takes_default_service_names(&self) -> bool {
+        self.service_names.is_none() && self.enabled != Some(false)
+    }
+
+    /// Whether the API is to serve HTTPS (`tls.api`), for a default `api.advertise_url`.
+    pub fn serves_https_api(&self) -> bool {
+        self.api.unwrap_or(false)
+    }
+
     /// Checks the section; `resolve` makes a path from the file absolute.
     /// `node` is what the other, already validated sections say.
     pub fn validate(
@@ -196,23 +214,14 @@ impl FileTls {
             SubjectName::Dns("localhost".into()),
         ];
         for (index, host) in self.hostnames.iter().enumerate() {
-            let name = SubjectName::parse(host);
-            if let SubjectName::Dns(d) = &name {
-                let ok = !d.is_empty()
-                    && d.split('.').all(|label| {
-                        !label.is_empty()
-                            && label
-                                .chars()
-                                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '*'))
-                    });
-                if !ok {
-                    return Err(bad(
-                        &format!("tls.hostnames[{index}]"),
-                        format!("expected a host name or an IP address, got {host:?}"),
-                    ));
-                }
-            }
-            names.push(name);
+            names.push(subject_name(&format!("tls.hostnames[{index}]"), host)?);
+        }
+        let service_names = self
+            .service_names
+            .clone()
+            .unwrap_or_else(|| node.default_service_names.to_vec());
+        for (index, host) in service_names.iter().enumerate() {
+            names.push(subject_name(&format!("tls.service_names[{index}]"), host)?);
         }
         let mut listens_on_any = false;
         for address in node.pg_listen.split(',').map(str::trim) {
@@ -243,6 +252,7 @@ impl FileTls {
             dir,
             cert_validity,
             common_name: node.name.to_owned(),
+            service_names,
             names,
             listens_on_any,
             hostssl_clients: self.hostssl_clients.unwrap_or(false),
@@ -369,6 +379,27 @@ impl FileTls {
             }
         }
     }
+}
+
+/// A host name (a label may be `*`) or an IP address for a certificate's SANs.
+fn subject_name(key: &str, host: &str) -> Result<SubjectName, KeyError> {
+    let name = SubjectName::parse(host);
+    if let SubjectName::Dns(d) = &name {
+        let ok = !d.is_empty()
+            && d.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '*'))
+            });
+        if !ok {
+            return Err(bad(
+                key,
+                format!("expected a host name or an IP address, got {host:?}"),
+            ));
+        }
+    }
+    Ok(name)
 }
 
 /// The file a value came from, or "the value" when it was inline text.

@@ -6,6 +6,8 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod procs;
+pub mod proxy;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
@@ -165,6 +167,30 @@ fn runtime() -> &'static tokio::runtime::Runtime {
             .build()
             .expect("tokio runtime")
     })
+}
+
+/// One blocking HTTP/1.1 POST with a JSON body; the status code and the
+/// whole answer. Waits up to 130 s for it (a switchover answers when done).
+pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(130)))
+        .expect("read timeout");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
 }
 
 /// A single-member etcd on free ports with its own data directory.
@@ -372,8 +398,15 @@ pub struct MemberView {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClusterView {
     pub scope: String,
+    /// False when the answering node cannot read etcd: its view is old.
+    #[serde(default = "yes")]
+    pub dcs_reachable: bool,
     pub leader: Option<String>,
     pub members: Vec<MemberView>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ClusterView {
@@ -1073,18 +1106,22 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no node on port {port}"))
     }
 
-    /// `/cluster` from the first node whose agent runs and answers.
+    /// `/cluster` from the first node whose agent runs, answers and reads
+    /// etcd; from a node cut off from etcd (its view is as old as its last
+    /// read) only when no node can read it.
     pub fn view(&mut self) -> Option<ClusterView> {
-        let mut found = None;
+        let mut stale = None;
         for node in &mut self.nodes {
             if node.is_running() {
                 if let Some(v) = node.cluster_view() {
-                    found = Some(v);
-                    break;
+                    if v.dcs_reachable {
+                        return Some(v);
+                    }
+                    stale.get_or_insert(v);
                 }
             }
         }
-        found
+        stale
     }
 
     /// Polls `/cluster` until `pred` holds; panics with the last view on timeout.
@@ -1108,6 +1145,25 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// A switchover from `from` to `to` through `from`'s API, retried
+    /// while the leader does not yet see `to` fit (412); returns when done.
+    pub fn switch_over(&self, from: &str, to: &str) {
+        let api = self.node(from).api_addr();
+        let body = format!(r#"{{"leader":"{from}","candidate":"{to}"}}"#);
+        wait_until(
+            &format!("a switchover from {from} to {to}"),
+            Duration::from_secs(60),
+            || match http_post(api, "/switchover", &body) {
+                (200, _) => Some(()),
+                (412, _) => {
+                    std::thread::sleep(Duration::from_millis(500));
+                    None
+                }
+                (status, answer) => panic!("switchover answered {status}: {answer}"),
+            },
+        );
     }
 
     /// `/status` of every running agent: each node's own, current snapshot.
@@ -1559,7 +1615,29 @@ impl Writer {
         )
     }
 
+    /// Like [`Writer::direct`], but with a new connection for every insert
+    /// (an application without a pool, or a pool's new connections), each
+    /// allowed `connect_within` to connect: shows whether new connections
+    /// are held or refused across a role change.
+    pub fn reconnecting(
+        name: &str,
+        port: u16,
+        every: Duration,
+        connect_within: Duration,
+    ) -> Writer {
+        Writer::spawn(
+            name,
+            &format!("host=127.0.0.1 port={port} user=postgres password={SUPERUSER_PASSWORD} dbname=postgres"),
+            every,
+            Sessions::OnePerWrite { connect_within },
+        )
+    }
+
     fn start(name: &str, conninfo: &str, every: Duration) -> Writer {
+        Writer::spawn(name, conninfo, every, Sessions::Kept)
+    }
+
+    fn spawn(name: &str, conninfo: &str, every: Duration, sessions: Sessions) -> Writer {
         let config: tokio_postgres::Config = conninfo.parse().expect("connection string");
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(WriterLog {
@@ -1571,7 +1649,7 @@ impl Writer {
             std::thread::Builder::new()
                 .name(format!("writer-{name}"))
                 .spawn(move || {
-                    thread_runtime().block_on(write_loop(config, name, every, stop, log));
+                    thread_runtime().block_on(write_loop(config, name, every, sessions, stop, log));
                 })
                 .expect("spawn writer thread")
         };
@@ -1633,13 +1711,27 @@ impl Drop for Writer {
     }
 }
 
+/// How a writer uses its connections.
+#[derive(Debug, Clone, Copy)]
+enum Sessions {
+    /// One connection, kept until it fails (connects within WRITER_TIMEOUT).
+    Kept,
+    /// A new connection for every insert.
+    OnePerWrite { connect_within: Duration },
+}
+
 async fn write_loop(
     config: tokio_postgres::Config,
     name: String,
     every: Duration,
+    sessions: Sessions,
     stop: Arc<AtomicBool>,
     log: Arc<Mutex<WriterLog>>,
 ) {
+    let connect_within = match sessions {
+        Sessions::Kept => WRITER_TIMEOUT,
+        Sessions::OnePerWrite { connect_within } => connect_within,
+    };
     let insert = format!(
         "INSERT INTO {WRITES_TABLE} (writer, seq, server_port, timeline)
          VALUES ($1, $2, inet_server_port(),
@@ -1657,7 +1749,7 @@ async fn write_loop(
         let (client, statement) = match &session {
             Some(s) => s,
             None => {
-                let connected = tokio::time::timeout(WRITER_TIMEOUT, async {
+                let connected = tokio::time::timeout(connect_within, async {
                     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
                     tokio::spawn(connection);
                     let statement = client.prepare(&insert).await?;
@@ -1725,6 +1817,9 @@ async fn write_loop(
                 outcome: outcome.clone(),
             })
         });
+        if matches!(sessions, Sessions::OnePerWrite { .. }) {
+            session = None;
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::fs::{self, File};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,8 +18,9 @@ use nix::unistd::{Pid, User};
 use serde_json::Value;
 
 use crate::common::{
-    free_port, http_get, kill_postmaster, kill_processes_under, live_postmaster, process_alive,
-    tail, wait_until, Etcd, TestDir, PG_BIN, REPLICATION_PASSWORD, SUPERUSER_PASSWORD,
+    free_port, http_get, http_post, kill_postmaster, kill_processes_under, live_postmaster,
+    process_alive, tail, wait_until, Etcd, TestDir, PG_BIN, REPLICATION_PASSWORD,
+    SUPERUSER_PASSWORD,
 };
 
 /// Patroni's etcd key prefix, apart from pgha's "/pgha".
@@ -375,29 +376,6 @@ impl Drop for PatroniCluster {
         }
         kill_processes_under(self.dir.path());
     }
-}
-
-/// One blocking HTTP/1.1 POST with a JSON body; the status code and the
-/// whole answer. Waits up to 130 s for it (a switchover answers when done).
-pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(130)))
-        .expect("read timeout");
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, answer)
 }
 
 /// Patroni's YAML for one member. Synchronous mode on, slots and pg_rewind as

@@ -14,7 +14,7 @@ use pgha::ha::{
 
 use crate::etcd::{self, Value};
 use crate::postgres::lsn;
-use crate::world::{Ev, Op, Res, World, EPOCH_MS, SYSTEM_IDENTIFIER};
+use crate::world::{Ev, Op, Res, World, BALANCER_WINDOW_MS, EPOCH_MS, SYSTEM_IDENTIFIER};
 
 #[derive(Debug, Clone)]
 pub enum Work {
@@ -227,7 +227,7 @@ impl World {
                 let obs = self.observe(i, local, res);
                 let route = ha::route(
                     &obs,
-                    self.nodes[i].agent.pass_started,
+                    &self.nodes[i].agent.memory,
                     self.settings.fence_window_ms(),
                 );
                 let a = &mut self.nodes[i].agent;
@@ -298,12 +298,15 @@ impl World {
         let mut local = local;
         let a = &mut self.nodes[i].agent;
         a.memory.local_seen(&mut local, now);
+        a.memory.stopped_dir_seen(last_role, now);
         if let (Some(view), Some(lease)) = (&dcs, a.leader_lease) {
             if !ha::lease_still_ours(view, &name, lease.lease_id) {
                 a.leader_lease = None;
             }
         }
-        let orphan_slots = a.memory.dcs_seen(dcs.as_ref(), &name, &local, now);
+        let orphan_slots = a
+            .memory
+            .dcs_seen(dcs.as_ref(), a.pass_started, &name, &local, now);
         let leaderless_replica = ha::leaderless_replica(&local, dcs.as_ref());
         let wants_peers = a.memory.wants_peers(&local, dcs.as_ref());
         if job_kind.is_none() && !local.running {
@@ -357,6 +360,7 @@ impl World {
             sync_applied: a.memory.sync_applied.clone(),
             failsafe_promise_until: None,
             live_primary,
+            primary_ended_at: a.memory.primary_ended_at,
         }
     }
 
@@ -527,6 +531,24 @@ impl World {
                 Flow::Next
             }
             Action::StartReplica { upstream } => {
+                // A load balancer polling /primary would still send writers
+                // to a primary that stopped less than its window ago.
+                let other_leader = pass
+                    .obs
+                    .dcs
+                    .as_ref()
+                    .and_then(|d| d.leader.as_ref())
+                    .is_some_and(|l| l.name != self.nodes[i].name);
+                let window = BALANCER_WINDOW_MS;
+                if let Some(at) = self.nodes[i].agent.memory.primary_ended_at {
+                    if other_leader && now.since(at) < window {
+                        let name = self.nodes[i].name.clone();
+                        self.fail(format!(
+                            "{name} started as a standby {} ms after it stopped as primary (balancer window {window} ms)",
+                            now.since(at)
+                        ));
+                    }
+                }
                 let known = upstream.clone().filter(|u| {
                     self.nodes[i]
                         .agent
@@ -733,6 +755,7 @@ impl World {
                 Flow::Next
             }
             Action::Stop { then_rewind } => {
+                self.nodes[i].agent.memory.stop_began(&pass.obs.local, now);
                 self.nodes[i].agent.memory.following = None;
                 self.nodes[i].agent.memory.needs_rewind |= *then_rewind;
                 self.begin_stop(i);
@@ -759,6 +782,7 @@ impl World {
                     force,
                 });
                 a.memory.following = None;
+                a.memory.stop_began(&pass.obs.local, now);
                 self.begin_stop(i);
                 self.spawn_job(
                     i,
@@ -1089,6 +1113,8 @@ impl World {
             basebackup: None,
             pending_restart: false,
             replay_paused: false,
+            router_rw: None,
+            router_ro: None,
             updated_at_ms: EPOCH_MS + self.now,
             version: "sim".into(),
         };

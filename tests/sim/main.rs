@@ -62,6 +62,7 @@ fn parse_args() -> Args {
             "--no-start-repoint" => args.knobs.no_start_repoint = true,
             "--unreachable-rewind-fails" => args.knobs.unreachable_rewind_fails = true,
             "--frozen-route" => args.knobs.frozen_route = true,
+            "--no-balancer-hold" => args.knobs.no_balancer_hold = true,
             "--only-cluster-restart" => args.knobs.only_fault = Some(FaultKind::ClusterRestart),
             "--trace-decisions" => args.knobs.trace_decisions = true,
             "--sync" => {
@@ -148,6 +149,9 @@ fn knob_flags(k: &Knobs) -> String {
     }
     if k.frozen_route {
         s += " --frozen-route";
+    }
+    if k.no_balancer_hold {
+        s += " --no-balancer-hold";
     }
     if k.only_fault == Some(FaultKind::ClusterRestart) {
         s += " --only-cluster-restart";
@@ -391,6 +395,17 @@ fn main() {
             ..Knobs::default()
         };
         ok &= must_find("a router that keeps its first primary", &frozen, "router");
+        // A stopped primary back as a standby within a load balancer's
+        // window would take writers through the balancer's primary port.
+        let eager = Knobs {
+            no_balancer_hold: true,
+            ..Knobs::default()
+        };
+        ok &= must_find(
+            "a stopped primary restarted within the balancer window",
+            &eager,
+            "balancer window",
+        );
         // ...and with the bound and the repoint, both hold.
         ok &= must_pass(
             "a starting member is waited for at most primary_start_timeout, then pointed at the leader",

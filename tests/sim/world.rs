@@ -49,6 +49,9 @@ pub struct Knobs {
     pub unreachable_rewind_fails: bool,
     /// Planted bug: a router keeps the first primary it routed to.
     pub frozen_route: bool,
+    /// Planted bug: a stopped primary starts as a standby at once, while a
+    /// load balancer polling /primary may still send it writers.
+    pub no_balancer_hold: bool,
     /// Every fault of the schedule is of this kind.
     pub only_fault: Option<FaultKind>,
     pub trace: bool,
@@ -73,7 +76,19 @@ pub struct SimConfig {
     pub knobs: Knobs,
 }
 
+/// The load balancers' window the checker holds every stopped primary to
+/// (the agent's default `api.balancer_window`).
+pub const BALANCER_WINDOW_MS: u64 = 2_500;
+
 impl SimConfig {
+    fn balancer_window_ms(&self) -> u64 {
+        if self.knobs.no_balancer_hold {
+            0
+        } else {
+            BALANCER_WINDOW_MS
+        }
+    }
+
     pub fn settings(&self) -> Settings {
         if self.knobs.no_fencing {
             return Settings {
@@ -81,6 +96,7 @@ impl SimConfig {
                 fencing_margin_ms: 0,
                 rewind_after_ms: 5_000,
                 handover_timeout_ms: 10_000,
+                balancer_window_ms: self.balancer_window_ms(),
             };
         }
         // As the agent: margin = min(2 s, ttl / 3).
@@ -89,6 +105,7 @@ impl SimConfig {
             fencing_margin_ms: 2_000.min(self.ttl_ms / 3),
             rewind_after_ms: 5_000,
             handover_timeout_ms: 10_000,
+            balancer_window_ms: self.balancer_window_ms(),
         }
     }
 }

@@ -952,6 +952,9 @@ struct RecoveryPoll {
     runtime: tokio::runtime::Runtime,
     port: u16,
     client: Option<tokio_postgres::Client>,
+    /// The last poll found Postgres not serving: the connection refused or
+    /// the query failed, not merely timed out.
+    refused: bool,
 }
 
 impl RecoveryPoll {
@@ -963,6 +966,7 @@ impl RecoveryPoll {
                 .expect("tokio runtime"),
             port,
             client: None,
+            refused: false,
         }
     }
 
@@ -972,6 +976,8 @@ impl RecoveryPoll {
         // up soon, so the probe keeps its pace.
         let (connect, limit) = (Duration::from_millis(300), Duration::from_secs(1));
         let (port, slot) = (self.port, &mut self.client);
+        self.refused = false;
+        let refused = &mut self.refused;
         let answer = self.runtime.block_on(async move {
             if slot.is_none() {
                 let config: tokio_postgres::Config = format!(
@@ -980,11 +986,15 @@ impl RecoveryPoll {
                 )
                 .parse()
                 .expect("connection string");
-                if let Ok(Ok((client, connection))) =
-                    tokio::time::timeout(connect, config.connect(tokio_postgres::NoTls)).await
-                {
-                    tokio::spawn(connection);
-                    *slot = Some(client);
+                match tokio::time::timeout(connect, config.connect(tokio_postgres::NoTls)).await {
+                    Ok(Ok((client, connection))) => {
+                        tokio::spawn(connection);
+                        *slot = Some(client);
+                    }
+                    // Refused or turned away: Postgres is not serving.
+                    Ok(Err(_)) => *refused = true,
+                    // Slow (a loaded machine, a start under way): unknown.
+                    Err(_) => {}
                 }
             }
             let client = slot.as_ref()?;
@@ -993,7 +1003,12 @@ impl RecoveryPoll {
                     .await;
             match row {
                 Ok(Ok(row)) => Some(row.get::<_, bool>(0)),
-                _ => {
+                Ok(Err(_)) => {
+                    *refused = true;
+                    *slot = None;
+                    None
+                }
+                Err(_) => {
                     *slot = None;
                     None
                 }
@@ -1010,6 +1025,8 @@ impl RecoveryPoll {
 struct HealthSample {
     /// Before `/primary`, between the two requests, after `/replica`.
     pg: [(Instant, Option<bool>); 3],
+    /// Whether each poll's connection was refused (not merely slow).
+    pg_refused: [bool; 3],
     /// When each answer arrived and its status (0: no answer).
     primary: (Instant, u16),
     replica: (Instant, u16),
@@ -1026,9 +1043,10 @@ impl HealthSample {
         self.replica.1 == 200 && self.pg[1].1 == Some(false) && self.pg[2].1 == Some(false)
     }
 
-    /// `/primary` 200 while Postgres answered neither poll around it.
+    /// `/primary` 200 while Postgres refused both polls around it (a poll
+    /// that only timed out, on a loaded machine, proves nothing).
     fn primary_while_down(&self) -> bool {
-        self.primary.1 == 200 && self.pg[0].1.is_none() && self.pg[1].1.is_none()
+        self.primary.1 == 200 && self.pg_refused[0] && self.pg_refused[1]
     }
 
     /// The sample in one line, its times in ms since `origin`.
@@ -1076,12 +1094,15 @@ impl HealthProbe {
                     while !stop.load(Ordering::Relaxed) {
                         let round = Instant::now();
                         let before = pg.ask();
+                        let refused_before = pg.refused;
                         let primary = answer("/primary");
                         let between = pg.ask();
+                        let refused_between = pg.refused;
                         let replica = answer("/replica");
                         let after = pg.ask();
                         samples.push(HealthSample {
                             pg: [before, between, after],
+                            pg_refused: [refused_before, refused_between, pg.refused],
                             primary,
                             replica,
                         });

@@ -570,7 +570,9 @@ pub fn run_once(cluster: &Cluster, scenario: &Scenario, repeat: usize) -> RunRes
         notes: Vec::new(),
     };
     if let Err(e) = ready(cluster, Duration::from_secs(120)) {
-        return failed(format!("cluster not ready before the fault: {e:#}"));
+        let result = failed(format!("cluster not ready before the fault: {e:#}"));
+        save_diagnostics(cluster, &result);
+        return result;
     }
     let prober = Prober::start(cluster.addresses.clone());
     let tag = format!("s{}r{repeat}p{}", scenario.number, std::process::id());
@@ -676,11 +678,32 @@ fn save_diagnostics(cluster: &Cluster, result: &RunResult) {
     for n in &result.notes {
         text.push_str(&format!("note: {n}\n"));
     }
+    // A short form on stderr too: CI keeps the output, not the file.
+    let mut brief = String::new();
     for node in NODES {
-        let state = node_state(cluster, node)
+        let container = cluster
+            .docker_on(
+                &[
+                    "inspect",
+                    "-f",
+                    "running={{.State.Running}} exit={{.State.ExitCode}} restarts={{.RestartCount}} started={{.State.StartedAt}}",
+                ],
+                node,
+            )
+            .unwrap_or_else(|e| format!("inspect failed: {e:#}"));
+        let state = node_state(cluster, node);
+        let line = match &state {
+            Some((code, v)) => format!(
+                "/primary {code}, role {}, state {}, timeline {}, replication_state {}, leader {}",
+                v["role"], v["state"], v["timeline"], v["replication_state"], v["leader"]
+            ),
+            None => "API: no answer".into(),
+        };
+        brief.push_str(&format!("chaos:   {node}: container {container}; {line}\n"));
+        let full = state
             .map(|(s, v)| format!("{s} {v}"))
             .unwrap_or_else(|| "no answer".into());
-        text.push_str(&format!("\n=== {node} /primary: {state}\n"));
+        text.push_str(&format!("\n=== {node} ({container}) /primary: {full}\n"));
         let logs = crate::cluster::run(&mut cluster.compose(&[
             "logs",
             "--no-color",
@@ -688,8 +711,19 @@ fn save_diagnostics(cluster: &Cluster, result: &RunResult) {
             "150",
             node,
         ]));
-        text.push_str(&String::from_utf8_lossy(&logs.stdout));
+        let logs = String::from_utf8_lossy(&logs.stdout);
+        // Its last warnings and errors, the likeliest reason it is stuck.
+        let worrying: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("FATAL"))
+            .collect();
+        for l in &worrying[worrying.len().saturating_sub(6)..] {
+            let l: String = l.chars().take(400).collect();
+            brief.push_str(&format!("chaos:     {l}\n"));
+        }
+        text.push_str(&logs);
     }
+    eprint!("{brief}");
     let dir = crate::report::results_dir();
     let path = dir.join(format!("failure-{}-{}.log", result.scenario, result.repeat));
     let _ = std::fs::create_dir_all(&dir);

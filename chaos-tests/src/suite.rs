@@ -76,7 +76,7 @@ pub fn run(opts: &Options) -> Result<Outcome> {
         ..Timing::default()
     };
     let started = Instant::now();
-    let cluster = Cluster::start(timing, &opts.sync)?;
+    let mut cluster = Cluster::start(timing, &opts.sync)?;
     scenarios::prepare(&cluster)?;
     let mut results = Vec::new();
     for scenario in &chosen {
@@ -100,7 +100,19 @@ pub fn run(opts: &Options) -> Result<Outcome> {
             for n in &r.notes {
                 eprintln!("  note: {n}");
             }
+            // A run that left the cluster stuck (its failure and diagnostics
+            // are recorded) must not fail every later one as "not ready":
+            // the rest run on a fresh cluster.
+            let stuck = !r.converged;
             results.push(r);
+            if stuck && scenarios::ready(&cluster, Duration::from_secs(30)).is_err() {
+                eprintln!(
+                    "chaos: the cluster did not converge again: replacing it with a fresh one"
+                );
+                drop(cluster);
+                cluster = Cluster::start(timing, &opts.sync)?;
+                scenarios::prepare(&cluster)?;
+            }
         }
     }
     let subset = chosen.len() < scenarios::all().len();

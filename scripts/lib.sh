@@ -14,6 +14,8 @@ ensure_prereqs() {
     command -v etcdctl >/dev/null || missing+=(etcd-client)
     command -v protoc >/dev/null || missing+=(protobuf-compiler)
     command -v python3 >/dev/null || missing+=(python3)
+    # Backups and WAL archiving (tests/backup.rs, the demo).
+    command -v pgbackrest >/dev/null || missing+=(pgbackrest)
     # tests/docker.rs, when a Docker engine answers: debootstrap builds its
     # base image, compose runs the cluster.
     if docker info >/dev/null 2>&1; then

@@ -164,8 +164,25 @@ mod tests {
         assert_eq!(parse("bogus"), None);
     }
 
+    /// A stand-in for the postmaster that dies of SIGQUIT even when the
+    /// test runs with SIGQUIT ignored (a shell's background job inherits
+    /// that, and `sleep` would keep it).
     fn sleeper() -> std::process::Child {
-        Command::new("sleep").arg("30").spawn().expect("sleep")
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                "import signal, time; signal.signal(signal.SIGQUIT, signal.SIG_DFL); print('ready', flush=True); time.sleep(30)",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        // Only once its handler is set may the guard fire at it.
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("ready line");
+        assert_eq!(line.trim(), "ready");
+        child
     }
 
     #[test]

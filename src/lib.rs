@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod ctl;

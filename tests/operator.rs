@@ -11,8 +11,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{
-    create_writes_table, serial, stored_seqs, wait_until, Cluster, Node, Options, Timing, Writer,
-    WriterLog,
+    create_writes_table, pgha, serial, stored_seqs, wait_until, Cluster, Node, Options, Timing,
+    Writer, WriterLog,
 };
 
 const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(90);
@@ -534,21 +534,6 @@ fn sigterm_on_the_primary_hands_over_then_exits_and_a_rolling_restart_loses_noth
         log.acked_count(),
         lost.len()
     );
-}
-
-/// Runs the pgha CLI; returns (exit code, stdout, stderr).
-fn pgha(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgha"))
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run pgha");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -287,5 +287,56 @@ pub fn render(s: &Snapshot, age: Duration, stale_after: Duration, live: &Live<'_
     if let Some(router) = live.router {
         router.render_into(&mut m.out, &m.base);
     }
+    if let Some(b) = live.backup {
+        backup_metrics(&mut m, b);
+    }
     m.out
+}
+
+/// The backup task's families (`[backup]` on).
+fn backup_metrics(m: &mut Exposition, b: &crate::backup::BackupStatus) {
+    use crate::backup::Kind;
+    m.family(
+        "pgha_backup_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time the newest successful base backup of each type ended (0: none), as the repository and this node know it.",
+    );
+    for kind in Kind::ALL {
+        let t = b.last_success.get(&kind).copied().unwrap_or(0);
+        m.sample(
+            "pgha_backup_last_success_timestamp_seconds",
+            &[("type", kind.as_str())],
+            t,
+        );
+    }
+    m.family(
+        "pgha_backup_duration_seconds",
+        "gauge",
+        "How long this node's last successful base backup of each type took.",
+    );
+    for (kind, took) in &b.last_duration {
+        m.sample(
+            "pgha_backup_duration_seconds",
+            &[("type", kind.as_str())],
+            took.as_secs_f64(),
+        );
+    }
+    m.single(
+        "pgha_backup_running",
+        "gauge",
+        "1 while this node runs a base backup.",
+        flag(b.running.is_some()),
+    );
+    m.single(
+        "pgha_backup_failed_total",
+        "counter",
+        "Base backups this node began that failed.",
+        b.failed_total,
+    );
+    m.single(
+        "pgha_backup_stanza_ready",
+        "gauge",
+        "1 once this node (as the leader) found the pgBackRest stanza usable.",
+        flag(b.stanza_ready),
+    );
 }

@@ -6,6 +6,7 @@
 //! the answers, `health` holds the role checks, `status` and `metrics`
 //! render them.
 
+pub mod backup;
 pub mod health;
 pub mod metrics;
 pub mod operator;
@@ -91,6 +92,8 @@ pub struct ApiSetup {
     pub certificates: Option<watch::Receiver<CertExpiries>>,
     /// The router's counters (`/metrics`), when it runs.
     pub router: Option<Arc<crate::router::RouterMetrics>>,
+    /// The backup task (`/backup`, `/backups`, `/metrics`), when backups are on.
+    pub backup: Option<crate::backup::BackupHandle>,
 }
 
 /// How long an operator request may wait for the agent's answer.
@@ -108,6 +111,7 @@ struct Shared {
     tls: Option<crate::tls::https::ApiTls>,
     certificates: Option<watch::Receiver<CertExpiries>>,
     router: Option<Arc<crate::router::RouterMetrics>>,
+    backup: Option<crate::backup::BackupHandle>,
 }
 
 impl Shared {
@@ -259,6 +263,7 @@ async fn serve_listeners(
         tls: tls.https,
         certificates: tls.certificates,
         router: tls.router,
+        backup: tls.backup,
     });
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut tasks = Vec::new();
@@ -389,23 +394,23 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<
     resp
 }
 
-/// Checks credentials, hands the request to the agent and relays its answer.
-async fn operator_request(
-    shared: &Shared,
+/// The operator credentials check of a request that changes something:
+/// the agent's operator side when it passes, else the refusal to send.
+fn authorize<'a>(
+    shared: &'a Shared,
     peer: SocketAddr,
     client_cert: bool,
     method: &hyper::Method,
     path: &str,
     authorization: Option<&str>,
-    body: operator::Body<'_>,
-) -> Response<Full<Bytes>> {
+) -> Result<&'a Operator, Box<Response<Full<Bytes>>>> {
     let message =
         |status: StatusCode, m: &str| json_response(status, &serde_json::json!({ "message": m }));
     let Some(op) = &shared.operator else {
-        return message(
+        return Err(Box::new(message(
             StatusCode::SERVICE_UNAVAILABLE,
             "operator requests are not served here",
-        );
+        )));
     };
     let needs_client_cert = shared
         .tls
@@ -433,8 +438,68 @@ async fn operator_request(
                 HeaderValue::from_static("Bearer realm=\"pgha\", Basic realm=\"pgha\""),
             );
         }
-        return resp;
+        return Err(Box::new(resp));
     }
+    Ok(op)
+}
+
+/// `POST /backup` (checked like an operator request) and `GET /backups`;
+/// `None` for any other path.
+async fn backup_request(
+    shared: &Shared,
+    peer: SocketAddr,
+    client_cert: bool,
+    parts: &hyper::http::request::Parts,
+    body: &[u8],
+) -> Option<Response<Full<Bytes>>> {
+    let (method, path) = (&parts.method, parts.uri.path());
+    let (status, body) = match (method.as_str(), path) {
+        ("POST", "/backup") => {
+            let authorization = parts
+                .headers
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            if let Err(refused) = authorize(shared, peer, client_cert, method, path, authorization)
+            {
+                return Some(*refused);
+            }
+            info!(%peer, %method, path, "operator request");
+            backup::begin(shared.backup.as_ref(), body).await
+        }
+        ("GET", "/backups") => backup::list(shared.backup.as_ref()).await,
+        (_, "/backup") => return Some(method_not_allowed("POST")),
+        (_, "/backups") => return Some(method_not_allowed("GET")),
+        _ => return None,
+    };
+    Some(json_response(status, &body))
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = json_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &serde_json::json!({ "message": format!("use {allow}") }),
+    );
+    resp.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+/// Checks credentials, hands the request to the agent and relays its answer.
+async fn operator_request(
+    shared: &Shared,
+    peer: SocketAddr,
+    client_cert: bool,
+    method: &hyper::Method,
+    path: &str,
+    authorization: Option<&str>,
+    body: operator::Body<'_>,
+) -> Response<Full<Bytes>> {
+    let message =
+        |status: StatusCode, m: &str| json_response(status, &serde_json::json!({ "message": m }));
+    let op = match authorize(shared, peer, client_cert, method, path, authorization) {
+        Ok(op) => op,
+        Err(refused) => return *refused,
+    };
     let request = match operator::parse(method, path, body) {
         Ok(r) => r,
         Err((status, why)) => return message(status, &why),
@@ -619,6 +684,9 @@ async fn handle(
     if parts.uri.path() == "/failsafe" {
         return failsafe_request(shared, &parts.method, &body_bytes);
     }
+    if let Some(resp) = backup_request(shared, peer, client_cert, &parts, &body_bytes).await {
+        return resp;
+    }
     if operator::is_operator(&parts.method, parts.uri.path()) {
         let authorization = parts
             .headers
@@ -643,9 +711,11 @@ async fn handle(
         .as_ref()
         .map(|c| c.borrow().clone())
         .unwrap_or_default();
+    let backup = shared.backup.as_ref().map(|b| b.status.borrow().clone());
     let live = Live {
         certificates: &certificates,
         router: shared.router.as_deref(),
+        backup: backup.as_ref(),
     };
     respond(route(
         &rendered,

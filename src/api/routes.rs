@@ -224,6 +224,8 @@ fn replica_filters_hold(s: &Snapshot, f: &Filters) -> bool {
 pub struct Live<'a> {
     pub certificates: &'a [(&'a str, SystemTime)],
     pub router: Option<&'a crate::router::RouterMetrics>,
+    /// The backup task's state, when backups are on.
+    pub backup: Option<&'a crate::backup::BackupStatus>,
 }
 
 /// Routes one request against a rendered snapshot of age `age`; past

@@ -689,6 +689,7 @@ fn certificate_expiries_are_metrics() {
         &Live {
             certificates: &[("ca", in_an_hour), ("server", in_an_hour)],
             router: None,
+            backup: None,
         },
     );
     for certificate in ["ca", "server"] {
@@ -856,14 +857,24 @@ fn the_router_shows_in_cluster_status_and_metrics_only_when_on() {
     assert_eq!(status["router"]["replicas"][1], "n3");
 
     let router = crate::router::RouterMetrics::default();
+    let mut backup = crate::backup::BackupStatus::default();
+    backup
+        .last_success
+        .insert(crate::backup::Kind::Full, 1_796_695_070);
+    backup.failed_total = 2;
     let live = Live {
         certificates: &[],
         router: Some(&router),
+        backup: Some(&backup),
     };
     let metrics = super::metrics::render(&s, FRESH, TTL, &live);
     for line in [
         "pgha_router_connections{scope=\"demo\",name=\"n2\",listener=\"rw\"} 0",
         "pgha_router_closed_by_fence_total{scope=\"demo\",name=\"n2\",listener=\"ro\"} 0",
+        "pgha_backup_last_success_timestamp_seconds{scope=\"demo\",name=\"n2\",type=\"full\"} 1796695070",
+        "pgha_backup_last_success_timestamp_seconds{scope=\"demo\",name=\"n2\",type=\"diff\"} 0",
+        "pgha_backup_failed_total{scope=\"demo\",name=\"n2\"} 2",
+        "pgha_backup_running{scope=\"demo\",name=\"n2\"} 0",
     ] {
         assert!(metrics.lines().any(|l| l == line), "no {line} in {metrics}");
     }

@@ -3,6 +3,7 @@
 //! `dynamic_config`: a running cluster through its API; `certs`:
 //! certificate files). The binary only parses and calls [`Cli::dispatch`].
 
+mod backup;
 mod certs;
 mod cluster;
 mod dynamic_config;
@@ -132,6 +133,35 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Begin a base backup on the leader (pgBackRest; `[backup]` on).
+    Backup {
+        #[command(flatten)]
+        target: Target,
+        /// full, diff or incr.
+        #[arg(long = "type", default_value = "full", value_parser = parse_kind)]
+        kind: crate::backup::Kind,
+        /// Wait until the backup is in the repository (at most this long,
+        /// e.g. 10m), then print it.
+        #[arg(long, value_parser = humantime::parse_duration, num_args = 0..=1, default_missing_value = "1h")]
+        wait: Option<std::time::Duration>,
+    },
+    /// List the backups in the repository.
+    Backups {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Restore the cluster as of a point in time into a new directory on
+    /// this machine (from the repository of this node's config).
+    Restore {
+        #[arg(long, short, env = "PGHA_CONFIG")]
+        config: PathBuf,
+        /// A time ("2026-12-08 10:00:00+00"), an LSN ("0/3000060") or "latest".
+        #[arg(long)]
+        to: String,
+        /// The new data directory (must not exist, or be empty).
+        #[arg(long)]
+        into: PathBuf,
+    },
     /// Certificates: create a cluster CA, issue an operator's client
     /// certificate, describe certificates.
     Certs {
@@ -190,6 +220,9 @@ impl Cli {
             } => cluster::reinit(&target, &node, force).await,
             Command::History { target } => cluster::history(&target).await,
             Command::Config { action } => dynamic_config::run(action).await,
+            Command::Backup { target, kind, wait } => backup::backup(&target, kind, wait).await,
+            Command::Backups { target } => backup::list(&target).await,
+            Command::Restore { config, to, into } => backup::restore(&config, &to, &into).await,
             Command::Certs { action } => match certs::run(action) {
                 Ok(out) => {
                     print!("{out}");
@@ -202,6 +235,11 @@ impl Cli {
             },
         }
     }
+}
+
+fn parse_kind(text: &str) -> Result<crate::backup::Kind, String> {
+    crate::backup::Kind::parse(text)
+        .ok_or_else(|| format!("expected full, diff or incr, got {text:?}"))
 }
 
 pub(super) fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {

@@ -189,6 +189,20 @@ async fn wire_node(cfg: Config) -> ExitCode {
     } else {
         None
     };
+    // pgbackrest.conf before Postgres starts: its archive_command reads it.
+    let pgbackrest = if cfg.backup.enabled {
+        match crate::backup::Pgbackrest::new(&cfg.backup, &cfg.postgresql)
+            .and_then(|p| p.prepare().map(|()| p))
+        {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up pgBackRest");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
     let (agent, snapshots) = match crate::agent::Agent::new(cfg.clone()).await {
         Ok(x) => x,
         Err(e) => {
@@ -199,6 +213,27 @@ async fn wire_node(cfg: Config) -> ExitCode {
     // The router: one address for the application, fenced with the route.
     let router_stop = CancellationToken::new();
     let router = bound_router.map(|bound| bound.start(agent.routes(), router_stop.clone()));
+    // Backups: a task of its own that reads the snapshots.
+    let backup_stop = CancellationToken::new();
+    let mut backup = None;
+    if let Some(pgbackrest) = pgbackrest {
+        match crate::dcs::Etcd::connect(&cfg.etcd, cfg.timing.retry_timeout).await {
+            Ok(etcd) => {
+                let (handle, _task) = crate::backup::task::start(
+                    pgbackrest,
+                    etcd,
+                    snapshots.clone(),
+                    cfg.timing.ttl,
+                    backup_stop.clone(),
+                );
+                backup = Some(handle);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the backup task");
+                return ExitCode::from(1);
+            }
+        }
+    }
     let stale_after = cfg.timing.ttl;
     let api_shutdown = CancellationToken::new();
     let operator = crate::api::Operator {
@@ -218,6 +253,7 @@ async fn wire_node(cfg: Config) -> ExitCode {
                 https: api_tls,
                 certificates: tls.as_ref().map(|t| t.expiries()),
                 router: router.as_ref().map(|r| std::sync::Arc::clone(&r.metrics)),
+                backup,
             },
             api_shutdown.clone(),
         )
@@ -233,6 +269,7 @@ async fn wire_node(cfg: Config) -> ExitCode {
     };
     api_shutdown.cancel();
     router_stop.cancel();
+    backup_stop.cancel();
     if let Some(r) = &router {
         r.stopped().await;
     }

@@ -172,27 +172,40 @@ pub(super) fn secret(
     password: Option<String>,
     password_file: Option<String>,
 ) -> Result<Option<Secret>, ConfigError> {
-    match (password, password_file) {
+    secret_in(
+        cx,
+        (&format!("{section}.password"), password),
+        (&format!("{section}.password_file"), password_file),
+    )
+}
+
+/// A secret given inline (`value`: its key and value) or in a file
+/// (`file`: its key and path); at most one may be set.
+pub(super) fn secret_in(
+    cx: &Context<'_>,
+    value: (&str, Option<String>),
+    file: (&str, Option<String>),
+) -> Result<Option<Secret>, ConfigError> {
+    let ((value_key, value), (file_key, file)) = (value, file);
+    match (value, file) {
         (Some(_), Some(_)) => Err(cx.invalid(
-            &format!("{section}.password_file"),
-            format!("conflicts with {section}.password: set only one of them"),
+            file_key,
+            format!("conflicts with {value_key}: set only one of them"),
         )),
-        (Some(password), None) if password.is_empty() => Err(cx.invalid(
-            &format!("{section}.password"),
-            "must not be empty (leave the key out instead)",
-        )),
-        (Some(password), None) => Ok(Some(Secret::new(password))),
+        (Some(value), None) if value.is_empty() => {
+            Err(cx.invalid(value_key, "must not be empty (leave the key out instead)"))
+        }
+        (Some(value), None) => Ok(Some(Secret::new(value))),
         (None, Some(file)) => {
-            let key = format!("{section}.password_file");
             let path = cx.resolve(&file);
             let text = std::fs::read_to_string(&path).map_err(|err| {
-                cx.invalid(&key, format!("cannot read {}: {err}", path.display()))
+                cx.invalid(file_key, format!("cannot read {}: {err}", path.display()))
             })?;
-            let password = text.trim_end_matches(['\n', '\r']);
-            if password.is_empty() {
-                return Err(cx.invalid(&key, format!("{} is empty", path.display())));
+            let secret = text.trim_end_matches(['\n', '\r']);
+            if secret.is_empty() {
+                return Err(cx.invalid(file_key, format!("{} is empty", path.display())));
             }
-            Ok(Some(Secret::new(password)))
+            Ok(Some(Secret::new(secret)))
         }
         (None, None) => Ok(None),
     }

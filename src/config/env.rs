@@ -82,6 +82,7 @@ const SECTION_KEYS: &[&[(&str, EnvKind)]] = &[
     super::tags::KEYS,
     super::log::KEYS,
     super::router::KEYS,
+    super::backup::KEYS,
     super::tls::KEYS,
 ];
 

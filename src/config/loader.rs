@@ -8,6 +8,7 @@ use serde::Deserialize;
 use toml::Value;
 
 use super::api::FileApi;
+use super::backup::FileBackup;
 use super::cluster::FileCluster;
 use super::context::Context;
 use super::env::{apply_env, EnvKind, ProcessEnv};
@@ -50,6 +51,8 @@ struct FileConfig {
     log: FileLog,
     #[serde(default)]
     router: FileRouter,
+    #[serde(default)]
+    backup: FileBackup,
     #[serde(default)]
     tls: crate::tls::FileTls,
 }
@@ -171,6 +174,7 @@ impl FileConfig {
             source: cx.source.to_owned(),
             ip_family,
             router: self.router.validate(cx, ip_family, &postgresql, &api)?,
+            backup: self.backup.validate(cx, &scope, &postgresql)?,
             etcd,
             postgresql,
             api,
@@ -184,6 +188,7 @@ impl FileConfig {
             name,
             identity_defaults: defaulted,
         };
+        config.postgresql.archiving = config.backup.archiving();
         // Last: [tls] checks names and addresses of the sections above.
         super::tls::validate(self.tls, &mut config, cx, platform)?;
         Ok(config)

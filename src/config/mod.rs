@@ -5,7 +5,7 @@
 //!
 //! Each section owns its file struct, defaults, environment keys and
 //! validation (`etcd`, `postgres`, `api`, `timing`, `cluster`, `tags`, `log`,
-//! `router`;
+//! `router`, `backup`;
 //! `[tls]` is owned by `crate::tls::settings`, glued in by `tls`: config
 //! depends on tls, never the other way). `loader`
 //! only assembles them; `env` applies the `PGHA_*` overrides; `identity`
@@ -14,6 +14,7 @@
 //! `context` turns problems into [`ConfigError`]s that read "FILE: KEY: ...".
 
 mod api;
+mod backup;
 mod cluster;
 mod context;
 mod env;
@@ -40,12 +41,13 @@ use crate::net::IpFamily;
 
 pub use crate::secret::Secret;
 pub use api::ApiConfig;
+pub use backup::{BackupConfig, Compress};
 pub use cluster::ClusterDefaults;
 pub use env::{EnvSource, ProcessEnv};
 pub use error::ConfigError;
 pub use etcd::EtcdConfig;
 pub use log::{LogConfig, LogFormat};
-pub use postgres::{Credentials, PostgresConfig};
+pub use postgres::{Archiving, Credentials, PostgresConfig};
 pub use router::RouterConfig;
 pub use tags::Tags;
 pub use timing::Timing;
@@ -75,6 +77,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The TCP router to the primary (and replicas); off by default.
     pub router: RouterConfig,
+    /// WAL archiving and backups through pgBackRest; off by default.
+    pub backup: BackupConfig,
     /// Certificates for Postgres, replication and the API.
     pub tls: crate::tls::TlsConfig,
     /// Keys the file and the `PGHA_*` variables left out that the node's

@@ -44,6 +44,19 @@ pub struct PostgresConfig {
     pub pg_hba: Vec<String>,
     /// TLS files and modes (from `[tls]`; filled in after `[tls]` is validated).
     pub tls: crate::tls::PgTls,
+    /// WAL archiving through pgBackRest (from `[backup]`; filled in after
+    /// it is validated), `None` while backups are off.
+    pub archiving: Option<Archiving>,
+}
+
+/// The postgresql.conf side of WAL archiving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Archiving {
+    /// `archive_command`: pushes a segment (`%p`) to the repository.
+    pub archive_command: String,
+    /// `restore_command`: fetches `%f` into `%p` from the repository.
+    pub restore_command: String,
+    pub archive_timeout: std::time::Duration,
 }
 
 const DEFAULT_PORT: u16 = 5432;
@@ -286,6 +299,7 @@ impl FilePostgres {
             parameters,
             pg_hba: self.pg_hba,
             tls: crate::tls::PgTls::default(),
+            archiving: None,
         })
     }
 }

@@ -93,6 +93,10 @@ impl Keys {
     pub fn timeline(&self) -> String {
         format!("{}timeline", self.prefix)
     }
+    /// Held (under the holder's own lease) while a base backup runs.
+    pub fn backup(&self) -> String {
+        format!("{}backup", self.prefix)
+    }
 }
 
 /// A connection to etcd scoped to one cluster.
@@ -375,6 +379,28 @@ impl Etcd {
         within(self.timeout, c.lease_revoke(lease_id))
             .await
             .map(|_| ())
+    }
+
+    /// Takes the cluster's backup lock under `lease_id` if nobody holds it
+    /// (one base backup at a time across the cluster, also across a
+    /// failover); revoking the lease frees it. True when we got it.
+    pub async fn claim_backup(&self, holder: &str, lease_id: i64) -> Result<bool> {
+        self.create(
+            self.keys.backup(),
+            holder.as_bytes().to_vec(),
+            Some(lease_id),
+        )
+        .await
+    }
+
+    /// Who holds the backup lock, if anyone.
+    pub async fn backup_holder(&self) -> Result<Option<String>> {
+        let mut c = self.client.clone();
+        let resp = within(self.timeout, c.get(self.keys.backup(), None)).await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
     /// Takes the leader key if nobody holds it; true when we got it.

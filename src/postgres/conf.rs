@@ -49,8 +49,6 @@ pub fn primary_conninfo(cfg: &PostgresConfig, node: &str, up: &Upstream) -> Stri
     s
 }
 
-/// Parameters the agent sets; user parameters may add to them, and override
-/// all but the ones replication depends on.
 /// Parameters the agent sets itself: neither the config file nor the
 /// dynamic config may set them.
 pub const MANAGED_PARAMETERS: &[&str] = &[
@@ -138,6 +136,15 @@ pub fn managed_parameters(
         set("ssl_key_file", file(crate::tls::SERVER_KEY));
         set("ssl_ca_file", file(crate::tls::CA_CERT));
         set("ssl_min_protocol_version", quote_conf("TLSv1.2"));
+    }
+    if let Some(a) = &cfg.archiving {
+        // Every node: a primary archives, a standby (archive_mode on, not
+        // always) does not until it is promoted, and fetches from the
+        // repository what streaming cannot give it any more.
+        set("archive_mode", "on".into());
+        set("archive_command", quote_conf(&a.archive_command));
+        set("restore_command", quote_conf(&a.restore_command));
+        set("archive_timeout", a.archive_timeout.as_secs().to_string());
     }
     match upstream {
         Some(up) => {

@@ -6,7 +6,9 @@ pub mod conf;
 mod marker;
 mod probe;
 mod process;
+mod run_as;
 
 pub use conf::Upstream;
 pub use marker::{JobMarker, Unfinished};
 pub use process::{LocalPg, PgError};
+pub use run_as::RunAs;

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -18,6 +17,7 @@ use tracing::Instrument;
 
 use super::conf::{self, Upstream};
 use super::marker::{JobMarker, Unfinished};
+use super::run_as::RunAs;
 use crate::config::PostgresConfig;
 use crate::ha::{DataDir, PgRole, Progress};
 
@@ -52,7 +52,7 @@ pub struct LocalPg {
     pub cfg: PostgresConfig,
     pub node: String,
     /// uid/gid Postgres runs as when the agent is root.
-    run_as: Option<(u32, u32)>,
+    run_as: RunAs,
     agent_os_user: String,
     child: Mutex<Option<Child>>,
     pub(super) client: Mutex<Option<tokio_postgres::Client>>,
@@ -70,19 +70,7 @@ impl LocalPg {
             .flatten()
             .map(|u| u.name)
             .unwrap_or_else(|| euid.to_string());
-        let run_as = if euid.is_root() {
-            let user = User::from_name(&cfg.os_user)
-                .map_err(|e| PgError::Other(format!("looking up OS user {}: {e}", cfg.os_user)))?
-                .ok_or_else(|| {
-                    PgError::Other(format!(
-                        "OS user {} (postgresql.os_user) does not exist",
-                        cfg.os_user
-                    ))
-                })?;
-            Some((user.uid.as_raw(), user.gid.as_raw()))
-        } else {
-            None
-        };
+        let run_as = RunAs::for_user(&cfg.os_user).map_err(PgError::Other)?;
         Ok(LocalPg {
             cfg,
             node,
@@ -101,30 +89,13 @@ impl LocalPg {
 
     /// A command that runs as the Postgres OS user.
     fn command(&self, program: &str) -> Command {
-        let mut std_cmd = std::process::Command::new(self.bin(program));
-        if let Some((uid, gid)) = self.run_as {
-            std_cmd.uid(uid).gid(gid);
-            // libpq looks for ~/.postgresql/postgresql.crt when TLS is on: as
-            // the Postgres user, root's HOME is unreadable and fails the connection.
-            if let Ok(Some(user)) = User::from_uid(uid.into()) {
-                std_cmd.env("HOME", user.dir);
-            }
-        }
-        std_cmd
-            .env("LC_ALL", "C.UTF-8")
-            .env_remove("PGPASSWORD")
-            .stdin(Stdio::null());
-        let mut cmd = Command::from(std_cmd);
-        cmd.kill_on_drop(true);
-        cmd
+        self.run_as.command(&self.bin(program))
     }
 
     fn chown(&self, path: &Path) -> Result<()> {
-        if let Some((uid, gid)) = self.run_as {
-            std::os::unix::fs::chown(path, Some(uid), Some(gid))
-                .map_err(io_err(format!("chown {}", path.display())))?;
-        }
-        Ok(())
+        self.run_as
+            .chown(path)
+            .map_err(io_err(format!("chown {}", path.display())))
     }
 
     /// Writes a file the agent owns, readable only by the Postgres user.

@@ -872,6 +872,80 @@ fn postgres_owned_dir(data_dir: &Path) {
         .expect("chown data dir");
 }
 
+/// Runs the pgha CLI; returns (exit code, stdout, stderr).
+/// The caller's own `PGHA_*` variables (`PGHA_TEST_KEEP`, ...) are not
+/// passed on: only `env` is.
+pub fn pgha(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgha"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PGHA_") {
+            cmd.env_remove(key);
+        }
+    }
+    let out = cmd
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run pgha");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A Postgres started by the test on a data directory of its own (a
+/// restored copy, say), as the `postgres` user on 127.0.0.1:`port`; stopped
+/// (SIGQUIT, then SIGKILL) when dropped.
+pub struct StandalonePostgres {
+    pub data_dir: PathBuf,
+    pub port: u16,
+    log: PathBuf,
+    child: std::process::Child,
+}
+
+impl StandalonePostgres {
+    /// Starts it; its socket goes into `socket_dir` (created for it).
+    pub fn start(data_dir: &Path, socket_dir: &Path) -> StandalonePostgres {
+        postgres_owned_dir(socket_dir);
+        let port = free_port();
+        let log_path = socket_dir.join("postgres.log");
+        let log = fs::File::create(&log_path).expect("postgres log");
+        let child = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(Path::new(PG_BIN).join("postgres"))
+            .arg("-D")
+            .arg(data_dir)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .arg("-k")
+            .arg(socket_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        StandalonePostgres {
+            data_dir: data_dir.to_owned(),
+            port,
+            log: log_path,
+            child,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for StandalonePostgres {
+    fn drop(&mut self) {
+        kill_postmaster(&self.data_dir);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Creates `data_dir` owned by `postgres` and runs initdb into it as that user.
 pub fn initdb_as_postgres(data_dir: &Path) {
     postgres_owned_dir(data_dir);

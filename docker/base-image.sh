@@ -13,8 +13,9 @@ set -euo pipefail
 SUITE=bookworm
 # postgresql-15: the server pgha manages; etcd-server: the compose cluster's
 # etcd members; haproxy: the compose router; ca-certificates: TLS to etcd or
-# the API when users configure it.
-PACKAGES=(postgresql-15 etcd-server haproxy ca-certificates)
+# the API when users configure it; pgbackrest: WAL archiving and backups
+# (`[backup]`, PGHA_BACKUP_ENABLED=true with a repository volume).
+PACKAGES=(postgresql-15 etcd-server haproxy ca-certificates pgbackrest)
 REPO=pgha-base
 # Raise when the steps below change what ends up in the image.
 RECIPE=2

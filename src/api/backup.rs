@@ -9,9 +9,6 @@ use crate::backup::{BackupHandle, BackupStatus, Kind};
 
 /// `POST /backup` with an optional `{"type": "full" | "diff" | "incr"}`.
 pub async fn begin(handle: Option<&BackupHandle>, body: &[u8]) -> (StatusCode, Value) {
-    let Some(handle) = handle else {
-        return off();
-    };
     let kind = if body.iter().all(u8::is_ascii_whitespace) {
         Kind::Full
     } else {
@@ -41,6 +38,9 @@ pub async fn begin(handle: Option<&BackupHandle>, body: &[u8]) -> (StatusCode, V
                 )
             }
         }
+    };
+    let Some(handle) = handle else {
+        return off();
     };
     match handle.request(kind).await {
         Ok(message) => (
@@ -91,4 +91,42 @@ fn off() -> (StatusCode, Value) {
         StatusCode::NOT_FOUND,
         json!({"message": "backups are off on this node ([backup] enabled = false)"}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn without_backups_both_endpoints_say_they_are_off() {
+        let (status, body) = begin(None, b"").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body["message"]
+            .as_str()
+            .unwrap()
+            .contains("enabled = false"));
+        let (status, _) = list(None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        // A bad body is a 400 whatever the node.
+        for body in [
+            &b"{\"type\":\"weekly\"}"[..],
+            b"{\"kind\":\"full\"}",
+            b"[1]",
+            b"{",
+        ] {
+            let (status, answer) = begin(None, body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        }
+    }
+
+    #[test]
+    fn the_task_state_reads_as_json() {
+        let mut st = BackupStatus::default();
+        st.last_success.insert(Kind::Full, 7);
+        st.running = Some((Kind::Diff, 9));
+        let v = task_json(&st);
+        assert_eq!(v["last_success"]["full"], 7);
+        assert_eq!(v["running"]["type"], "diff");
+        assert_eq!(v["stanza_ready"], false);
+    }
 }

@@ -6,7 +6,6 @@ use std::fmt::{Display, Write};
 use std::time::{Duration, SystemTime};
 
 use super::health::Health;
-use super::routes::Live;
 use super::status::{lag_bytes, replay_lag_bytes};
 use crate::ha::MemberRole;
 use crate::snapshot::{Snapshot, LOOP_BUCKETS};
@@ -65,6 +64,17 @@ impl Exposition {
         self.family(name, kind, help);
         self.sample(name, &[], value);
     }
+}
+
+/// What `/metrics` reads at the time of a request rather than from the
+/// snapshot: the certificates' expiries, the router's counters and the
+/// backup task's state.
+#[derive(Default)]
+pub struct Live<'a> {
+    pub certificates: &'a [(&'a str, SystemTime)],
+    pub router: Option<&'a crate::router::RouterMetrics>,
+    /// The backup task's state, when backups are on.
+    pub backup: Option<&'a crate::backup::BackupStatus>,
 }
 
 fn flag(b: bool) -> u8 {

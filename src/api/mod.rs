@@ -39,7 +39,8 @@ use crate::net::IpFamily;
 use crate::snapshot::Snapshot;
 use crate::tls::CertExpiries;
 pub use health::Health;
-pub use routes::{route, Live, Reply};
+pub use metrics::Live;
+pub use routes::{route, Reply};
 pub use status::{lag_bytes, replay_lag_bytes, Rendered};
 
 /// Bounds on what one client can make the server hold.

@@ -2,14 +2,14 @@
 //! the check holds, 503 when not), status documents and metrics, all
 //! answered from a rendered snapshot. Pure: no I/O, the age is an argument.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
 use super::health::Health;
-use super::metrics;
+use super::metrics::{self, Live};
 use super::status::{lag_bytes, replay_lag_bytes, Rendered};
 use crate::ha::DynamicConfig;
 use crate::snapshot::Snapshot;
@@ -216,16 +216,6 @@ fn replica_filters_hold(s: &Snapshot, f: &Filters) -> bool {
         .as_deref()
         .is_none_or(|want| s.me.state == want);
     lag_ok && state_ok && tags_match(s, f)
-}
-
-/// What `/metrics` reads at the time of a request rather than from the
-/// snapshot: the certificates' expiries and the router's counters.
-#[derive(Default)]
-pub struct Live<'a> {
-    pub certificates: &'a [(&'a str, SystemTime)],
-    pub router: Option<&'a crate::router::RouterMetrics>,
-    /// The backup task's state, when backups are on.
-    pub backup: Option<&'a crate::backup::BackupStatus>,
 }
 
 /// Routes one request against a rendered snapshot of age `age`; past

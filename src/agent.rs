@@ -64,6 +64,7 @@ fn identity(cfg: &Config) -> MemberStatus {
         replay_paused: false,
         router_rw: router_address(cfg, Some(cfg.router.listen)),
         router_ro: router_address(cfg, cfg.router.replica_listen),
+        archiver: None,
         updated_at_ms: epoch_ms(),
         version: env!("CARGO_PKG_VERSION").into(),
     }

@@ -159,6 +159,15 @@ pub async fn list(api: &str, json: bool) -> anyhow::Result<String> {
         }
     }
     out.push_str(&sep);
+    for m in &members {
+        if let Some(secs) = m["archiver"]["failing_for_s"].as_u64() {
+            out.push_str(&format!(
+                "Warning: {}: WAL archiving failing for {secs} s (last failed segment {}); see its log\n",
+                m["name"].as_str().unwrap_or("?"),
+                m["archiver"]["last_failed_wal"].as_str().unwrap_or("?")
+            ));
+        }
+    }
     if cluster["dcs_reachable"] == false {
         out.push_str(&format!(
             "Warning: {api} cannot read etcd now; this is its view as of its last successful read.\n"

@@ -198,6 +198,70 @@ fn archives_across_a_failover_and_restores_to_a_point_in_time() {
         .parse()
         .expect("a number");
 
+    // The repository made unwritable: archiving fails loudly (status, the
+    // list, metrics) while Postgres keeps taking writes, and catches up
+    // when the repository is back.
+    let mode = |m: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(m)).expect("chmod repo");
+    };
+    mode(0o000);
+    let cut = Instant::now();
+    new_primary
+        .psql("INSERT INTO pitr SELECT generate_series(41, 50)")
+        .expect("writes while archiving fails");
+    let stuck = new_primary
+        .psql("SELECT pg_walfile_name(pg_switch_wal())")
+        .expect("switch");
+    let me = |v: &Value| -> Option<Value> {
+        v["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["name"] == second.as_str())
+            .cloned()
+    };
+    wait_until(
+        "archiving reported failing",
+        Duration::from_secs(30),
+        || {
+            let m = me(&new_primary.get_json("/cluster")?)?;
+            m["archiver"]["failing_for_s"].as_u64().map(|_| m)
+        },
+    );
+    eprintln!(
+        "SUMMARY repository unwritable: archiving reported failing {:.1} s after the cut",
+        cut.elapsed().as_secs_f64()
+    );
+    let (_, list, _) = pgha(&["list", "--api", &new_primary.api_url()], &[]);
+    assert!(list.contains("WAL archiving failing"), "{list}");
+    let metrics = common::http_get(new_primary.api_addr(), "/metrics")
+        .expect("metrics")
+        .1;
+    assert!(
+        metrics.contains("pgha_wal_archive_failed_total{"),
+        "{metrics}"
+    );
+    new_primary
+        .psql("INSERT INTO pitr SELECT generate_series(51, 60)")
+        .expect("Postgres keeps serving");
+    mode(0o750);
+    wait_until("archiving to catch up", Duration::from_secs(60), || {
+        let last = new_primary
+            .psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")
+            .ok()?;
+        (last.as_str() >= stuck.as_str()).then_some(())
+    });
+    wait_until(
+        "archiving reported healthy again",
+        Duration::from_secs(30),
+        || {
+            let m = me(&new_primary.get_json("/cluster")?)?;
+            m["archiver"]["failing_for_s"].is_null().then_some(())
+        },
+    );
+    archive_now(new_primary.pg_port);
+    let on_new_primary = rows(|q| new_primary.psql(q));
+
     // Restore to the target time: exactly the rows committed before it.
     let config = cluster.node(&second).config.display().to_string();
     let into = dir.path().join("restored-at-target");

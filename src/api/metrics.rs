@@ -297,10 +297,44 @@ pub fn render(s: &Snapshot, age: Duration, stale_after: Duration, live: &Live<'_
     if let Some(router) = live.router {
         router.render_into(&mut m.out, &m.base);
     }
+    if let Some(a) = &me.archiver {
+        archiver_metrics(&mut m, a);
+    }
     if let Some(b) = live.backup {
         backup_metrics(&mut m, b);
     }
     m.out
+}
+
+/// `pg_stat_archiver` of a primary that archives.
+fn archiver_metrics(m: &mut Exposition, a: &crate::ha::Archiver) {
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    m.single(
+        "pgha_wal_archived_total",
+        "counter",
+        "WAL files this primary's archive_command archived (pg_stat_archiver).",
+        a.archived_count,
+    );
+    m.single(
+        "pgha_wal_archive_failed_total",
+        "counter",
+        "Failed archive_command runs on this primary (pg_stat_archiver).",
+        a.failed_count,
+    );
+    m.single(
+        "pgha_wal_archive_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of this primary's last archived WAL file (0: none yet).",
+        a.last_archived_at.unwrap_or(0),
+    );
+    m.single(
+        "pgha_wal_archive_failing_seconds",
+        "gauge",
+        "Seconds archiving has been failing on this primary (0: not failing).",
+        a.failing_for(now).unwrap_or(0),
+    );
 }
 
 /// The backup task's families (`[backup]` on).

@@ -161,6 +161,24 @@ fn member_json(s: &Snapshot, m: &MemberStatus) -> Value {
     });
     // The router's listeners, absent while it is off.
     let o = v.as_object_mut().expect("member JSON is an object");
+    // WAL archiving, on a primary that archives.
+    if let Some(a) = &m.archiver {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        o.insert(
+            "archiver".into(),
+            json!({
+                "archived_count": a.archived_count,
+                "failed_count": a.failed_count,
+                "last_archived_wal": a.last_archived_wal,
+                "last_archived_at": a.last_archived_at.map(|t| rfc3339(t * 1000)),
+                "last_failed_wal": a.last_failed_wal,
+                "last_failed_at": a.last_failed_at.map(|t| rfc3339(t * 1000)),
+                "failing_for_s": a.failing_for(now),
+            }),
+        );
+    }
     for (key, listener) in [("router_rw", &m.router_rw), ("router_ro", &m.router_ro)] {
         if let Some(address) = listener {
             o.insert(key.into(), json!(address));

@@ -269,6 +269,7 @@ pub fn member_status(obs: &Observation, job: Option<Job>, identity: MemberStatus
         },
         pending_restart: local.pending_restart,
         replay_paused: local.replay_paused,
+        archiver: local.archiver.clone(),
         ..identity
     }
 }

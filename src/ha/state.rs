@@ -84,6 +84,34 @@ pub struct LocalPostgres {
     pub sync_standbys: Option<SyncSet>,
     /// Primary: its WAL senders (`pg_stat_replication`).
     pub replication: Vec<Replication>,
+    /// Primary with archive_mode on: what `pg_stat_archiver` says.
+    pub archiver: Option<Archiver>,
+}
+
+/// WAL archiving as `pg_stat_archiver` counts it (since the last stats
+/// reset), times in Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Archiver {
+    pub archived_count: u64,
+    pub failed_count: u64,
+    pub last_archived_wal: Option<String>,
+    pub last_archived_at: Option<u64>,
+    pub last_failed_wal: Option<String>,
+    pub last_failed_at: Option<u64>,
+}
+
+impl Archiver {
+    /// Failing: the last attempt failed after the last success (or nothing
+    /// was archived yet). Seconds since the last success (or the first
+    /// failure), at `now`.
+    pub fn failing_for(&self, now: u64) -> Option<u64> {
+        let failed = self.last_failed_at?;
+        match self.last_archived_at {
+            Some(ok) if ok >= failed => None,
+            Some(ok) => Some(now.saturating_sub(ok)),
+            None => Some(now.saturating_sub(failed)),
+        }
+    }
 }
 
 /// One WAL sender on the primary, as `pg_stat_replication` shows it.
@@ -343,6 +371,9 @@ pub struct MemberStatus {
     /// that listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_ro: Option<String>,
+    /// Primary with archiving on: its archiver's counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archiver: Option<Archiver>,
     /// Milliseconds since the Unix epoch of this status.
     pub updated_at_ms: u64,
     pub version: String,
@@ -662,4 +693,25 @@ pub struct Observation {
     /// When this node last stopped its Postgres as a primary (its health
     /// checks turned 503 on `/primary` then).
     pub primary_ended_at: Option<Tick>,
+}
+
+#[cfg(test)]
+mod archiver_tests {
+    use super::Archiver;
+
+    #[test]
+    fn archiving_fails_from_a_failure_after_the_last_success() {
+        let mut a = Archiver::default();
+        assert_eq!(a.failing_for(100), None);
+        a.last_failed_at = Some(90);
+        assert_eq!(
+            a.failing_for(100),
+            Some(10),
+            "never archived, failing since 90"
+        );
+        a.last_archived_at = Some(95);
+        assert_eq!(a.failing_for(100), None, "archived after the failure");
+        a.last_failed_at = Some(97);
+        assert_eq!(a.failing_for(130), Some(35), "no success since 95");
+    }
 }

@@ -41,6 +41,7 @@ fn member(name: &str, role: MemberRole, state: &str, tl: u32, lsn: u64) -> Membe
         replay_paused: false,
         router_rw: None,
         router_ro: None,
+        archiver: None,
         updated_at_ms: 0,
         version: "test".into(),
     }

@@ -119,7 +119,12 @@ impl LocalPg {
                             EXISTS (SELECT 1 FROM pg_settings WHERE pending_restart),
                             current_setting('synchronous_standby_names'),
                             ARRAY(SELECT application_name || ' ' || state || ' ' || COALESCE(flush_lsn, '0/0')::text
-                                  FROM pg_stat_replication WHERE NOT pg_is_in_recovery())",
+                                  FROM pg_stat_replication WHERE NOT pg_is_in_recovery()),
+                            (current_setting('archive_mode') <> 'off' AND NOT pg_is_in_recovery()),
+                            a.archived_count, a.failed_count, a.last_archived_wal, a.last_failed_wal,
+                            extract(epoch FROM a.last_archived_time)::bigint,
+                            extract(epoch FROM a.last_failed_time)::bigint
+                     FROM pg_stat_archiver a",
                     &[],
                 ))
             })
@@ -160,6 +165,17 @@ impl LocalPg {
                 .iter()
                 .filter_map(|r| parse_replication(r))
                 .collect(),
+            archiver: row.get::<_, bool>(12).then(|| {
+                let secs = |i: usize| row.get::<_, Option<i64>>(i).map(|t| t.max(0) as u64);
+                crate::ha::Archiver {
+                    archived_count: row.get::<_, i64>(13).max(0) as u64,
+                    failed_count: row.get::<_, i64>(14).max(0) as u64,
+                    last_archived_wal: row.get(15),
+                    last_failed_wal: row.get(16),
+                    last_archived_at: secs(17),
+                    last_failed_at: secs(18),
+                }
+            }),
         }
     }
 

@@ -1115,6 +1115,7 @@ impl World {
             replay_paused: false,
             router_rw: None,
             router_ro: None,
+            archiver: None,
             updated_at_ms: EPOCH_MS + self.now,
             version: "sim".into(),
         };

@@ -50,7 +50,7 @@ pub enum Phase {
     #[default]
     Idle,
     Loading {
-        local: LocalPostgres,
+        local: Box<LocalPostgres>,
     },
     Stepping(Box<Pass>),
     Publishing(Box<Pass>, u8),
@@ -150,7 +150,9 @@ impl World {
         let started = self.local_now(i);
         let a = &mut self.nodes[i].agent;
         a.pass_started = started;
-        a.phase = Phase::Loading { local };
+        a.phase = Phase::Loading {
+            local: Box::new(local),
+        };
         self.await_rpc(i, Op::Load);
     }
 
@@ -224,7 +226,7 @@ impl World {
         match phase {
             Phase::Idle => {}
             Phase::Loading { local } => {
-                let obs = self.observe(i, local, res);
+                let obs = self.observe(i, *local, res);
                 let route = ha::route(
                     &obs,
                     &self.nodes[i].agent.memory,

@@ -35,6 +35,10 @@ pub const STOPPING_PUT_BOUND: Duration = Duration::from_secs(1);
 /// clients for the new primary instead of sending them into a shutdown.
 pub const ROUTERS_SEE_KEY: Duration = Duration::from_millis(150);
 
+/// The longest a bootstrap from the repository may spend in recovery after
+/// the restore (replaying the archived WAL to its target).
+const BOOTSTRAP_RECOVERY_LIMIT: Duration = Duration::from_secs(3600);
+
 /// Time left at `at` of a window that opened when `lease` was last renewed.
 fn remaining(lease: Option<Lease>, window: Duration, at: Instant) -> Option<Duration> {
     lease.map(|l| (l.renewed_at + window).saturating_duration_since(at))
@@ -150,6 +154,9 @@ pub struct Agent {
     /// The route last published, by member name.
     route: ha::RouteChoice,
     calls_rx: mpsc::Receiver<Call>,
+    /// `backup.bootstrap_from`: a new cluster's first leader restores from
+    /// the repository instead of running initdb.
+    bootstrap_restore: Option<(crate::backup::Pgbackrest, crate::backup::Target)>,
 }
 
 impl Agent {
@@ -213,6 +220,14 @@ impl Agent {
         let (job_done, job_done_rx) = mpsc::channel(4);
         let (calls_tx, calls_rx) = mpsc::channel(16);
         let (routes, _) = watch::channel(crate::router::Route::none());
+        let bootstrap_restore = match (&cfg.backup.bootstrap_from, cfg.backup.enabled) {
+            (Some(target), true) => Some((
+                crate::backup::Pgbackrest::new(&cfg.backup, &cfg.postgresql)
+                    .map_err(|e| AgentError::Setup(e.to_string()))?,
+                crate::backup::Target::parse(target),
+            )),
+            _ => None,
+        };
         Ok((
             Agent {
                 settings,
@@ -241,6 +256,7 @@ impl Agent {
                 routes,
                 read_sent: Tick(0),
                 route: ha::RouteChoice::default(),
+                bootstrap_restore,
                 cfg,
             },
             rx,
@@ -1180,6 +1196,35 @@ impl Agent {
                     Ok(false) => info!("another node initializes the cluster"),
                     Err(e) => warn!(error = %e, "initialize race failed"),
                 }
+            }
+            Action::InitDb if self.bootstrap_restore.is_some() => {
+                let (pgbackrest, target) = self.bootstrap_restore.clone().expect("guarded");
+                let pg = self.pg.clone();
+                info!(term, target = ?target, "bootstrapping from the backup repository instead of initdb");
+                self.spawn_job(Job::InitDb, async move {
+                    pg.create_data_dir().map_err(|e| e.to_string())?;
+                    // Like a clone: a restore cut short leaves a partial copy
+                    // the agent wrote itself, removed on the next start.
+                    let marker = pg.job_marker();
+                    marker
+                        .begin(crate::postgres::Unfinished::Clone, "backup repository")
+                        .map_err(|e| e.to_string())?;
+                    pgbackrest
+                        .restore_for_bootstrap(&target)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    pg.write_config(false, None).map_err(|e| e.to_string())?;
+                    // The old cluster's synchronous standbys are not ours.
+                    pg.write_sync_conf("").map_err(|e| e.to_string())?;
+                    pg.start(start_timeout).await.map_err(|e| e.to_string())?;
+                    pg.wait_out_of_recovery(BOOTSTRAP_RECOVERY_LIMIT)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    pg.ensure_replication_role()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    marker.finish().map_err(|e| e.to_string())
+                });
             }
             Action::InitDb => {
                 let pg = self.pg.clone();

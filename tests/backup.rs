@@ -321,6 +321,42 @@ fn archives_across_a_failover_and_restores_to_a_point_in_time() {
     assert_ne!(code, 0);
     assert!(err.contains("not empty"), "{err}");
 
+    // A total loss: every node, data directory and etcd gone. A new cluster
+    // with bootstrap_from = "latest" comes up with the archived data: its
+    // first leader restores and promotes, the others clone it.
+    drop(cluster);
+    let began = Instant::now();
+    let opts = Options {
+        timing: Timing::FAST,
+        extra_toml: format!(
+            "[backup]\nenabled = true\nrepo_path = \"{}\"\nfull_every = \"off\"\narchive_timeout = \"5s\"\nbootstrap_from = \"latest\"\n",
+            repo.display()
+        ),
+        ..Options::default()
+    };
+    let mut cluster = Cluster::start(3, opts);
+    let view = cluster.wait_healthy(BOOTSTRAP_TIMEOUT);
+    eprintln!(
+        "SUMMARY total loss to a healthy 3-node cluster with bootstrap_from (small database): {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
+    let leader = view.primaries()[0].name.clone();
+    assert_eq!(rows(|q| cluster.node(&leader).psql(q)), on_new_primary);
+    for r in view.streaming_replicas() {
+        let replica = cluster.node(&r.name);
+        wait_until(
+            &format!("{} to hold every row", r.name),
+            Duration::from_secs(30),
+            || (rows(|q| replica.psql(q)) == on_new_primary).then_some(()),
+        );
+    }
+    // It archives and backs up into the same stanza.
+    let api = cluster.node(&leader).api_url();
+    let (code, out, err) = pgha(&["backup", "--api", &api, "--wait", "5m", "--json"], &[]);
+    assert_eq!(code, 0, "backup after the bootstrap: {out}\n{err}");
+    archive_now(cluster.node(&leader).pg_port);
+    let second = leader;
+
     // The metrics say what the task knows.
     let metrics = common::http_get(cluster.node(&second).api_addr(), "/metrics")
         .expect("metrics")

@@ -349,13 +349,42 @@ impl Pgbackrest {
             what: format!("chown {}", into.display()),
             source,
         })?;
+        self.restore_into(into, target, false).await?;
+        self.localize_restored(into)
+    }
+
+    /// Restores this node's own (empty) data directory for a new cluster
+    /// that starts from the repository: it keeps archiving into the stanza,
+    /// on the timeline its promotion begins.
+    pub async fn restore_for_bootstrap(&self, target: &Target) -> Result<(), BackupError> {
+        let into = self.pg.data_dir.clone();
+        let empty = std::fs::read_dir(&into)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            return Err(BackupError::Refused(format!(
+                "{} is not empty: a bootstrap from the repository needs an empty data directory",
+                into.display()
+            )));
+        }
+        self.restore_into(&into, target, true).await
+    }
+
+    async fn restore_into(
+        &self,
+        into: &Path,
+        target: &Target,
+        archive: bool,
+    ) -> Result<(), BackupError> {
         let path = format!("--pg1-path={}", into.display());
         let mut args = vec![
             "restore".to_owned(),
             path,
-            "--archive-mode=off".to_owned(),
             "--target-timeline=latest".to_owned(),
         ];
+        if !archive {
+            args.push("--archive-mode=off".to_owned());
+        }
         match target {
             Target::Latest => args.push("--type=default".into()),
             Target::Time(t) => {
@@ -368,8 +397,7 @@ impl Pgbackrest {
             }
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.run(&args, None).await?;
-        self.localize_restored(into)
+        self.run(&args, None).await.map(drop)
     }
 
     /// The restored files are this cluster's: point the files Postgres reads

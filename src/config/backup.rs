@@ -42,6 +42,9 @@ pub struct BackupConfig {
     /// Where the agent writes `pgbackrest.conf` and pgBackRest keeps its
     /// lock, log and spool files (outside the data directory).
     pub work_dir: PathBuf,
+    /// A new cluster (not initialized in etcd) starts from the repository
+    /// instead of initdb: "latest", a time or an LSN to recover to.
+    pub bootstrap_from: Option<String>,
 }
 
 impl BackupConfig {
@@ -127,6 +130,7 @@ pub(super) const KEYS: &[(&str, EnvKind)] = &[
     ("backup.process_max", EnvKind::Integer),
     ("backup.pgbackrest", EnvKind::Text),
     ("backup.work_dir", EnvKind::Text),
+    ("backup.bootstrap_from", EnvKind::Text),
 ];
 
 #[derive(Deserialize, Default)]
@@ -145,6 +149,7 @@ pub(super) struct FileBackup {
     process_max: Option<Count>,
     pgbackrest: Option<String>,
     work_dir: Option<String>,
+    bootstrap_from: Option<String>,
 }
 
 /// A whole number from 1 to 999.
@@ -288,6 +293,21 @@ impl FileBackup {
                 "expected whole seconds, at least 1s (Postgres' archive_timeout counts seconds)",
             ));
         }
+        let bootstrap_from = match self.bootstrap_from.map(|t| t.trim().to_owned()) {
+            Some(t) if t.is_empty() => {
+                return Err(cx.invalid(
+                    "backup.bootstrap_from",
+                    "expected \"latest\", a time like \"2026-12-08 10:00:00+00\" or an LSN like \"0/3000060\"",
+                ))
+            }
+            Some(_) if !enabled => {
+                return Err(cx.invalid(
+                    "backup.bootstrap_from",
+                    "needs backup.enabled = true and the repository to restore from",
+                ))
+            }
+            other => other,
+        };
         let cipher_pass = secret_in(
             cx,
             ("backup.cipher_pass", self.cipher_pass),
@@ -306,6 +326,7 @@ impl FileBackup {
             process_max: self.process_max.map_or(DEFAULT_PROCESS_MAX, |c| c.0),
             pgbackrest: PathBuf::from(self.pgbackrest.unwrap_or_else(|| "pgbackrest".into())),
             work_dir,
+            bootstrap_from,
         })
     }
 }
@@ -443,6 +464,16 @@ mod tests {
                 "cannot read",
             ),
             ("repo = \"/r\"", "backup.repo", "unknown key"),
+            (
+                "bootstrap_from = \"latest\"",
+                "backup.bootstrap_from",
+                "needs backup.enabled",
+            ),
+            (
+                "enabled = true\nrepo_path = \"/r\"\nbootstrap_from = \" \"",
+                "backup.bootstrap_from",
+                "expected \"latest\"",
+            ),
         ] {
             let message = assert_key(parse(&backup(lines)), key);
             assert!(message.contains(expected), "{lines}: {message}");

@@ -289,6 +289,27 @@ impl LocalPg {
     }
 
     /// Creates or updates the replication role (on the bootstrap primary).
+    /// Waits until Postgres has finished recovery (a restored copy reaching
+    /// its target and promoting), at most `within`.
+    pub async fn wait_out_of_recovery(&self, within: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let in_recovery = self
+                .with_client(|c| Box::pin(c.query_one("SELECT pg_is_in_recovery()", &[])))
+                .await
+                .map(|row| row.get::<_, bool>(0));
+            if let Ok(false) = in_recovery {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(PgError::Other(format!(
+                    "recovery did not finish within {within:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn ensure_replication_role(&self) -> Result<()> {
         let user = self.cfg.replication.username.replace('"', "\"\"");
         let password = self

@@ -206,7 +206,8 @@ impl LocalPg {
     }
 
     /// Creates the (empty) data directory, private to the Postgres user.
-    fn create_data_dir(&self) -> Result<&Path> {
+    /// Creates the (empty) data directory, owned by the Postgres user.
+    pub fn create_data_dir(&self) -> Result<&Path> {
         self.prepare_dirs()?;
         let dir = self.cfg.data_dir.as_path();
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;

@@ -157,6 +157,47 @@ pub struct Agent {
     /// `backup.bootstrap_from`: a new cluster's first leader restores from
     /// the repository instead of running initdb.
     bootstrap_restore: Option<(crate::backup::Pgbackrest, crate::backup::Target)>,
+    /// `postgresql.clone_from = "backup"`: replicas restore from the repository.
+    clone_repository: Option<crate::backup::Pgbackrest>,
+}
+
+/// A replica's empty data directory restored from the newest backup and
+/// configured to follow `up`; what a failure wrote is removed again (the
+/// directory was empty), so pg_basebackup can take over.
+async fn clone_from_repository(
+    pg: &LocalPg,
+    pgbackrest: &crate::backup::Pgbackrest,
+    up: &Upstream,
+) -> Result<(), String> {
+    pg.create_data_dir().map_err(|e| e.to_string())?;
+    let marker = pg.job_marker();
+    marker
+        .begin(crate::postgres::Unfinished::Clone, "backup repository")
+        .map_err(|e| e.to_string())?;
+    let began = Instant::now();
+    let restored = async {
+        pgbackrest
+            .restore_for_standby()
+            .await
+            .map_err(|e| e.to_string())?;
+        pg.write_config(true, Some(up)).map_err(|e| e.to_string())
+    }
+    .await;
+    match restored {
+        Ok(()) => {
+            info!(
+                seconds = began.elapsed().as_secs_f64(),
+                upstream = %up.name,
+                "cloned from the backup repository: replaying the archive, then streaming"
+            );
+            marker.finish().map_err(|e| e.to_string())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&pg.cfg.data_dir);
+            let _ = marker.finish();
+            Err(e)
+        }
+    }
 }
 
 impl Agent {
@@ -228,6 +269,11 @@ impl Agent {
             )),
             _ => None,
         };
+        let clone_repository = (cfg.postgresql.clone_from == crate::config::CloneFrom::Backup
+            && cfg.backup.enabled)
+            .then(|| crate::backup::Pgbackrest::new(&cfg.backup, &cfg.postgresql))
+            .transpose()
+            .map_err(|e| AgentError::Setup(e.to_string()))?;
         Ok((
             Agent {
                 settings,
@@ -257,6 +303,7 @@ impl Agent {
                 read_sent: Tick(0),
                 route: ha::RouteChoice::default(),
                 bootstrap_restore,
+                clone_repository,
                 cfg,
             },
             rx,
@@ -1251,7 +1298,14 @@ impl Agent {
                     return Ok(());
                 };
                 let pg = self.pg.clone();
+                let repository = self.clone_repository.clone();
                 self.spawn_job(Job::Clone, async move {
+                    if let Some(pgbackrest) = repository {
+                        match clone_from_repository(&pg, &pgbackrest, &up).await {
+                            Ok(()) => return Ok(()),
+                            Err(e) => warn!(error = %e, "cloning from the backup repository failed: cloning from the leader with pg_basebackup"),
+                        }
+                    }
                     match pg.basebackup(&up).await {
                         Ok(()) => {
                             pg.write_config(true, Some(&up))

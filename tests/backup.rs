@@ -323,7 +323,8 @@ fn archives_across_a_failover_and_restores_to_a_point_in_time() {
 
     // A total loss: every node, data directory and etcd gone. A new cluster
     // with bootstrap_from = "latest" comes up with the archived data: its
-    // first leader restores and promotes, the others clone it.
+    // first leader restores and promotes, the others restore from the
+    // repository too (clone_from = "backup") and stream from it.
     drop(cluster);
     let began = Instant::now();
     let opts = Options {
@@ -332,6 +333,8 @@ fn archives_across_a_failover_and_restores_to_a_point_in_time() {
             "[backup]\nenabled = true\nrepo_path = \"{}\"\nfull_every = \"off\"\narchive_timeout = \"5s\"\nbootstrap_from = \"latest\"\n",
             repo.display()
         ),
+        // The replicas restore from the repository, not from the leader.
+        postgresql_lines: "clone_from = \"backup\"".into(),
         ..Options::default()
     };
     let mut cluster = Cluster::start(3, opts);
@@ -348,6 +351,15 @@ fn archives_across_a_failover_and_restores_to_a_point_in_time() {
             &format!("{} to hold every row", r.name),
             Duration::from_secs(30),
             || (rows(|q| replica.psql(q)) == on_new_primary).then_some(()),
+        );
+    }
+    for r in view.streaming_replicas() {
+        let log = cluster.node(&r.name).log_text();
+        assert!(
+            log.contains("cloned from the backup repository"),
+            "{} was not cloned from the repository:\n{}",
+            r.name,
+            common::tail(&cluster.node(&r.name).log, 40)
         );
     }
     // It archives and backs up into the same stanza.

@@ -370,6 +370,30 @@ impl Pgbackrest {
         self.restore_into(&into, target, true).await
     }
 
+    /// Restores this node's own (empty) data directory as a standby of the
+    /// cluster from the newest backup: it then replays the archive and
+    /// streams from the primary, which serves only what is newer.
+    pub async fn restore_for_standby(&self) -> Result<(), BackupError> {
+        let info = self.info().await?;
+        if info.backups.is_empty() {
+            return Err(BackupError::Refused(
+                "the repository holds no backup yet".into(),
+            ));
+        }
+        let path = format!("--pg1-path={}", self.pg.data_dir.display());
+        self.run(
+            &[
+                "restore",
+                &path,
+                "--type=standby",
+                "--target-timeline=latest",
+            ],
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
     async fn restore_into(
         &self,
         into: &Path,

@@ -189,6 +189,12 @@ impl FileConfig {
             identity_defaults: defaulted,
         };
         config.postgresql.archiving = config.backup.archiving();
+        if config.postgresql.clone_from == super::CloneFrom::Backup && !config.backup.enabled {
+            return Err(cx.invalid(
+                "postgresql.clone_from",
+                "\"backup\" needs backup.enabled = true and its repository",
+            ));
+        }
         // Last: [tls] checks names and addresses of the sections above.
         super::tls::validate(self.tls, &mut config, cx, platform)?;
         Ok(config)

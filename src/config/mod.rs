@@ -47,7 +47,7 @@ pub use env::{EnvSource, ProcessEnv};
 pub use error::ConfigError;
 pub use etcd::EtcdConfig;
 pub use log::{LogConfig, LogFormat};
-pub use postgres::{Archiving, Credentials, PostgresConfig};
+pub use postgres::{Archiving, CloneFrom, Credentials, PostgresConfig};
 pub use router::RouterConfig;
 pub use tags::Tags;
 pub use timing::Timing;

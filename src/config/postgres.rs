@@ -47,6 +47,20 @@ pub struct PostgresConfig {
     /// WAL archiving through pgBackRest (from `[backup]`; filled in after
     /// it is validated), `None` while backups are off.
     pub archiving: Option<Archiving>,
+    /// Where a replica with an empty data directory copies it from.
+    pub clone_from: CloneFrom,
+}
+
+/// `postgresql.clone_from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CloneFrom {
+    /// pg_basebackup from the leader.
+    #[default]
+    Primary,
+    /// The newest backup in the repository (`[backup]`), then WAL from the
+    /// archive and streaming: the primary serves only what is newer. Falls
+    /// back to pg_basebackup when the repository has no usable backup.
+    Backup,
 }
 
 /// The postgresql.conf side of WAL archiving.
@@ -85,6 +99,7 @@ pub(super) const KEYS: &[(&str, EnvKind)] = &[
     ("postgresql.advertise_port", EnvKind::Integer),
     ("postgresql.socket_dir", EnvKind::Text),
     ("postgresql.os_user", EnvKind::Text),
+    ("postgresql.clone_from", EnvKind::Text),
     ("postgresql.pg_hba", EnvKind::Lines),
     ("postgresql.superuser.username", EnvKind::Text),
     ("postgresql.superuser.password", EnvKind::Text),
@@ -105,6 +120,7 @@ pub(super) struct FilePostgres {
     advertise_port: Option<Port>,
     socket_dir: Option<String>,
     os_user: Option<String>,
+    clone_from: Option<String>,
     #[serde(default)]
     parameters: BTreeMap<String, ParameterValue>,
     #[serde(default)]
@@ -300,6 +316,16 @@ impl FilePostgres {
             pg_hba: self.pg_hba,
             tls: crate::tls::PgTls::default(),
             archiving: None,
+            clone_from: match self.clone_from.as_deref().map(str::trim) {
+                None | Some("primary") => CloneFrom::Primary,
+                Some("backup") => CloneFrom::Backup,
+                Some(other) => {
+                    return Err(cx.invalid(
+                        "postgresql.clone_from",
+                        format!("expected \"primary\" or \"backup\", got {other:?}"),
+                    ))
+                }
+            },
         })
     }
 }

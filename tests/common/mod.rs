@@ -353,6 +353,8 @@ pub struct Options {
     /// TOML tables appended to one node's config, by node name (e.g.
     /// `[tags]`). A table must not appear in both this and `extra_toml`.
     pub node_toml: BTreeMap<String, String>,
+    /// Lines added to every node's `[postgresql]` table.
+    pub postgresql_lines: String,
 }
 
 impl Default for Options {
@@ -364,6 +366,7 @@ impl Default for Options {
             regions: BTreeMap::new(),
             extra_toml: String::new(),
             node_toml: BTreeMap::new(),
+            postgresql_lines: String::new(),
         }
     }
 }
@@ -494,6 +497,7 @@ bin_dir = "{PG_BIN}"
 listen_addresses = "127.0.0.1"
 port = {pg_port}
 advertise_host = "127.0.0.1"
+{postgresql_lines}
 
 [postgresql.superuser]
 password = "{SUPERUSER_PASSWORD}"
@@ -511,6 +515,7 @@ loop_wait = "{loop_wait}s"
 retry_timeout = "{retry}s"
 "#,
             scope = opts.scope,
+            postgresql_lines = opts.postgresql_lines,
             data_dir = data_dir.display(),
             ttl = t.ttl_s,
             loop_wait = t.loop_wait_s,

@@ -204,7 +204,7 @@ fn error_messages_read_file_key_problem() {
     assert_eq!(
         err.to_string(),
         "/etc/pgha.toml: postgresql.prot: unknown key (expected one of: data_dir, bin_dir, \
-             listen_addresses, port, advertise_host, advertise_port, socket_dir, os_user, \
+             listen_addresses, port, advertise_host, advertise_port, socket_dir, os_user, clone_from, \
              parameters, pg_hba, superuser, replication)"
     );
 }

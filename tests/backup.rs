@@ -8,10 +8,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{pgha, serial, wait_until, Cluster, Options, StandalonePostgres, TestDir, Timing};
+use common::{archive_now, pgha, recovered, serial, wait_until, Cluster, Options, TestDir, Timing};
 use serde_json::Value;
 
 const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(90);
+const RECOVERY: Duration = Duration::from_secs(60);
 
 fn rows(query: impl Fn(&str) -> Result<String, String>) -> Vec<i64> {
     query("SELECT id FROM pitr ORDER BY id")
@@ -19,46 +20,6 @@ fn rows(query: impl Fn(&str) -> Result<String, String>) -> Vec<i64> {
         .lines()
         .map(|l| l.trim().parse().expect("an id"))
         .collect()
-}
-
-/// Starts a Postgres on a restored copy and waits until it has recovered
-/// and promoted (out of recovery).
-fn recovered(data_dir: &std::path::Path, sockets: &std::path::Path) -> StandalonePostgres {
-    let pg = StandalonePostgres::start(data_dir, sockets);
-    let port = pg.port;
-    let began = Instant::now();
-    loop {
-        if let Ok(out) = common::psql(port, "SELECT pg_is_in_recovery()") {
-            if out == "f" {
-                break;
-            }
-        }
-        assert!(
-            began.elapsed() < Duration::from_secs(60),
-            "the restored copy did not finish recovery within 60 s:\n{}",
-            pg.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    pg
-}
-
-/// Forces a segment switch on the node on `port` and waits until that
-/// segment is in the archive (pg_stat_archiver says so).
-fn archive_now(port: u16) {
-    let segment = common::psql(port, "SELECT pg_walfile_name(pg_switch_wal())").expect("switch");
-    wait_until(
-        &format!("segment {segment} archived"),
-        Duration::from_secs(30),
-        || {
-            let last = common::psql(
-                port,
-                "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
-            )
-            .ok()?;
-            (last.as_str() >= segment.as_str() && !last.is_empty()).then_some(())
-        },
-    );
 }
 
 #[test]
@@ -274,7 +235,7 @@ fn archives_across_a_failover_and_restores_to_a_point_in_time() {
         &[],
     );
     assert_eq!(code, 0, "pgha restore: {out}\n{err}");
-    let pg = recovered(&into, &dir.path().join("sock-target"));
+    let pg = recovered(&into, &dir.path().join("sock-target"), RECOVERY);
     eprintln!(
         "SUMMARY restore to a point in time (restore and recovery, small database): {:.1} s",
         began.elapsed().as_secs_f64()
@@ -298,7 +259,7 @@ fn archives_across_a_failover_and_restores_to_a_point_in_time() {
         &[],
     );
     assert_eq!(code, 0, "pgha restore latest: {out}\n{err}");
-    let pg = recovered(&into, &dir.path().join("sock-latest"));
+    let pg = recovered(&into, &dir.path().join("sock-latest"), RECOVERY);
     assert_eq!(rows(|q| common::psql(pg.port, q)), on_new_primary);
     let restored_timeline: u32 =
         common::psql(pg.port, "SELECT timeline_id FROM pg_control_checkpoint()")

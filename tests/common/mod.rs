@@ -951,6 +951,46 @@ impl Drop for StandalonePostgres {
     }
 }
 
+/// Starts a Postgres on a restored copy and waits (at most `within`) until
+/// it has recovered and promoted (out of recovery).
+pub fn recovered(data_dir: &Path, sockets: &Path, within: Duration) -> StandalonePostgres {
+    let pg = StandalonePostgres::start(data_dir, sockets);
+    let port = pg.port;
+    let began = Instant::now();
+    loop {
+        if let Ok(out) = psql(port, "SELECT pg_is_in_recovery()") {
+            if out == "f" {
+                break;
+            }
+        }
+        assert!(
+            began.elapsed() < within,
+            "the restored copy did not finish recovery within {within:?}:\n{}",
+            pg.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    pg
+}
+
+/// Forces a segment switch on the node on `port` and waits until that
+/// segment is in the archive (pg_stat_archiver says so).
+pub fn archive_now(port: u16) {
+    let segment = psql(port, "SELECT pg_walfile_name(pg_switch_wal())").expect("switch");
+    wait_until(
+        &format!("segment {segment} archived"),
+        Duration::from_secs(30),
+        || {
+            let last = psql(
+                port,
+                "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
+            )
+            .ok()?;
+            (last.as_str() >= segment.as_str() && !last.is_empty()).then_some(())
+        },
+    );
+}
+
 /// Creates `data_dir` owned by `postgres` and runs initdb into it as that user.
 pub fn initdb_as_postgres(data_dir: &Path) {
     postgres_owned_dir(data_dir);

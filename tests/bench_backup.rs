@@ -241,6 +241,20 @@ fn backup_restore_and_total_loss() {
         "total loss to a healthy 3-node cluster (`bootstrap_from = \"latest\"`, replicas `clone_from = \"backup\"`)".into(),
         secs(healthy),
     ));
+    // Each replica's restore from the repository, as its agent logged it.
+    for r in view.streaming_replicas() {
+        let log = cluster.node(&r.name).log_text();
+        let took = log
+            .lines()
+            .find(|l| l.contains("cloned from the backup repository"))
+            .and_then(|l| l.split("seconds=").nth(1))
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|t| t.parse::<f64>().ok());
+        rows.push((
+            format!("replica {} cloned from the repository (restore --type=standby; compare pg_basebackup above)", r.name),
+            took.map_or_else(|| "not logged".into(), |t| format!("{t:.1} s")),
+        ));
+    }
     drop(cluster);
 
     let machine = format!(

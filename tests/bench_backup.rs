@@ -168,7 +168,7 @@ fn backup_restore_and_total_loss() {
     archive_now(port);
     let lag = waited.elapsed();
     rows.push((
-        format!("WAL written by 30 s of pgbench TPC-B (8 clients), archived as it was written"),
+        "WAL written by 30 s of pgbench TPC-B (8 clients), archived as it was written".to_string(),
         format!(
             "{} ({:.1} MiB/s)",
             mib(written),

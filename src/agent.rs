@@ -3,13 +3,14 @@
 //! for an etcd watch event, a finished job, the next tick or shutdown.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::clock::epoch_ms;
 use crate::config::Config;
 use crate::dcs::{Etcd, HistoryEntry};
 use crate::ha::{
@@ -87,13 +88,6 @@ fn router_address(cfg: &Config, listen: Option<std::net::SocketAddr>) -> Option<
     Some(crate::net::host_port(&host, listen.port()))
 }
 
-fn epoch_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 pub fn settings_for(cfg: &Config) -> Settings {
     let margin = FENCING_MARGIN.min(cfg.timing.ttl / 3);
     Settings {
@@ -154,11 +148,29 @@ pub struct Agent {
     /// The route last published, by member name.
     route: ha::RouteChoice,
     calls_rx: mpsc::Receiver<Call>,
-    /// `backup.bootstrap_from`: a new cluster's first leader restores from
-    /// the repository instead of running initdb.
-    bootstrap_restore: Option<(crate::backup::Pgbackrest, crate::backup::Target)>,
-    /// `postgresql.clone_from = "backup"`: replicas restore from the repository.
-    clone_repository: Option<crate::backup::Pgbackrest>,
+    /// The backup repository, while `[backup]` is on: a new cluster's first
+    /// leader restores from it with `backup.bootstrap_from`, a replica with
+    /// `postgresql.clone_from = "backup"`.
+    pgbackrest: Option<crate::backup::Pgbackrest>,
+}
+
+/// Creates the empty data directory and marks it as being written, like a
+/// clone: a restore cut short leaves a partial copy the agent wrote itself,
+/// removed on the next start.
+fn begin_restore(pg: &LocalPg) -> Result<crate::postgres::JobMarker, String> {
+    pg.create_data_dir().map_err(|e| e.to_string())?;
+    let marker = pg.job_marker();
+    marker
+        .begin(crate::postgres::Unfinished::Clone, "backup repository")
+        .map_err(|e| e.to_string())?;
+    Ok(marker)
+}
+
+/// Removes what a failed clone wrote into the directory that was empty
+/// before it, and its marker, so that another clone can begin.
+fn discard_partial_clone(pg: &LocalPg) {
+    let _ = std::fs::remove_dir_all(&pg.cfg.data_dir);
+    let _ = pg.job_marker().finish();
 }
 
 /// A replica's empty data directory restored from the newest backup and
@@ -169,11 +181,7 @@ async fn clone_from_repository(
     pgbackrest: &crate::backup::Pgbackrest,
     up: &Upstream,
 ) -> Result<(), String> {
-    pg.create_data_dir().map_err(|e| e.to_string())?;
-    let marker = pg.job_marker();
-    marker
-        .begin(crate::postgres::Unfinished::Clone, "backup repository")
-        .map_err(|e| e.to_string())?;
+    let marker = begin_restore(pg)?;
     let began = Instant::now();
     let restored = async {
         pgbackrest
@@ -193,14 +201,18 @@ async fn clone_from_repository(
             marker.finish().map_err(|e| e.to_string())
         }
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&pg.cfg.data_dir);
-            let _ = marker.finish();
+            discard_partial_clone(pg);
             Err(e)
         }
     }
 }
 
 impl Agent {
+    /// The backup repository's adapter, while `[backup]` is on.
+    pub fn pgbackrest(&self) -> Option<crate::backup::Pgbackrest> {
+        self.pgbackrest.clone()
+    }
+
     pub async fn new(cfg: Config) -> Result<(Agent, watch::Receiver<Arc<Snapshot>>), AgentError> {
         let pg = LocalPg::new(cfg.postgresql.clone(), cfg.name.clone())
             .map_err(|e| AgentError::Setup(e.to_string()))?;
@@ -261,19 +273,17 @@ impl Agent {
         let (job_done, job_done_rx) = mpsc::channel(4);
         let (calls_tx, calls_rx) = mpsc::channel(16);
         let (routes, _) = watch::channel(crate::router::Route::none());
-        let bootstrap_restore = match (&cfg.backup.bootstrap_from, cfg.backup.enabled) {
-            (Some(target), true) => Some((
-                crate::backup::Pgbackrest::new(&cfg.backup, &cfg.postgresql)
-                    .map_err(|e| AgentError::Setup(e.to_string()))?,
-                crate::backup::Target::parse(target),
-            )),
-            _ => None,
-        };
-        let clone_repository = (cfg.postgresql.clone_from == crate::config::CloneFrom::Backup
-            && cfg.backup.enabled)
+        let pgbackrest = cfg
+            .backup
+            .enabled
             .then(|| crate::backup::Pgbackrest::new(&cfg.backup, &cfg.postgresql))
             .transpose()
             .map_err(|e| AgentError::Setup(e.to_string()))?;
+        // pgbackrest.conf before Postgres starts: its archive_command reads it.
+        if let Some(p) = &pgbackrest {
+            p.prepare()
+                .map_err(|e| AgentError::Setup(format!("cannot set up pgBackRest: {e}")))?;
+        }
         Ok((
             Agent {
                 settings,
@@ -302,8 +312,7 @@ impl Agent {
                 routes,
                 read_sent: Tick(0),
                 route: ha::RouteChoice::default(),
-                bootstrap_restore,
-                clone_repository,
+                pgbackrest,
                 cfg,
             },
             rx,
@@ -1244,18 +1253,17 @@ impl Agent {
                     Err(e) => warn!(error = %e, "initialize race failed"),
                 }
             }
-            Action::InitDb if self.bootstrap_restore.is_some() => {
-                let (pgbackrest, target) = self.bootstrap_restore.clone().expect("guarded");
+            Action::InitDb
+                if self.pgbackrest.is_some() && self.cfg.backup.bootstrap_from.is_some() =>
+            {
+                let pgbackrest = self.pgbackrest.clone().expect("guarded");
+                let target = crate::backup::Target::parse(
+                    self.cfg.backup.bootstrap_from.as_deref().expect("guarded"),
+                );
                 let pg = self.pg.clone();
                 info!(term, target = ?target, "bootstrapping from the backup repository instead of initdb");
                 self.spawn_job(Job::InitDb, async move {
-                    pg.create_data_dir().map_err(|e| e.to_string())?;
-                    // Like a clone: a restore cut short leaves a partial copy
-                    // the agent wrote itself, removed on the next start.
-                    let marker = pg.job_marker();
-                    marker
-                        .begin(crate::postgres::Unfinished::Clone, "backup repository")
-                        .map_err(|e| e.to_string())?;
+                    let marker = begin_restore(&pg)?;
                     pgbackrest
                         .restore_for_bootstrap(&target)
                         .await
@@ -1298,7 +1306,10 @@ impl Agent {
                     return Ok(());
                 };
                 let pg = self.pg.clone();
-                let repository = self.clone_repository.clone();
+                let repository = self
+                    .pgbackrest
+                    .clone()
+                    .filter(|_| self.cfg.postgresql.clone_from == crate::config::CloneFrom::Backup);
                 self.spawn_job(Job::Clone, async move {
                     if let Some(pgbackrest) = repository {
                         match clone_from_repository(&pg, &pgbackrest, &up).await {
@@ -1315,8 +1326,7 @@ impl Agent {
                         Err(e) => {
                             // The directory was empty before this clone: remove
                             // only what the failed clone wrote, so it can retry.
-                            let _ = std::fs::remove_dir_all(&pg.cfg.data_dir);
-                            let _ = pg.job_marker().finish();
+                            discard_partial_clone(&pg);
                             Err(e.to_string())
                         }
                     }
@@ -1341,7 +1351,7 @@ impl Agent {
                     dir.file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_else(|| "data".into()),
-                    epoch_ms() / 1000
+                    crate::clock::epoch_secs()
                 ));
                 match std::fs::rename(&dir, &aside) {
                     Ok(()) => {

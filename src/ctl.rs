@@ -305,8 +305,7 @@ pub fn render_history(history: &Value) -> String {
         String::from("Time (UTC)               Kind        TL  From -> To       Reason\n");
     for h in history.as_array().into_iter().flatten() {
         let at = h["at_ms"].as_u64().unwrap_or(0);
-        let time =
-            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(at));
+        let time = crate::clock::rfc3339_ms(at);
         out.push_str(&format!(
             "{time}  {:<10}  {:<3} {} -> {}  {}\n",
             h["kind"].as_str().unwrap_or("failover"),

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod api;
 pub mod backup;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod ctl;
 pub mod dcs;

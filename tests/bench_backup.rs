@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     archive_now, pgha, psql, recovered, serial, Cluster, Options, TestDir, Timing, PG_BIN,
-    REPLICATION_PASSWORD, SUPERUSER_PASSWORD,
+    REPLICATION_PASSWORD,
 };
 
 const HEALTHY: Duration = Duration::from_secs(600);
@@ -36,21 +36,12 @@ fn mib(bytes: u64) -> String {
     format!("{:.0} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
+/// `pgbench ARGS` on the primary (the harness's one runner), timed.
 fn pgbench(port: u16, args: &[&str]) -> Duration {
     let began = Instant::now();
-    let out = Command::new(Path::new(PG_BIN).join("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .args(args)
-        .arg("postgres")
-        .env("PGPASSWORD", SUPERUSER_PASSWORD)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pgbench");
-    assert!(
-        out.status.success(),
-        "pgbench {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(report) = common::proxy::pgbench(port, args) {
+        panic!("pgbench {args:?}: {report}");
+    }
     began.elapsed()
 }
 

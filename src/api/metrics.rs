@@ -308,9 +308,7 @@ pub fn render(s: &Snapshot, age: Duration, stale_after: Duration, live: &Live<'_
 
 /// `pg_stat_archiver` of a primary that archives.
 fn archiver_metrics(m: &mut Exposition, a: &crate::ha::Archiver) {
-    let now = SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::clock::epoch_secs();
     m.single(
         "pgha_wal_archived_total",
         "counter",

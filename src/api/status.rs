@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+use crate::clock::rfc3339_ms as rfc3339;
 use crate::ha::{Lsn, MemberRole, MemberStatus};
 use crate::snapshot::Snapshot;
 
@@ -163,9 +164,7 @@ fn member_json(s: &Snapshot, m: &MemberStatus) -> Value {
     let o = v.as_object_mut().expect("member JSON is an object");
     // WAL archiving, on a primary that archives.
     if let Some(a) = &m.archiver {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = crate::clock::epoch_secs();
         o.insert(
             "archiver".into(),
             json!({
@@ -185,10 +184,6 @@ fn member_json(s: &Snapshot, m: &MemberStatus) -> Value {
         }
     }
     v
-}
-
-fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 fn epoch_seconds_of(instant: std::time::Instant) -> Option<u64> {

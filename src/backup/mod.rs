@@ -10,7 +10,7 @@ pub mod task;
 use std::fmt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -215,7 +215,6 @@ impl Pgbackrest {
     /// missing (never removing anything), and writes `pgbackrest.conf` (0600:
     /// it may hold the passphrase).
     pub fn prepare(&self) -> Result<(), BackupError> {
-        let io = |what: String| move |source| BackupError::Io { what, source };
         let c = &self.cfg;
         for (dir, mode) in [
             (c.work_dir.clone(), 0o700),
@@ -276,10 +275,7 @@ impl Pgbackrest {
             }
             None => child.await,
         }
-        .map_err(|source| BackupError::Io {
-            what: format!("running {}", self.cfg.pgbackrest.display()),
-            source,
-        })?;
+        .map_err(io(format!("running {}", self.cfg.pgbackrest.display())))?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let stdout = String::from_utf8_lossy(&out.stdout);
@@ -321,34 +317,17 @@ impl Pgbackrest {
     /// Postgres does not archive (it must not write into this cluster's
     /// stanza). Returns what it changed beyond pgBackRest's restore.
     pub async fn restore(&self, into: &Path, target: &Target) -> Result<Vec<String>, BackupError> {
-        if into.exists() {
-            let empty = std::fs::read_dir(into)
-                .map_err(|source| BackupError::Io {
-                    what: format!("reading {}", into.display()),
-                    source,
-                })?
-                .next()
-                .is_none();
-            if !empty {
-                return Err(BackupError::Refused(format!(
-                    "{} is not empty: restore into a new directory (nothing was changed)",
-                    into.display()
-                )));
-            }
-        } else {
+        refuse_unless_empty(into, "restore into a new directory (nothing was changed)")?;
+        if !into.exists() {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(into)
-                .map_err(|source| BackupError::Io {
-                    what: format!("creating {}", into.display()),
-                    source,
-                })?;
+                .map_err(io(format!("creating {}", into.display())))?;
         }
-        self.run_as.chown(into).map_err(|source| BackupError::Io {
-            what: format!("chown {}", into.display()),
-            source,
-        })?;
+        self.run_as
+            .chown(into)
+            .map_err(io(format!("chown {}", into.display())))?;
         self.restore_into(into, target, false).await?;
         self.localize_restored(into)
     }
@@ -357,23 +336,22 @@ impl Pgbackrest {
     /// that starts from the repository: it keeps archiving into the stanza,
     /// on the timeline its promotion begins.
     pub async fn restore_for_bootstrap(&self, target: &Target) -> Result<(), BackupError> {
-        let into = self.pg.data_dir.clone();
-        let empty = std::fs::read_dir(&into)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(false);
-        if !empty {
-            return Err(BackupError::Refused(format!(
-                "{} is not empty: a bootstrap from the repository needs an empty data directory",
-                into.display()
-            )));
-        }
-        self.restore_into(&into, target, true).await
+        let into = &self.pg.data_dir;
+        refuse_unless_empty(
+            into,
+            "a bootstrap from the repository needs an empty data directory",
+        )?;
+        self.restore_into(into, target, true).await
     }
 
     /// Restores this node's own (empty) data directory as a standby of the
     /// cluster from the newest backup: it then replays the archive and
     /// streams from the primary, which serves only what is newer.
     pub async fn restore_for_standby(&self) -> Result<(), BackupError> {
+        refuse_unless_empty(
+            &self.pg.data_dir,
+            "a clone from the repository needs an empty data directory",
+        )?;
         let info = self.info().await?;
         if info.backups.is_empty() {
             return Err(BackupError::Refused(
@@ -428,7 +406,6 @@ impl Pgbackrest {
     /// at the new directory, and drop what only made sense in the cluster
     /// (its synchronous standbys: the copy would wait for them forever).
     fn localize_restored(&self, into: &Path) -> Result<Vec<String>, BackupError> {
-        let io = |what: String| move |source| BackupError::Io { what, source };
         let mut changed = Vec::new();
         let conf = into.join("postgresql.conf");
         if let Ok(text) = std::fs::read_to_string(&conf) {
@@ -475,6 +452,28 @@ impl Pgbackrest {
             changed.push("standby.signal removed (recovery.signal stays)".into());
         }
         Ok(changed)
+    }
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> BackupError {
+    move |source| BackupError::Io { what, source }
+}
+
+/// Refuses a directory that holds anything (a missing one is empty): a
+/// restore never writes over files.
+fn refuse_unless_empty(dir: &Path, why: &str) -> Result<(), BackupError> {
+    let empty = match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(io(format!("reading {}", dir.display()))(e)),
+    };
+    if empty {
+        Ok(())
+    } else {
+        Err(BackupError::Refused(format!(
+            "{} is not empty: {why}",
+            dir.display()
+        )))
     }
 }
 
@@ -533,7 +532,7 @@ pub fn parse_info(text: &str, stanza: &str) -> Result<RepoInfo, BackupError> {
 }
 
 fn rfc3339(epoch: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(epoch)).to_string()
+    crate::clock::rfc3339_ms(epoch.saturating_mul(1000))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -34,8 +34,6 @@ pub struct BackupStatus {
     pub failed_total: u64,
     /// The last failure (stanza, backup), until something succeeds.
     pub last_error: Option<String>,
-    /// The repository's contents at the last read.
-    pub repo: Option<RepoInfo>,
 }
 
 /// A backup asked for through the API.
@@ -110,12 +108,6 @@ const TICK: Duration = Duration::from_secs(5);
 /// After a failed stanza-create or backup, the next try waits this long.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 
-fn epoch_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Starts the task; it ends when `stop` is cancelled (a running backup's
 /// process is killed with it, and its lock's lease revoked).
 pub fn start(
@@ -169,10 +161,6 @@ struct Running {
 
 impl Task {
     async fn run(mut self, mut inbox: mpsc::Receiver<Request>, stop: CancellationToken) {
-        if let Err(e) = self.pgbackrest.prepare() {
-            warn!(error = %e, "backup: cannot write pgbackrest.conf; archiving will fail");
-            self.fail(format!("preparing pgBackRest: {e}"));
-        }
         self.refresh_info().await;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -220,7 +208,12 @@ impl Task {
         }
         let cfg = self.pgbackrest.config();
         let last = self.status.borrow().last_success.clone();
-        if let Some(kind) = due(epoch_now(), &last, cfg.full_every, cfg.diff_every) {
+        if let Some(kind) = due(
+            crate::clock::epoch_secs(),
+            &last,
+            cfg.full_every,
+            cfg.diff_every,
+        ) {
             info!(term, kind = %kind, "backup: a scheduled backup is due");
             if let Err(why) = self.begin(kind).await {
                 info!(term, kind = %kind, reason = %why, "backup: scheduled backup not begun");
@@ -304,7 +297,7 @@ impl Task {
             }
             .in_current_span(),
         );
-        let began = epoch_now();
+        let began = crate::clock::epoch_secs();
         info!(kind = %kind, "backup: began");
         self.status
             .send_modify(|st| st.running = Some((kind, began)));
@@ -331,7 +324,7 @@ impl Task {
                 self.retry_at = None;
                 self.status.send_modify(|st| {
                     st.running = None;
-                    st.last_success.insert(r.kind, epoch_now());
+                    st.last_success.insert(r.kind, crate::clock::epoch_secs());
                     st.last_duration.insert(r.kind, took);
                     st.last_error = None;
                 });
@@ -361,7 +354,6 @@ impl Task {
                     let t = st.last_success.entry(b.kind).or_default();
                     *t = (*t).max(b.stop_epoch);
                 }
-                st.repo = Some(repo);
             }),
             // A repository without the stanza yet answers too; this is
             // pgBackRest failing to read it at all.

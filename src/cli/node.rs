@@ -189,20 +189,6 @@ async fn wire_node(cfg: Config) -> ExitCode {
     } else {
         None
     };
-    // pgbackrest.conf before Postgres starts: its archive_command reads it.
-    let pgbackrest = if cfg.backup.enabled {
-        match crate::backup::Pgbackrest::new(&cfg.backup, &cfg.postgresql)
-            .and_then(|p| p.prepare().map(|()| p))
-        {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot set up pgBackRest");
-                return ExitCode::from(1);
-            }
-        }
-    } else {
-        None
-    };
     let (agent, snapshots) = match crate::agent::Agent::new(cfg.clone()).await {
         Ok(x) => x,
         Err(e) => {
@@ -216,7 +202,7 @@ async fn wire_node(cfg: Config) -> ExitCode {
     // Backups: a task of its own that reads the snapshots.
     let backup_stop = CancellationToken::new();
     let mut backup = None;
-    if let Some(pgbackrest) = pgbackrest {
+    if let Some(pgbackrest) = agent.pgbackrest() {
         match crate::dcs::Etcd::connect(&cfg.etcd, cfg.timing.retry_timeout).await {
             Ok(etcd) => {
                 let (handle, _task) = crate::backup::task::start(

@@ -72,6 +72,14 @@ fn archives_across_a_failover_and_restores_to_a_point_in_time() {
             .get_json("/backups")
             .filter(|b| b["task"]["running"].is_null())
     });
+    // The cluster-wide lock: while the `backup` key names another holder
+    // (a backup running elsewhere, say begun before a failover), the
+    // leader begins none.
+    cluster.etcd.put("/pgha/t/backup", "elsewhere");
+    let (code, _, err) = pgha(&["backup", "--api", &api], &[]);
+    assert_ne!(code, 0, "a backup began while another node held the lock");
+    assert!(err.contains("a backup is running on elsewhere"), "{err}");
+    cluster.etcd.delete("/pgha/t/backup");
     // Asked of a replica, it says who to ask.
     let replica = view.streaming_replicas()[0].name.clone();
     let (status, body) = common::http_post(cluster.node(&replica).api_addr(), "/backup", "{}");

@@ -278,6 +278,18 @@ impl Etcd {
             .expect("etcd put")
     }
 
+    /// Deletes `key`.
+    pub fn delete(&self, key: &str) {
+        let url = self.url.clone();
+        let key = key.to_string();
+        runtime()
+            .block_on(async move {
+                let mut client = etcd_client::Client::connect([url], None).await?;
+                client.delete(key, None).await.map(|_| ())
+            })
+            .expect("etcd delete")
+    }
+
     pub fn get_json(&self, key: &str) -> Option<Value> {
         self.get(key)
             .map(|v| serde_json::from_slice(&v).expect("JSON value in etcd"))
